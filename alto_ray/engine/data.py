@@ -1,0 +1,243 @@
+"""Data for the grouped step: load + validate once, tokenise once, one shuffled stream per adapter.
+
+Records are either prompt/completion pairs (prompt tokens masked out of the loss) or plain text
+(every token trained). Labels use HF's convention: same positions as ``input_ids``, ``-100``
+where no loss is taken; the shift happens in the loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+Example = Tuple[List[int], List[int]]  # (input_ids, labels)
+
+
+@dataclass
+class DatasetSpec:
+    """Where the task's data is and which fields to read; the split is seeded by ``seed``."""
+
+    source: Any  # datasets.Dataset, a list of dicts, or a local .jsonl/.json/.parquet path
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    eval_fraction: float = 0.1
+    eval_size: Optional[int] = None  # held-out examples; overrides eval_fraction when set
+    seed: int = 0
+
+
+def load_records(spec: DatasetSpec) -> List[Dict[str, Any]]:
+    """Read the records and check the fields, so a bad task fails before any weights load."""
+    src = spec.source
+    if isinstance(src, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(src))
+        if not os.path.isfile(path):
+            raise ValueError(f"source={src!r}: no such file")
+        records = _read_file(path)
+    elif isinstance(src, list):
+        records = list(src)
+    elif hasattr(src, "column_names") and hasattr(src, "to_list"):  # datasets.Dataset
+        records = src.to_list()
+    else:
+        raise ValueError(f"source must be a datasets.Dataset, a list of dicts or a path, got {type(src).__name__}")
+    if not records:
+        raise ValueError(f"source={src!r}: the dataset is empty")
+    field_names = record_fields(spec, records[0])
+    for i, rec in enumerate(records):
+        for name in field_names:
+            value = rec.get(name) if isinstance(rec, dict) else None
+            if not isinstance(value, str):
+                attr = {spec.text_field: "text_field", spec.prompt_field: "prompt_field"}.get(name, "completion_field")
+                raise ValueError(f"{attr}={name!r}: record {i} has no string field {name!r}")
+    if not 0.0 <= spec.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={spec.eval_fraction!r}: must lie in [0, 1)")
+    n_eval = eval_count(spec, len(records))
+    if n_eval < 0 or len(records) - n_eval < 1:
+        raise ValueError(f"eval_size={spec.eval_size!r} leaves no training examples out of {len(records)}")
+    return records
+
+
+def record_fields(spec: DatasetSpec, first: Dict[str, Any]) -> Tuple[str, ...]:
+    """Prompt/completion when both fields are there, else the text field."""
+    if not isinstance(first, dict):
+        raise ValueError(f"records must be dicts, got {type(first).__name__}")
+    if spec.prompt_field in first and spec.completion_field in first:
+        return (spec.prompt_field, spec.completion_field)
+    if spec.text_field in first:
+        return (spec.text_field,)
+    if spec.prompt_field in first:
+        raise ValueError(f"completion_field={spec.completion_field!r}: not in the records (fields: {sorted(first)})")
+    raise ValueError(f"text_field={spec.text_field!r}: not in the records, and no "
+                     f"prompt_field/completion_field pair either (fields: {sorted(first)})")
+
+
+def _read_file(path: str) -> List[Dict[str, Any]]:
+    lower = path.lower()
+    if lower.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if lower.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"source={path!r}: a .json file must hold a list of records")
+        return data
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"source={path!r}: expected a .jsonl, .json or .parquet file")
+
+
+def eval_count(spec: DatasetSpec, n: int) -> int:
+    if spec.eval_size is not None:
+        return int(spec.eval_size)
+    return min(n - 1, int(round(n * spec.eval_fraction))) if n > 1 else 0
+
+
+def tokenize_records(records: Sequence[Dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> List[Example]:
+    """Tokenise once for every adapter (each truncates at its own ``max_seq_len`` later)."""
+    fields = record_fields(spec, records[0])
+    eos = tokenizer.eos_token_id
+    tail = [eos] if eos is not None else []
+    if len(fields) == 2:
+        prompts = tokenizer([r[fields[0]] for r in records], add_special_tokens=True)["input_ids"]
+        completions = tokenizer([r[fields[1]] for r in records], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, c in zip(prompts, completions):
+            c = list(c) + tail
+            out.append((list(p) + c, [IGNORE_INDEX] * len(p) + c))
+        return out
+    texts = tokenizer([r[fields[0]] for r in records], add_special_tokens=True)["input_ids"]
+    return [(list(t) + tail, list(t) + tail) for t in texts]
+
+
+class TaskData:
+    """The tokenised task with its fixed train/eval split (shared by every adapter)."""
+
+    def __init__(self, records: Sequence[Dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> None:
+        self.spec = spec
+        examples = tokenize_records(records, spec, tokenizer)
+        n_eval = eval_count(spec, len(examples))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(spec.seed))).tolist()
+        self.eval_examples: List[Example] = [examples[i] for i in order[:n_eval]]
+        self.train_examples: List[Example] = [examples[i] for i in sorted(order[n_eval:])]
+        self.pad_id = pad_token_id(tokenizer)
+
+    @classmethod
+    def from_examples(cls, train: Sequence[Example], eval_examples: Sequence[Example] = (),
+                      pad_id: int = 0) -> "TaskData":
+        """Already tokenised data (benchmarks, custom pipelines): no tokenizer needed."""
+        if not train:
+            raise ValueError("train: no training examples")
+        self = cls.__new__(cls)
+        self.spec = None
+        self.train_examples, self.eval_examples, self.pad_id = list(train), list(eval_examples), int(pad_id)
+        return self
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+@dataclass
+class AdapterStream:
+    """One adapter's walk through the training examples: reshuffled every epoch, seeded by the
+    adapter's seed, resumable from (epoch, position)."""
+
+    num_examples: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _order: Optional[List[int]] = field(default=None, repr=False)
+
+    def order(self) -> List[int]:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.num_examples, generator=gen).tolist()
+        return self._order
+
+    def take(self, count: int) -> List[int]:
+        out: List[int] = []
+        while len(out) < count:
+            order = self.order()
+            need = count - len(out)
+            out += order[self.position:self.position + need]
+            self.position += need
+            if self.position >= self.num_examples:
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "num_examples": self.num_examples,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if int(state.get("num_examples", self.num_examples)) != self.num_examples:
+            raise ValueError("data stream state is for a dataset of a different size")
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+@dataclass
+class PackedBatch:
+    """All adapters' micro-batches in one right-padded ``[B, L]`` batch, adapter by adapter."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    row_layout: List[Tuple[str, int, int]]   # (adapter, first row, end row) in the flattened B*L
+    seq_ranges: List[Tuple[str, int, int]]   # (adapter, first sequence, end sequence)
+    tokens: Dict[str, int]                   # non-pad tokens per adapter
+    loss_index: torch.Tensor    # [N] flat hidden positions b*L+j whose next token has a label
+    loss_targets: torch.Tensor  # [N] that next token
+    loss_owner: torch.Tensor    # [N] index of the owning adapter in ``row_layout``
+    label_counts: List[int]     # loss tokens per adapter, in ``row_layout`` order
+
+
+def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
+               device: torch.device) -> PackedBatch:
+    """Each part is (adapter, examples, max_seq_len). Sequences are truncated, then padded on
+    the right to the longest in the whole batch; no sequence shares a row with another, so
+    attention never crosses a sequence boundary."""
+    seqs: List[Example] = []
+    seq_ranges: List[Tuple[str, int, int]] = []
+    tokens: Dict[str, int] = {}
+    for name, examples, max_len in parts:
+        start = len(seqs)
+        for ids, labels in examples:
+            seqs.append((ids[:max_len], labels[:max_len]))
+        seq_ranges.append((name, start, len(seqs)))
+        tokens[name] = sum(len(s[0]) for s in seqs[start:])
+    width = max(len(ids) for ids, _ in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(seqs):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    row_layout = [(name, a * width, b * width) for name, a, b in seq_ranges]
+    # Loss positions are found here on the CPU so the step needs no boolean indexing (a GPU sync).
+    shifted = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    shifted[:, :-1] = labels[:, 1:]
+    loss_index = (shifted.view(-1) != IGNORE_INDEX).nonzero().view(-1)
+    owner_of_row = torch.empty(n, dtype=torch.long)
+    for k, (_, a, b) in enumerate(seq_ranges):
+        owner_of_row[a:b] = k
+    loss_owner = owner_of_row[loss_index // width]
+    label_counts = torch.bincount(loss_owner, minlength=len(seq_ranges)).tolist()
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+    return PackedBatch(dev(input_ids), dev(mask), labels, row_layout, seq_ranges, tokens,
+                       dev(loss_index), dev(shifted.view(-1)[loss_index]), dev(loss_owner), label_counts)

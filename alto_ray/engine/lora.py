@@ -1,0 +1,176 @@
+"""``MultiLoRALinear``: one frozen ``nn.Linear`` plus any number of LoRA adapters, applied per row.
+
+The packed batch holds every adapter's sequences contiguously, so in the flattened ``[B*L]``
+tokens adapter ``i`` owns one row range. Every wrapped linear of a model shares one
+``LoRARuntime`` that the trainer fills once per micro-step (row layout + each adapter's weights
+already cast to the compute dtype), so a layer's forward does no per-call bookkeeping beyond
+picking its own adapters' views; segment tables are built once per step per distinct set of
+adapters (usually one set: every adapter targets every wrapped module).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import alto_kernels
+
+
+@dataclass(frozen=True)
+class SegmentRun:
+    """A contiguous block of rows ``[lo, hi)`` whose adapters are all present in some layer."""
+
+    lo: int
+    hi: int
+    slots: Tuple[int, ...]
+    offsets: Tuple[int, ...]  # relative to ``lo``; len(slots) + 1 entries
+
+
+@dataclass
+class BatchLayout:
+    """Which adapter slot owns which rows of the flattened batch, in packed order."""
+
+    slots: Tuple[int, ...]
+    row_ranges: Tuple[Tuple[int, int], ...]
+    total_rows: int
+    _runs: Dict[Tuple[int, ...], Tuple[SegmentRun, ...]] = field(default_factory=dict, repr=False)
+
+    def runs_for(self, present: frozenset) -> Tuple[SegmentRun, ...]:
+        """Maximal runs of consecutive packed adapters that are in ``present``; rows of
+        adapters not in the layer fall between runs and get no delta. Cached per set."""
+        key = tuple(sorted(present))
+        cached = self._runs.get(key)
+        if cached is not None:
+            return cached
+        runs: List[SegmentRun] = []
+        cur_slots: List[int] = []
+        cur_bounds: List[int] = []
+        for slot, (lo, hi) in zip(self.slots, self.row_ranges):
+            if slot in present and hi > lo:
+                if cur_slots and cur_bounds[-1] != lo:  # not adjacent: close the run
+                    runs.append(_make_run(cur_slots, cur_bounds))
+                    cur_slots, cur_bounds = [], []
+                if not cur_slots:
+                    cur_bounds.append(lo)
+                cur_slots.append(slot)
+                cur_bounds.append(hi)
+            elif cur_slots:
+                runs.append(_make_run(cur_slots, cur_bounds))
+                cur_slots, cur_bounds = [], []
+        if cur_slots:
+            runs.append(_make_run(cur_slots, cur_bounds))
+        self._runs[key] = tuple(runs)
+        return self._runs[key]
+
+
+def _make_run(slots: List[int], bounds: List[int]) -> SegmentRun:
+    lo = bounds[0]
+    return SegmentRun(lo=lo, hi=bounds[-1], slots=tuple(slots), offsets=tuple(b - lo for b in bounds))
+
+
+class LoRARuntime:
+    """Per-step state shared by all wrapped linears of one model (a context, not call args)."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+        self.layout: Optional[BatchLayout] = None
+        self.weights: Dict[int, Sequence[torch.Tensor]] = {}  # slot -> flat pieces (compute dtype)
+        self.training = False
+        self.seed = 0
+
+    def clear(self) -> None:
+        self.layout = None
+        self.weights = {}
+
+
+@dataclass
+class LoRASlot:
+    """One adapter inside one layer: where its A and B sit among the adapter's flat pieces."""
+
+    name: str
+    rank: int
+    scale: float
+    dropout: float
+    piece: int  # A is pieces[piece], B is pieces[piece + 1]
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear whose output gets ``scale_i * dropout(x) A_iᵀ B_iᵀ`` on adapter i's rows.
+
+    Adapters live in numbered slots (the model-wide slot id of the adapter); adding or removing
+    one touches only its slot, and a freed slot is reused by the next adapter. The LoRA weights
+    themselves are views of the adapter's flat fp32 master (see ``AdapterWeights``), handed in
+    per step through the runtime so that the fp32→compute-dtype cast happens once per adapter.
+    """
+
+    def __init__(self, base: nn.Linear, runtime: LoRARuntime, layer_index: int = 0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MultiLoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.layer_index = layer_index  # varies the dropout seed between layers
+        object.__setattr__(self, "runtime", runtime)  # shared, not a submodule
+        self.slots: Dict[int, LoRASlot] = {}
+        self._present: frozenset = frozenset()
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects ``module.weight`` keeps working
+        return self.base.weight
+
+    def add_slot(self, slot: int, slot_info: LoRASlot) -> None:
+        if slot in self.slots:
+            raise ValueError(f"slot {slot} is already taken by adapter {self.slots[slot].name!r}")
+        self.slots[slot] = slot_info
+        self._present = frozenset(self.slots)
+
+    def remove_slot(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+        self._present = frozenset(self.slots)
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{s}:{info.name}(r={info.rank})" for s, info in sorted(self.slots.items()))
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{names}]"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        rt = self.runtime
+        layout = rt.layout
+        if layout is None or not self._present:
+            return out
+        runs = layout.runs_for(self._present)
+        if not runs:
+            return out
+        x2 = x.reshape(-1, self.in_features)
+        o2 = out.reshape(-1, self.out_features)
+        if x2.shape[0] != layout.total_rows:
+            raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
+        seed = rt.seed * 1009 + self.layer_index
+        pieces: List[torch.Tensor] = []
+        cursor = 0
+        for run in runs:
+            a_list, b_list, scales, drops = [], [], [], []
+            for slot in run.slots:
+                info = self.slots[slot]
+                w = rt.weights[slot]
+                a_list.append(w[info.piece].view(info.rank, self.in_features))
+                b_list.append(w[info.piece + 1].view(self.out_features, info.rank))
+                scales.append(info.scale)
+                drops.append(info.dropout)
+            if run.lo > cursor:
+                pieces.append(o2[cursor:run.lo])
+            full = run.lo == 0 and run.hi == o2.shape[0]
+            xs = x2 if full else x2[run.lo:run.hi]
+            os_ = o2 if full else o2[run.lo:run.hi]
+            pieces.append(alto_kernels.multi_lora(
+                xs, os_, a_list, b_list, list(run.offsets), scales,
+                dropout_p=drops if any(drops) else None, training=rt.training, seed=seed,
+                backend=rt.backend))
+            cursor = run.hi
+        if cursor < o2.shape[0]:
+            pieces.append(o2[cursor:])
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return y.view(out.shape)

@@ -1,0 +1,218 @@
+"""Backbone loading and multi-LoRA injection: one frozen model, adapters added and removed live."""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, AdapterConfig
+from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
+
+
+def looks_like_local_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a separator is a path."""
+    return (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+            or model.count("/") > 1 or os.sep != "/" and os.sep in model)
+
+
+def check_model_source(model: str) -> str:
+    """Fail fast (before any weight loads) on a local path that is not there."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a local path, a hub id or an nn.Module, got {model!r}")
+    if looks_like_local_path(model):
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise ValueError(f"model={model!r}: no such local model directory (config.json missing)")
+        return path
+    return model
+
+
+def load_backbone(model: str, device: Union[str, torch.device] = "cpu",
+                  dtype: Optional[torch.dtype] = None, attn_implementation: str = "sdpa") -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` onto ``device`` in ``dtype``, frozen, in eval mode
+    (HF dropout off: only LoRA dropout is part of the recipe)."""
+    from transformers import AutoModelForCausalLM
+
+    source = check_model_source(model)
+    kwargs = {}
+    if torch.device(device).type != "cpu" and _has_accelerate():  # load straight onto the GPU
+        kwargs["device_map"] = {"": str(torch.device(device))}
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype if dtype is not None else "auto",
+            attn_implementation=attn_implementation, **kwargs)
+    except OSError as exc:
+        raise ValueError(f"model={model!r} could not be loaded: {exc}") from exc
+    return freeze(backbone.to(device))
+
+
+def _has_accelerate() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def freeze(backbone: nn.Module) -> nn.Module:
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    backbone.eval()
+    if hasattr(backbone, "config") and hasattr(backbone.config, "use_cache"):
+        backbone.config.use_cache = False
+    return backbone
+
+
+@dataclass(frozen=True)
+class LoRAEntry:
+    """One targeted module of one adapter: its place in the adapter's flat fp32 master."""
+
+    module_name: str
+    rank: int
+    in_features: int
+    out_features: int
+    offset: int  # of A; B follows at offset + rank * in_features
+
+
+class AdapterWeights:
+    """An adapter's LoRA weights across all its layers as ONE flat fp32 parameter.
+
+    One tensor per adapter makes the per-step fp32→bf16 cast one op, its optimizer one
+    parameter, its grad norm one reduction, and its checkpoint one tensor.
+    """
+
+    def __init__(self, name: str, cfg: AdapterConfig, slot: int, entries: List[LoRAEntry],
+                 master: nn.Parameter) -> None:
+        self.name, self.cfg, self.slot, self.entries, self.master = name, cfg, slot, entries, master
+        self.split_sizes: List[int] = []
+        for e in entries:
+            self.split_sizes += [e.rank * e.in_features, e.out_features * e.rank]
+
+    def compute_pieces(self, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        """Differentiable cast + split: the pieces the layers view as their A and B."""
+        w = self.master if self.master.dtype == dtype else self.master.to(dtype)
+        return torch.split(w, self.split_sizes)
+
+    def lora_pairs(self) -> Iterator[Tuple[LoRAEntry, torch.Tensor, torch.Tensor]]:
+        """(entry, A [r, in], B [out, r]) as detached fp32 views of the master."""
+        flat = self.master.detach()
+        for e in self.entries:
+            a_end = e.offset + e.rank * e.in_features
+            yield (e, flat[e.offset:a_end].view(e.rank, e.in_features),
+                   flat[a_end:a_end + e.out_features * e.rank].view(e.out_features, e.rank))
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+class MultiLoRAModel(nn.Module):
+    """A frozen causal LM whose target linears are ``MultiLoRALinear``; adapters by name."""
+
+    def __init__(self, backbone: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.backbone = freeze(backbone)
+        self.runtime = LoRARuntime(backend)
+        self.lora_layers: Dict[str, MultiLoRALinear] = {}
+        self.adapters: Dict[str, AdapterWeights] = {}
+        self.wrap_targets(target_modules)
+
+    # -- injection -------------------------------------------------------------------------
+    def wrap_targets(self, target_modules: Sequence[str]) -> None:
+        """Replace every ``nn.Linear`` whose name ends in a target with a ``MultiLoRALinear``
+        (idempotent; other adapters are untouched). An unmatched target is a config error."""
+        missing = []
+        for target in target_modules:
+            found = False
+            for name, module in list(self.backbone.named_modules()):
+                if not _matches(name, target):
+                    continue
+                if isinstance(module, MultiLoRALinear):
+                    found = True
+                elif isinstance(module, nn.Linear):
+                    self._replace(name, MultiLoRALinear(module, self.runtime, len(self.lora_layers)))
+                    found = True
+            if not found:
+                missing.append(target)
+        if missing:
+            raise ValueError(f"target_modules: no nn.Linear in {type(self.backbone).__name__} matches "
+                             f"{missing}")
+
+    def _replace(self, name: str, new: MultiLoRALinear) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
+        setattr(parent, child, new)
+        self.lora_layers[name] = new
+
+    def modules_for(self, target_modules: Sequence[str]) -> List[Tuple[str, MultiLoRALinear]]:
+        self.wrap_targets(target_modules)
+        return [(n, m) for n, m in self.lora_layers.items() if any(_matches(n, t) for t in target_modules)]
+
+    # -- adapters ----------------------------------------------------------------------------
+    def free_slot(self) -> int:
+        taken = {a.slot for a in self.adapters.values()}
+        return next(i for i in range(len(taken) + 1) if i not in taken)
+
+    def add_adapter(self, name: str, cfg: AdapterConfig) -> AdapterWeights:
+        """Create the adapter's flat master (PEFT init, seeded by ``cfg.seed``) and register a
+        slot in each of its target layers."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        modules = self.modules_for(cfg.target_modules)
+        entries: List[LoRAEntry] = []
+        offset = 0
+        for mname, m in modules:
+            entries.append(LoRAEntry(mname, cfg.rank, m.in_features, m.out_features, offset))
+            offset += cfg.rank * (m.in_features + m.out_features)
+        flat = torch.zeros(offset, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        for e in entries:  # A: kaiming_uniform(a=√5) as PEFT; B: zeros
+            nn.init.kaiming_uniform_(flat[e.offset:e.offset + e.rank * e.in_features].view(e.rank, e.in_features),
+                                     a=math.sqrt(5), generator=gen)
+        device = self.backbone_device()
+        master = nn.Parameter(flat.to(device))
+        slot = self.free_slot()
+        weights = AdapterWeights(name, cfg, slot, entries, master)
+        for i, (mname, m) in enumerate(modules):
+            m.add_slot(slot, LoRASlot(name, cfg.rank, cfg.scale, float(cfg.dropout), piece=2 * i))
+        self.adapters[name] = weights
+        return weights
+
+    def remove_adapter(self, name: str) -> None:
+        weights = self.adapters.pop(name)
+        for m in self.lora_layers.values():
+            if weights.slot in m.slots and m.slots[weights.slot].name == name:
+                m.remove_slot(weights.slot)
+
+    def backbone_device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def compute_dtype(self) -> torch.dtype:
+        return next(iter(self.lora_layers.values())).base.weight.dtype
+
+    # -- per-step context ----------------------------------------------------------------------
+    @contextmanager
+    def batch(self, layout: Sequence[Tuple[str, int, int]], total_rows: int, training: bool,
+              seed: int = 0) -> Iterator[Dict[str, Tuple[torch.Tensor, ...]]]:
+        """Set the row layout ``[(adapter, lo, hi)]`` and cast weights for one forward(+backward).
+
+        Yields the per-adapter pieces (compute dtype) so callers can see what the layers use.
+        """
+        rt = self.runtime
+        dtype = self.compute_dtype()
+        rt.layout = BatchLayout(slots=tuple(self.adapters[n].slot for n, _, _ in layout),
+                                row_ranges=tuple((lo, hi) for _, lo, hi in layout), total_rows=total_rows)
+        pieces = {n: self.adapters[n].compute_pieces(dtype) for n, _, _ in layout}
+        rt.weights = {self.adapters[n].slot: p for n, p in pieces.items()}
+        rt.training, rt.seed = training, seed
+        try:
+            yield pieces
+        finally:
+            rt.clear()
+

@@ -1,0 +1,308 @@
+"""``GroupedTrainer``: every adapter's micro-batch in one packed batch, one forward, one backward.
+
+Why one backward over the sum of per-adapter mean-token losses gives each adapter exactly its
+own gradient: no op mixes rows of different sequences (each sequence is its own batch row, LoRA
+deltas are per segment, the loss is gathered per adapter), so ∂(Σ_j L_j)/∂θ_i = ∂L_i/∂θ_i.
+
+Gradient accumulation policy (adapters may differ): a step runs ``max(grad_accum)`` micro-steps;
+adapter i takes part in the first ``grad_accum_i`` of them with loss ``L_i / grad_accum_i`` and
+sits out the rest; after the last micro-step every adapter clips and steps once. So ``step()`` is
+always one optimizer step of every adapter, the same as a PEFT loop with that adapter's accum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, AdapterConfig, lr_at
+from .data import AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch
+from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
+
+STATE_FORMAT = "alto-ray/adapter-state/1"
+# Architectures whose logits are exactly lm_head(final hidden): the loss can skip positions
+# without a label. Others (soft-capping, logit scaling, ...) go through the model's own logits.
+_PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "mixtral",
+                           "qwen2_moe", "qwen3_moe", "starcoder2", "stablelm", "gpt_neox"}
+
+
+@dataclass
+class StepResult:
+    """One optimizer step of one adapter. ``loss`` is its mean token loss over the step's
+    micro-batches; ``tokens`` the non-pad input tokens it consumed; ``lr`` the rate applied."""
+
+    step: int
+    loss: float
+    tokens: int
+    lr: float
+    grad_norm: float
+    finite: bool
+
+
+class _AdapterRun:
+    """Trainer-side state of one adapter: weights, optimizer, data stream, step count."""
+
+    def __init__(self, weights: AdapterWeights, stream: AdapterStream) -> None:
+        cfg = weights.cfg
+        self.name, self.cfg, self.weights, self.stream = weights.name, cfg, weights, stream
+        extra = {"fused": True} if weights.master.is_cuda else {}
+        self.optimizer = torch.optim.AdamW([weights.master], lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay, eps=1e-8, **extra)
+        self.step = 0
+
+
+class GroupedTrainer:
+    """Trains many LoRA adapters of one frozen backbone together (see module docstring).
+
+    ``dataset`` is a ``DatasetSpec`` (tokenised with the backbone's tokenizer, or ``tokenizer``)
+    or a ready ``TaskData``. ``eval_size`` caps the held-out examples that ``evaluate`` uses.
+    """
+
+    def __init__(self, model: Union[str, nn.Module], dataset: Union[DatasetSpec, TaskData],
+                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto", eval_size: int = 64, tokenizer: Any = None,
+                 target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, eval_batch_size: int = 8,
+                 attn_implementation: str = "sdpa") -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # Everything that can be wrong with the task is checked before the weights load.
+        if isinstance(model, str):
+            check_model_source(model)
+        if isinstance(dataset, TaskData):
+            self.data = dataset
+        else:
+            records = load_records(dataset)
+            if tokenizer is None or isinstance(tokenizer, str):
+                tokenizer = _load_tokenizer(tokenizer or _tokenizer_source(model))
+            self.data = TaskData(records, dataset, tokenizer)
+        if isinstance(model, str):
+            backbone = load_backbone(model, self.device, dtype, attn_implementation)
+        else:
+            backbone = freeze(model)
+        self.model = MultiLoRAModel(backbone, target_modules, backend)
+        self.dtype = self.model.compute_dtype()
+        self.eval_size = int(eval_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self._runs: Dict[str, _AdapterRun] = {}
+        self._micro_steps = 0
+        model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+        self._decoder = backbone.get_decoder() if model_type in _PLAIN_HEAD_MODEL_TYPES else None
+        self._head = backbone.get_output_embeddings() if self._decoder is not None else None
+
+    # -- membership ---------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self._runs)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self._runs)
+
+    def adapter_config(self, name: str) -> AdapterConfig:
+        return self._runs[name].cfg
+
+    def add_adapter(self, name: str, cfg: AdapterConfig, state: Optional[Dict[str, Any]] = None) -> None:
+        """Admit an adapter (fresh, or resumed from ``adapter_state``); others are untouched."""
+        cfg.validate()
+        if name in self._runs:
+            raise ValueError(f"adapter {name!r} is already in this trainer")
+        weights = self.model.add_adapter(name, cfg)
+        run = _AdapterRun(weights, AdapterStream(len(self.data.train_examples), cfg.seed))
+        if state is not None:
+            try:
+                _load_run_state(run, state)
+            except Exception:
+                self.model.remove_adapter(name)
+                raise
+        self._runs[name] = run
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter and free its slot (reused by the next ``add_adapter``)."""
+        if name not in self._runs:
+            raise KeyError(f"no adapter {name!r}")
+        del self._runs[name]
+        self.model.remove_adapter(name)
+
+    # -- the grouped step ---------------------------------------------------------------------
+    def step(self) -> Dict[str, StepResult]:
+        """One optimizer step of every adapter: ``max(grad_accum)`` packed fwd+bwd micro-steps."""
+        runs = list(self._runs.values())
+        if not runs:
+            return {}
+        n_micro = max(r.cfg.grad_accum for r in runs)
+        loss_acc = torch.zeros(len(runs), device=self.device, dtype=torch.float32)
+        tokens = [0] * len(runs)
+        for micro in range(n_micro):
+            active = [i for i, r in enumerate(runs) if micro < r.cfg.grad_accum]
+            parts = [(runs[i].name, self._take(runs[i]), runs[i].cfg.max_seq_len) for i in active]
+            batch = pack_batch(parts, self.data.pad_id, self.device)
+            losses = self._mean_losses(batch, training=True)
+            inv_accum = torch.tensor([1.0 / runs[i].cfg.grad_accum for i in active], device=self.device)
+            (losses * inv_accum).sum().backward()
+            idx = torch.tensor(active, device=self.device)
+            loss_acc.index_add_(0, idx, losses.detach() * inv_accum)
+            for k, i in enumerate(active):
+                tokens[i] += batch.tokens[runs[i].name]
+        norms = torch.stack([_grad_norm(r.weights.master) for r in runs])
+        stats = torch.stack([loss_acc, norms]).cpu().tolist()  # the step's one host sync
+        results: Dict[str, StepResult] = {}
+        for i, run in enumerate(runs):
+            loss, norm = stats[0][i], stats[1][i]
+            lr = lr_at(run.cfg, run.step)
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                self._optimizer_step(run, lr, norms[i])
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            results[run.name] = StepResult(run.step, loss, tokens[i], lr, norm, finite)
+        return results
+
+    def _take(self, run: _AdapterRun) -> List[Example]:
+        train = self.data.train_examples
+        return [train[j] for j in run.stream.take(run.cfg.batch_size)]
+
+    @staticmethod
+    def _optimizer_step(run: _AdapterRun, lr: float, norm: torch.Tensor) -> None:
+        grad = run.weights.master.grad
+        if grad is None:  # no loss tokens in this step
+            return
+        max_norm = run.cfg.max_grad_norm
+        if 0 < max_norm < math.inf:  # torch.nn.utils.clip_grad_norm_'s formula, without a sync
+            grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+
+    def _mean_losses(self, batch: PackedBatch, training: bool) -> torch.Tensor:
+        sums = self._token_loss_sums(batch, training)
+        counts = torch.tensor([max(1, c) for c in batch.label_counts], device=self.device, dtype=torch.float32)
+        return sums / counts
+
+    def _token_loss_sums(self, batch: PackedBatch, training: bool) -> torch.Tensor:
+        """Σ token losses per adapter (row_layout order), logits only where a label is."""
+        n_rows, width = batch.input_ids.shape
+        self._micro_steps += 1
+        with self.model.batch(batch.row_layout, n_rows * width, training, seed=self._micro_steps):
+            if self._decoder is not None:
+                hidden = self._decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       use_cache=False).last_hidden_state
+                hidden = hidden.reshape(n_rows * width, -1).index_select(0, batch.loss_index)
+                logits = self._head(hidden)
+            else:
+                logits = self.model.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                             use_cache=False).logits
+                logits = logits.reshape(n_rows * width, -1).index_select(0, batch.loss_index)
+        token_loss = F.cross_entropy(logits.float(), batch.loss_targets, reduction="none")
+        sums = torch.zeros(len(batch.row_layout), device=self.device, dtype=torch.float32)
+        return sums.index_add(0, batch.loss_owner, token_loss)
+
+    # -- evaluation and inference -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        """Mean token loss on the held-out split (first ``eval_size`` examples) per adapter;
+        all adapters' eval chunks go through one forward per chunk."""
+        names = list(self._runs) if names is None else list(names)
+        examples = self.data.eval_examples[:self.eval_size]
+        if not names:
+            return {}
+        if not examples:
+            return {n: float("nan") for n in names}
+        sums = torch.zeros(len(names), device=self.device)
+        counts = [0] * len(names)
+        for lo in range(0, len(examples), self.eval_batch_size):
+            chunk = examples[lo:lo + self.eval_batch_size]
+            batch = pack_batch([(n, chunk, self._runs[n].cfg.max_seq_len) for n in names],
+                               self.data.pad_id, self.device)
+            sums += self._token_loss_sums(batch, training=False)
+            counts = [c + k for c, k in zip(counts, batch.label_counts)]
+        values = sums.cpu().tolist()
+        return {n: (v / c if c else float("nan")) for n, v, c in zip(names, values, counts)}
+
+    @torch.no_grad()
+    def logits(self, name: str, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The backbone's logits with adapter ``name`` applied to every row (inference, no dropout)."""
+        input_ids = input_ids.to(self.device)
+        rows = input_ids.numel()
+        with self.model.batch([(name, 0, rows)], rows, training=False):
+            return self.model.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).logits
+
+    # -- checkpoint and export ----------------------------------------------------------------
+    def adapter_state(self, name: str) -> Dict[str, Any]:
+        """Everything to resume ``name`` exactly elsewhere: CPU tensors and plain data."""
+        run = self._runs[name]
+        return {
+            "format": STATE_FORMAT,
+            "name": name,
+            "config": run.cfg.to_dict(),
+            "lora": run.weights.master.detach().to("cpu", copy=True),
+            "entries": [[e.module_name, e.rank, e.in_features, e.out_features, e.offset]
+                        for e in run.weights.entries],
+            "optimizer": _to_cpu(run.optimizer.state_dict()),
+            "step": run.step,
+            "stream": run.stream.state_dict(),
+            # Dropout masks come from the group's micro-step counter (kernel seed) or torch's RNG
+            # (reference backend); with dropout 0 a resume is exact.
+            "rng": {"group_micro_step": self._micro_steps},
+        }
+
+    def save_adapter(self, name: str, path: str) -> None:
+        """A standard PEFT adapter directory for ``name``."""
+        from .export import save_peft_adapter
+
+        base = getattr(getattr(self.model.backbone, "config", None), "_name_or_path", None)
+        save_peft_adapter(self.model.adapters[name], path, base_model_name_or_path=base)
+
+
+def _grad_norm(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        return torch.zeros((), device=p.device)
+    return torch.linalg.vector_norm(p.grad.float())
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _load_run_state(run: _AdapterRun, state: Dict[str, Any]) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"state: unknown format {state.get('format')!r}")
+    entries = [[e.module_name, e.rank, e.in_features, e.out_features, e.offset] for e in run.weights.entries]
+    if [list(e) for e in state["entries"]] != entries:
+        raise ValueError("state: its LoRA layout (modules, rank, shapes) does not match this config and model")
+    with torch.no_grad():
+        run.weights.master.copy_(state["lora"].to(run.weights.master.device))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.stream.load_state_dict(state["stream"])
+    run.step = int(state["step"])
+
+
+def _tokenizer_source(model: Union[str, nn.Module]) -> str:
+    if isinstance(model, str):
+        return check_model_source(model)
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        raise ValueError("tokenizer: pass a tokenizer (or TaskData) when model is an nn.Module without a name")
+    return source
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tokenizer: could not load one from {source!r}: {exc}") from exc

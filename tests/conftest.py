@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny Llama (+ offline tokenizer) and a learnable JSONL data set, built once
+per session in a temp dir. Other layers' tests reuse ``tiny_model_dir`` / ``tiny_dataset_path``."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved 2-layer Llama (hidden 64) with its word-level tokenizer."""
+    from alto_ray.engine.testing import make_tiny_llama
+
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """256 arithmetic prompt/completion records as JSONL."""
+    from alto_ray.engine.testing import write_arithmetic_jsonl
+
+    return write_arithmetic_jsonl(str(tmp_path_factory.mktemp("data") / "arith.jsonl"), n=256, seed=0)
