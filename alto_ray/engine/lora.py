@@ -148,7 +148,10 @@ class MultiLoRALinear(nn.Module):
         o2 = out.reshape(-1, self.out_features)
         if x2.shape[0] != layout.total_rows:
             raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
-        seed = rt.seed * 1009 + self.layer_index
+        # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
+        # cached segment table across layers and steps.
+        use_dropout = rt.training and any(self.slots[s].dropout > 0 for s in self._present)
+        seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
         pieces: List[torch.Tensor] = []
         cursor = 0
         for run in runs:
@@ -167,7 +170,7 @@ class MultiLoRALinear(nn.Module):
             os_ = o2 if full else o2[run.lo:run.hi]
             pieces.append(alto_kernels.multi_lora(
                 xs, os_, a_list, b_list, list(run.offsets), scales,
-                dropout_p=drops if any(drops) else None, training=rt.training, seed=seed,
+                dropout_p=drops if use_dropout else None, training=use_dropout, seed=seed,
                 backend=rt.backend))
             cursor = run.hi
         if cursor < o2.shape[0]:

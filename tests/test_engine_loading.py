@@ -1,0 +1,60 @@
+"""Backbone loading and injection: config errors surface before any weight loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alto_ray.engine import DEFAULT_TARGET_MODULES, AdapterConfig, DatasetSpec, GroupedTrainer, MultiLoRALinear
+from alto_ray.engine.memory import estimate_adapter_bytes, estimate_backbone_bytes, lora_param_count
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the config was checked")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+
+
+def test_missing_model_path_fails_before_loading(tmp_path, tiny_dataset_path, no_weight_loading):
+    with pytest.raises(ValueError, match="model"):
+        GroupedTrainer(str(tmp_path / "missing_model"), DatasetSpec(tiny_dataset_path), device="cpu")
+
+
+def test_bad_dataset_fails_before_loading(tmp_path, tiny_model_dir, no_weight_loading):
+    with pytest.raises(ValueError, match="source"):
+        GroupedTrainer(tiny_model_dir, DatasetSpec(str(tmp_path / "nope.jsonl")), device="cpu")
+    with pytest.raises(ValueError, match="text_field"):
+        GroupedTrainer(tiny_model_dir, DatasetSpec([{"body": "1"}]), device="cpu")
+
+
+def test_injection_freezes_and_wraps(tiny_model_dir, tiny_dataset_path):
+    t = GroupedTrainer(tiny_model_dir, DatasetSpec(tiny_dataset_path), device="cpu")
+    backbone = t.model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    wrapped = [n for n, m in backbone.named_modules() if isinstance(m, MultiLoRALinear)]
+    assert len(wrapped) == 2 * len(DEFAULT_TARGET_MODULES)
+    assert not isinstance(backbone.lm_head, MultiLoRALinear)
+    with pytest.raises(ValueError, match="target_modules"):
+        GroupedTrainer(tiny_model_dir, DatasetSpec(tiny_dataset_path), device="cpu", target_modules=("qq_proj",))
+    cfg = AdapterConfig(rank=4, target_modules=("q_proj", "down_proj"))
+    t.add_adapter("a", cfg)
+    p, modules = lora_param_count(backbone.config, cfg)
+    assert modules == 4 and p == t.model.adapters["a"].master.numel()
+    for entry, a, b in t.model.adapters["a"].lora_pairs():  # PEFT init: A kaiming-uniform, B zeros
+        bound = 1.0 / entry.in_features ** 0.5
+        assert b.abs().sum() == 0 and 0 < a.abs().max() <= bound
+
+
+def test_memory_estimates_scale_sensibly(tiny_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    from transformers import AutoModelForCausalLM
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert estimate_backbone_bytes(config, torch.float32) == 4 * n
+    assert estimate_backbone_bytes(config, torch.bfloat16) == 2 * n
+    small = estimate_adapter_bytes(config, AdapterConfig(rank=4, batch_size=1, max_seq_len=64))
+    assert estimate_adapter_bytes(config, AdapterConfig(rank=16, batch_size=1, max_seq_len=64)) > small
+    assert estimate_adapter_bytes(config, AdapterConfig(rank=4, batch_size=4, max_seq_len=64)) > 3 * small
