@@ -1,0 +1,221 @@
+"""Fused multi-LoRA for training: launcher, segment tables and the autograd Function.
+
+``fused_multi_lora`` adds ``Σ_i scale_i · dropout(X_i) A_iᵀ B_iᵀ`` into ``base_out`` in place,
+for adapters of different ranks in one launch per pass. Four kernels, each one pass over the
+big tensors (the LoRA products are memory-bound: rank ≪ in, out):
+
+=============  =====================================  =============================
+kernel         computes                               big tensors touched
+=============  =====================================  =============================
+lora_shrink    ``H_s = c·(mask⊙X) Aᵀ``  (fwd)         X read
+lora_expand    ``Y += H_s Bᵀ``          (fwd)         Y read + write (in place)
+lora_bwd_dy    ``G = dY B``, ``dB = dYᵀ H_s`` (bwd)   dY read once for both
+lora_bwd_dx    ``dX = c·(G A)⊙mask``, ``dA = c·Gᵀ(mask⊙X)``  X read, dX written
+=============  =====================================  =============================
+
+with ``c_i = scale_i / (1 - p_i)``. ``H_s`` and ``G`` are tiny fp32 ``[T, R]`` buffers
+(``R`` = the largest rank padded to a power of two ≥ 16); ``A`` is packed ``[Σr, in]`` and
+``B`` packed transposed ``[Σr, out]`` once per call (a few hundred KB, far below X).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import triton
+
+from ._common import CHUNK_ROWS, INTERPRET, N_META
+from .dropout import dropout_mask_kernel
+from .lora_bwd_dx import lora_bwd_dx_kernel
+from .lora_bwd_dy import lora_bwd_dy_kernel
+from .lora_expand import lora_expand_kernel
+from .lora_shrink import lora_shrink_kernel
+from .reference import check_segments
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_RANK = 128
+
+
+def adapter_seed(seed: int, i: int) -> int:
+    """Philox key of adapter ``i`` for call seed ``seed`` (distinct streams per adapter)."""
+    return (int(seed) * 0x9E3779B1 + (i + 1) * 0x85EBCA6B) % (2 ** 31)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    n: int
+    ranks: Tuple[int, ...]
+    roffs: Tuple[int, ...]  # row offset of adapter i in the packed A / Bᵀ
+    R: int                  # rank axis of H_s / G: max rank padded to a power of two ≥ 16
+    table: torch.Tensor     # [n_chunks, N_META] int32, on the device
+    has_dropout: bool
+    t_hint: int             # autotune key: tokens rounded up to a power of two
+
+
+@functools.lru_cache(maxsize=512)
+def _table(offs, ranks, roffs, seeds, scales, ps, chunk, device):
+    """Chunk table (cached: every layer of a step sees the same segments)."""
+    f32 = np.array(list(scales) + list(ps), dtype=np.float32).view(np.int32)
+    n = len(ranks)
+    rows = []
+    for i in range(n):
+        lo, hi = offs[i], offs[i + 1]
+        for c in range(lo, hi, chunk):
+            rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, seeds[i], f32[i], f32[n + i]))
+    arr = np.array(rows, dtype=np.int32).reshape(-1, N_META)
+    return torch.from_numpy(arr).to(device)
+
+
+def _validate(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p):
+    if not isinstance(x, torch.Tensor) or not isinstance(base_out, torch.Tensor):
+        raise ValueError("x and base_out must be tensors")
+    check_segments(x, lora_a, lora_b, seg_offsets, scales)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if base_out.dtype != x.dtype:
+        raise ValueError(f"base_out dtype {base_out.dtype} must match x dtype {x.dtype}")
+    out = lora_b[0].shape[0] if len(lora_b) else base_out.shape[-1]
+    if base_out.dim() != 2 or tuple(base_out.shape) != (x.shape[0], out):
+        raise ValueError(f"base_out must be [{x.shape[0]}, {out}], got {tuple(base_out.shape)}")
+    if base_out.shape[0] and base_out.stride(1) != 1:
+        raise ValueError("base_out must have unit stride along features (it is written in place)")
+    if not (x.is_cuda or INTERPRET):
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    for name, ws in (("lora_a", lora_a), ("lora_b", lora_b)):
+        for i, w in enumerate(ws):
+            if w.device != x.device:
+                raise ValueError(f"{name}[{i}] is on {w.device}, x on {x.device}")
+            if w.dtype not in _DTYPES:
+                raise ValueError(f"{name}[{i}] must be float16, bfloat16 or float32, got {w.dtype}")
+    if base_out.device != x.device:
+        raise ValueError(f"base_out is on {base_out.device}, x on {x.device}")
+    for i, a in enumerate(lora_a):
+        if a.shape[0] > MAX_RANK:
+            raise ValueError(f"adapter {i}: rank {a.shape[0]} > {MAX_RANK} is not supported")
+    if dropout_p is not None:
+        if len(dropout_p) != len(lora_a):
+            raise ValueError(f"dropout_p needs one entry per adapter ({len(lora_a)}), got {len(dropout_p)}")
+        for i, p in enumerate(dropout_p):
+            if not 0.0 <= float(p) < 1.0:
+                raise ValueError(f"dropout_p[{i}] must be in [0, 1), got {p}")
+
+
+def _make_plan(x, lora_a, seg_offsets, scales, dropout_p, training, seed) -> _Plan:
+    offs = tuple(int(o) for o in seg_offsets)
+    ranks = tuple(int(a.shape[0]) for a in lora_a)
+    roffs = tuple(int(v) for v in np.cumsum((0,) + ranks[:-1]))
+    ps = tuple(float(p) for p in dropout_p) if (training and dropout_p is not None) else (0.0,) * len(ranks)
+    has_dropout = any(p > 0.0 for p in ps)
+    if has_dropout:
+        longest = max(hi - lo for lo, hi in zip(offs, offs[1:]))
+        if longest * x.shape[1] >= 2 ** 31:
+            raise ValueError("a segment of more than 2**31 elements cannot use in-kernel dropout")
+    seeds = tuple(adapter_seed(seed, i) for i in range(len(ranks)))
+    table = _table(offs, ranks, roffs, seeds, tuple(float(s) for s in scales), ps, CHUNK_ROWS, x.device)
+    R = max(16, triton.next_power_of_2(max(ranks)))
+    return _Plan(len(ranks), ranks, roffs, R, table, has_dropout, triton.next_power_of_2(max(x.shape[0], 1)))
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, not tf32
+
+
+class _FusedMultiLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base_out, plan: _Plan, *weights):
+        n, dt = plan.n, x.dtype
+        x = x if x.stride(1) == 1 else x.contiguous()
+        a_cat = torch.cat([a.to(dt) for a in weights[:n]], 0).contiguous()          # [Σr, in]
+        bt_cat = torch.cat([b.to(dt).t() for b in weights[n:]], 0).contiguous()     # [Σr, out]
+        T, K = x.shape
+        N = base_out.shape[1]
+        nc = plan.table.shape[0]
+        h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
+        prec = _dot_prec(dt)
+        lora_shrink_kernel[lambda m: (nc, m["SPLIT_K"])](
+            x, a_cat, h, plan.table, K, x.stride(0), a_cat.stride(0), plan.t_hint,
+            R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec)
+        lora_expand_kernel[lambda m: (nc, triton.cdiv(N, m["BLOCK_N"]))](
+            h, bt_cat, base_out, plan.table, N, base_out.stride(0), bt_cat.stride(0), plan.t_hint,
+            R=plan.R, DOT_PREC=prec)
+        ctx.mark_dirty(base_out)
+        ctx.save_for_backward(x, h, a_cat, bt_cat)
+        ctx.plan = plan
+        ctx.w_dtypes = [w.dtype for w in weights]
+        return base_out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a_cat, bt_cat = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        n, dt = plan.n, x.dtype
+        need = ctx.needs_input_grad
+        need_x, need_a, need_b = need[0], any(need[3:3 + n]), any(need[3 + n:])
+        d_base = dy if need[1] else None
+        if not (need_x or need_a or need_b):
+            return (None, d_base, None) + (None,) * (2 * n)
+        dy = dy.to(dt)
+        dy = dy if dy.stride(1) == 1 else dy.contiguous()
+        T, K = x.shape
+        N = dy.shape[1]
+        nc = plan.table.shape[0]
+        prec = _dot_prec(dt)
+        g = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
+        db = torch.zeros(bt_cat.shape, device=x.device, dtype=torch.float32)
+        lora_bwd_dy_kernel[lambda m: (nc, triton.cdiv(N, m["BLOCK_N"]))](
+            dy, h, bt_cat, g, db, plan.table, N, dy.stride(0), bt_cat.stride(0), plan.t_hint,
+            R=plan.R, DOT_PREC=prec)
+        dx = torch.empty_like(x) if need_x else None
+        da = torch.zeros(a_cat.shape, device=x.device, dtype=torch.float32) if need_a else None
+        if need_x or need_a:
+            dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
+            da_arg = da if need_a else g        # never written when COMPUTE_DA is off
+            lora_bwd_dx_kernel[lambda m: (nc, triton.cdiv(K, m["BLOCK_K"]))](
+                x, g, a_cat, dx_arg, da_arg, plan.table, K, x.stride(0), dx_arg.stride(0), a_cat.stride(0),
+                plan.t_hint, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
+                COMPUTE_DA=need_a, DOT_PREC=prec)
+        grads_a, grads_b = [], []
+        for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs)):
+            grads_a.append(da[ro:ro + r].to(ctx.w_dtypes[i], copy=True) if need[3 + i] else None)
+            grads_b.append(db[ro:ro + r].t().to(ctx.w_dtypes[n + i]).contiguous() if need[3 + n + i] else None)
+        return (dx, d_base, None, *grads_a, *grads_b)
+
+
+def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                     lora_b: Sequence[torch.Tensor], seg_offsets: Sequence[int], scales: Sequence[float],
+                     dropout_p: Optional[Sequence[float]] = None, training: bool = False,
+                     seed: int = 0) -> torch.Tensor:
+    """Add ``scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for every adapter segment into ``base_out`` in place.
+
+    Returns ``base_out``; differentiable w.r.t. ``x``, ``base_out`` and every ``A_i``, ``B_i``.
+    Dropout (``training=True`` with ``dropout_p``) is drawn in-kernel from ``seed``; the same
+    ``seed`` gives the same mask (see :func:`dropout_mask`).
+    """
+    _validate(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p)
+    if len(lora_a) == 0 or x.shape[0] == 0:
+        return base_out
+    plan = _make_plan(x, lora_a, seg_offsets, scales, dropout_p, training, seed)
+    return _FusedMultiLoRA.apply(x, base_out, plan, *lora_a, *lora_b)
+
+
+def dropout_mask(seed: int, seg_offsets: Sequence[int], dropout_p: Sequence[float], in_features: int,
+                 device="cuda") -> list:
+    """The keep-masks ``fused_multi_lora(..., training=True, seed=seed)`` draws: one bool
+    ``[T_i, in_features]`` tensor per adapter (all True where ``p_i = 0``)."""
+    offs = tuple(int(o) for o in seg_offsets)
+    n = len(offs) - 1
+    if len(dropout_p) != n:
+        raise ValueError(f"dropout_p needs {n} entries, got {len(dropout_p)}")
+    T = offs[-1]
+    device = torch.device(device)
+    mask = torch.empty(T, in_features, dtype=torch.int8, device=device)
+    if T:
+        table = _table(offs, (0,) * n, (0,) * n, tuple(adapter_seed(seed, i) for i in range(n)),
+                       (1.0,) * n, tuple(float(p) for p in dropout_p), CHUNK_ROWS, device)
+        dropout_mask_kernel[lambda m: (table.shape[0], triton.cdiv(in_features, m["BLOCK_K"]))](
+            mask, table, in_features)
+    mask = mask.bool()
+    return [mask[offs[i]:offs[i + 1]] for i in range(n)]

@@ -1,0 +1,58 @@
+"""Backward, the X pass: ``dX = c_i (G A_i) ⊙ mask`` and ``dA_i = c_i Gᵀ (mask ⊙ X)``.
+
+Both need the same chunk of rows and the same ``BLOCK_K`` slice of the input features, so one
+program reads ``A_i``'s tile once, X once and writes dX once (the dropout mask is regenerated
+from Philox exactly as ``lora_shrink`` drew it). ``dA`` is accumulated in registers over the
+chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
+"""
+import triton
+import triton.language as tl
+
+from ._common import cfg, chunk_meta, configs, mma
+
+BWD_DX_CONFIGS = configs(
+    full=[cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
+          for (bm, bk, w, s) in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (32, 256, 4, 3),
+                                 (128, 128, 8, 3), (64, 64, 4, 4)]],
+    interp=cfg(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"])
+@triton.jit
+def lora_bwd_dx_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, meta_ptr, K, stride_xm, stride_dxm, stride_am,
+                       T_HINT, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+                       COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    rr = tl.arange(0, R)
+    r_ok = rr < rank
+    a_rows = (roff + rr).to(tl.int64)
+    a = tl.load(a_ptr + a_rows[:, None] * stride_am + cols[None, :],
+                mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [R, BLOCK_K]
+    da = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        rows64 = rows.to(tl.int64)
+        ok = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0).to(a.dtype)
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+        if COMPUTE_DX:
+            dx = mma(g, a, None, DOT_PREC) * c
+            if HAS_DROPOUT:
+                dx = tl.where(keep, dx, 0.0)
+            tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if COMPUTE_DA:
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(keep, x, 0.0)
+            da = mma(tl.trans(g), x, da, DOT_PREC)
+    if COMPUTE_DA:
+        tl.atomic_add(da_ptr + a_rows[:, None] * K + cols[None, :], da * c,
+                      mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")

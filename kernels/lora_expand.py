@@ -1,0 +1,44 @@
+"""Forward expand: ``Y[t, :] += H_s[t, :r_i] B_iᵀ`` in place (the base output is the accumulator).
+
+Fusing the add into the second LoRA GEMM means Y is read once and written once and no
+[T, out] delta is ever materialised. Each program owns one chunk of one adapter's tokens and
+one ``BLOCK_N`` slice of the output features; B_iᵀ's tile is loaded once and reused over the
+chunk's row blocks. ``B`` arrives transposed and packed, ``[Σr, out]``, so its loads are
+contiguous along the output features.
+"""
+import triton
+import triton.language as tl
+
+from ._common import cfg, chunk_meta, configs, mma
+
+EXPAND_CONFIGS = configs(
+    full=[cfg(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+          for (bm, bn, w, s) in [(32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 256, 8, 3),
+                                 (128, 128, 8, 3), (16, 256, 4, 4), (64, 64, 4, 4)]],
+    interp=cfg(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"])
+@triton.jit
+def lora_expand_kernel(h_ptr, bt_ptr, y_ptr, meta_ptr, N, stride_ym, stride_bt, T_HINT,
+                       R: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rr = tl.arange(0, R)
+    b = tl.load(bt_ptr + (roff + rr).to(tl.int64)[:, None] * stride_bt + cols[None, :],
+                mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)  # [R, BLOCK_N]
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        rows64 = rows.to(tl.int64)
+        h = tl.load(h_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
+        y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+        y = mma(h.to(b.dtype), b, y, DOT_PREC)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)

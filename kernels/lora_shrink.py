@@ -1,0 +1,60 @@
+"""Forward shrink: ``H_s[t, :r_i] = c_i · (mask ⊙ X[t]) A_iᵀ`` with ``c_i = scale_i / (1 - p_i)``.
+
+The first LoRA GEMM is skinny (N = rank ≤ 128) and reads all of X, so it is memory-bound:
+each program owns one chunk of one adapter's tokens and one slice of the input features
+(split-K, partial sums added atomically into the fp32 ``H_s``), streaming X exactly once.
+Dropout is drawn in-kernel with Philox (``tl.rand(seed_i, local_row*K + col)``), so no
+[T, in] mask is ever stored; ``lora_bwd_dx`` and ``dropout_mask`` regenerate the same bits.
+Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A
+beyond ``r_i`` are masked to zero, so ``H_s[:, r_i:]`` stays zero.
+"""
+import triton
+import triton.language as tl
+
+from ._common import cfg, chunk_meta, configs, mma
+
+SHRINK_CONFIGS = configs(
+    full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+          for (bm, bk, sk, w, s) in [(16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (32, 256, 4, 4, 3),
+                                     (32, 128, 8, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 8, 3),
+                                     (64, 64, 8, 4, 4), (32, 256, 1, 8, 3), (64, 256, 2, 8, 3)]],
+    interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"])
+@triton.jit
+def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, meta_ptr, K, stride_xm, stride_am, T_HINT,
+                       R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    rr = tl.arange(0, R)
+    a_rows = (roff + rr).to(tl.int64)
+    r_ok = rr < rank
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        rows64 = rows.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < k_hi
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                x = tl.where(keep, x, 0.0)
+            a = tl.load(a_ptr + a_rows[None, :] * stride_am + cols[:, None],
+                        mask=r_ok[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_K, R] = A_iᵀ tile
+            acc = mma(x, a, acc, DOT_PREC)
+        acc = acc * c
+        h = h_ptr + rows64[:, None] * R + rr[None, :]
+        if SPLIT_K == 1:
+            tl.store(h, acc, mask=row_ok[:, None])
+        else:
+            tl.atomic_add(h, acc, mask=row_ok[:, None], sem="relaxed")

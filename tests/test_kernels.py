@@ -1,0 +1,178 @@
+"""Fused multi-LoRA Triton kernels against the PyTorch reference (forward, dX, dA_i, dB_i, dropout).
+
+On a machine without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set
+before any kernel module is imported (Triton reads it when ``@triton.jit`` runs), hence the
+``setdefault`` above the imports. It only affects Triton kernels, which nothing else here uses
+on the CPU; the reference path is plain PyTorch. Sizes are small: the interpreter runs every
+program in Python. Every test draws fresh random inputs; the seed is in the failure message.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import alto_kernels  # noqa: E402
+from alto_kernels import multi_lora, multi_lora_reference, resolve_backend  # noqa: E402
+
+fused = pytest.importorskip("alto_kernels.fused", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(lens, ranks, K, N, dtype, w_dtype=None, seed=None):
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    w_dtype = w_dtype or dtype
+
+    def rnd(*shape, s=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * s).to(device=DEVICE, dtype=dt)
+
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    T = offs[-1]
+    x = rnd(T, K).requires_grad_()
+    base = rnd(T, N).requires_grad_()
+    A = [rnd(r, K, s=K ** -0.5, dt=w_dtype).requires_grad_() for r in ranks]
+    B = [rnd(N, r, s=r ** -0.5, dt=w_dtype).requires_grad_() for r in ranks]
+    scales = [float(v) for v in torch.rand(len(ranks), generator=g) * 2 + 0.25]
+    dy = rnd(T, N)
+    return seed, x, base, A, B, offs, scales, dy
+
+
+def grads(y, leaves, dy):
+    gs = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, leaves)]
+
+
+def check(lens, ranks, K, N, dtype, dropout_p=None, training=False, w_dtype=None):
+    seed, x, base, A, B, offs, scales, dy = make(lens, ranks, K, N, dtype, w_dtype)
+    call_seed = seed % 1000
+    y = fused.fused_multi_lora(x, base.clone(), A, B, offs, scales, dropout_p=dropout_p,
+                               training=training, seed=call_seed)
+    masks = None
+    if training and dropout_p is not None:
+        masks = fused.dropout_mask(call_seed, offs, dropout_p, K, device=DEVICE)
+    ref = base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=dropout_p)
+    leaves = [x, base, *A, *B]
+    got, want = grads(y, leaves, dy), grads(ref, leaves, dy)
+    names = ["y", "dX", "dBase"] + [f"dA{i}" for i in range(len(A))] + [f"dB{i}" for i in range(len(B))]
+    tol = TOL[dtype]
+    errs = {k: rel(a, b) for k, a, b in zip(names, [y, *got], [ref, *want])}
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"seed={seed} rel errors over {tol}: {bad}"
+    for p, gp in zip(leaves[2:], got[2:]):
+        assert gp.dtype == p.dtype and gp.shape == p.shape
+    return masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mixed_ranks_match_reference(dtype):
+    # ranks {1, 8, 16, 64} in one launch; an empty segment; lengths that are no multiple of a block
+    check([37, 0, 45, 20], [1, 8, 16, 64], K=40, N=48, dtype=dtype)
+
+
+def test_many_chunks_and_rank_128():
+    # segments longer than a chunk (CHUNK_ROWS rows), a single-row segment, rank 128
+    check([70, 1, 33], [128, 4, 16], K=33, N=20, dtype=torch.float32)
+
+
+def test_weights_in_fp32_with_bf16_activations():
+    check([19, 30], [8, 16], K=32, N=24, dtype=torch.bfloat16, w_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_mask_matches_reference(dtype):
+    p = [0.1, 0.0, 0.5, 0.25]
+    masks = check([29, 17, 40, 0], [8, 1, 16, 64], K=40, N=24, dtype=dtype, dropout_p=p, training=True)
+    assert [tuple(m.shape) for m in masks] == [(29, 40), (17, 40), (40, 40), (0, 40)]
+    assert bool(masks[1].all())                                   # p = 0 keeps everything
+    assert abs(masks[2].float().mean().item() - 0.5) < 0.1         # p = 0.5 drops about half
+    assert not torch.equal(masks[0][:17], masks[1][:17])           # adapters draw different streams
+
+
+def test_dropout_mask_is_deterministic_per_seed():
+    offs, p = [0, 40, 64], [0.3, 0.3]
+    a = fused.dropout_mask(3, offs, p, 48, device=DEVICE)
+    b = fused.dropout_mask(3, offs, p, 48, device=DEVICE)
+    c = fused.dropout_mask(4, offs, p, 48, device=DEVICE)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_no_dropout_unless_training():
+    # dropout_p given but training=False: the plain product (masks=None in the reference)
+    check([21, 26], [8, 16], K=32, N=32, dtype=torch.float32, dropout_p=[0.5, 0.5], training=False)
+
+
+def test_in_place_strided_and_partial_grads():
+    _, x, base, A, B, offs, scales, dy = make([25, 18], [16, 4], K=32, N=24, dtype=torch.float32)
+    wide = torch.randn(x.shape[0], 40, device=DEVICE)
+    out = wide[:, 8:32]                    # row stride 40: written in place through its strides
+    out.copy_(base.detach())
+    before = wide.clone()
+    xs = x.detach().t().contiguous().t()   # column-major x, no grad: the dX half is skipped
+    A[1].requires_grad_(False)             # frozen A_1: dA_0 and the dB still come back
+    y = fused.fused_multi_lora(xs, out, A, B, offs, scales)
+    assert y.data_ptr() == out.data_ptr()
+    ref = base.detach() + multi_lora_reference(xs, A, B, offs, scales)
+    assert rel(wide[:, 8:32], ref) < 1e-5
+    assert torch.equal(wide[:, :8], before[:, :8]) and torch.equal(wide[:, 32:], before[:, 32:])
+    leaves = [A[0], *B]
+    got, want = torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)
+    assert max(rel(a, b) for a, b in zip(got, want)) < 1e-5
+
+
+def test_no_adapters_or_tokens_is_identity():
+    x = torch.randn(0, 16, device=DEVICE)
+    base = torch.randn(0, 8, device=DEVICE)
+    A, B = [torch.randn(4, 16, device=DEVICE)], [torch.randn(8, 4, device=DEVICE)]
+    assert fused.fused_multi_lora(x, base, A, B, [0, 0], [1.0]) is base
+
+
+def _bad_inputs():
+    K, N, T = 16, 8, 10
+    x = torch.randn(T, K, device=DEVICE)
+    base = torch.randn(T, N, device=DEVICE)
+    A, B = [torch.randn(4, K, device=DEVICE)], [torch.randn(N, 4, device=DEVICE)]
+    ok = dict(x=x, base_out=base, lora_a=A, lora_b=B, seg_offsets=[0, T], scales=[1.0])
+    yield "1-D x", {**ok, "x": x[0]}
+    yield "int x", {**ok, "x": x.long(), "base_out": base.long()}
+    yield "base dtype", {**ok, "base_out": base.double()}
+    yield "base shape", {**ok, "base_out": base[:, :5]}
+    yield "offsets end", {**ok, "seg_offsets": [0, T - 1]}
+    yield "offsets count", {**ok, "seg_offsets": [0, 5, T]}
+    yield "B rank", {**ok, "lora_b": [torch.randn(N, 3, device=DEVICE)]}
+    yield "A features", {**ok, "lora_a": [torch.randn(4, K + 1, device=DEVICE)]}
+    yield "rank > 128", {**ok, "lora_a": [torch.randn(129, K, device=DEVICE)],
+                         "lora_b": [torch.randn(N, 129, device=DEVICE)]}
+    yield "weight dtype", {**ok, "lora_a": [A[0].double()]}
+    yield "dropout 1.0", {**ok, "dropout_p": [1.0], "training": True}
+    yield "dropout count", {**ok, "dropout_p": [0.1, 0.1], "training": True}
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda c: c[0])
+def test_bad_inputs_raise_value_error(case):
+    with pytest.raises(ValueError):
+        fused.fused_multi_lora(**case[1])
+
+
+def test_dispatch_triton_backend(monkeypatch):
+    _, x, base, A, B, offs, scales, dy = make([12, 0, 21], [8, 2, 16], K=24, N=16, dtype=torch.float32)
+    y = multi_lora(x, base.clone(), A, B, offs, scales, backend="triton")
+    ref = multi_lora(x, base, A, B, offs, scales, backend="reference")
+    assert rel(y, ref) < 1e-5
+    monkeypatch.setenv("ALTO_TRITON", "1")
+    assert resolve_backend(x.detach().cpu()) == "triton"
+    monkeypatch.delenv("ALTO_TRITON")
+    assert resolve_backend(x.detach().cpu()) == "reference"
+    assert alto_kernels.fused_multi_lora is fused.fused_multi_lora
