@@ -1,0 +1,94 @@
+"""Trial checkpoints: a PEFT adapter directory plus the training state to resume it.
+
+Layout of a checkpoint directory::
+
+    adapter_config.json, adapter_model.safetensors   # PeftModel.from_pretrained(base, dir)
+    trainer_state.pt                                  # engine adapter_state + alto counters
+    alto_checkpoint.json                              # human-readable summary (task, step, config)
+
+The group and the trial may sit on different nodes, so a checkpoint travels through Ray as a
+`{file name: bytes}` dict: the group packs it (`pack_state`, needs torch), the trial only writes
+and reads bytes (`write_files` / `read_files`), which keeps the trial process torch-free.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STATE_FILE = "trainer_state.pt"
+SUMMARY_FILE = "alto_checkpoint.json"
+CHECKPOINT_FILES = ADAPTER_FILES + (STATE_FILE, SUMMARY_FILE)
+FORMAT_VERSION = 1
+
+Files = Dict[str, bytes]
+
+
+def write_files(checkpoint_dir: str, files: Files) -> None:
+    """Write a packed checkpoint into `checkpoint_dir` (trial side; no torch needed)."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    for name, data in files.items():
+        if os.path.basename(name) != name:
+            raise ValueError(f"checkpoint file name {name!r} must be a plain file name")
+        with open(os.path.join(checkpoint_dir, name), "wb") as f:
+            f.write(data)
+
+
+def read_files(checkpoint_dir: str) -> Files:
+    """Read a checkpoint directory back into bytes; ValueError when it is not one of ours."""
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint_dir!r} is not an alto-ray checkpoint (no {STATE_FILE})")
+    files: Files = {}
+    for name in CHECKPOINT_FILES:
+        p = os.path.join(checkpoint_dir, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def pack_state(trainer: Any, adapter: str, meta: Dict[str, Any]) -> Files:
+    """Group side: the adapter's PEFT files + engine state + `meta` (alto counters) as bytes."""
+    import torch
+
+    files: Files = {}
+    with tempfile.TemporaryDirectory(prefix="alto-ckpt-") as tmp:
+        trainer.save_adapter(adapter, tmp)
+        for name in os.listdir(tmp):
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    files[name] = f.read()
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, "engine": trainer.adapter_state(adapter), "alto": meta}, buf)
+    files[STATE_FILE] = buf.getvalue()
+    summary = {"format": FORMAT_VERSION, **{k: v for k, v in meta.items() if _jsonable(v)}}
+    files[SUMMARY_FILE] = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    return files
+
+
+def unpack_state(files: Optional[Files]) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+    """Group side: (engine state for `add_adapter(state=...)`, alto meta) from packed files."""
+    if not files:
+        return None, {}
+    import torch
+
+    if STATE_FILE not in files:
+        raise ValueError(f"checkpoint has no {STATE_FILE}")
+    blob = torch.load(io.BytesIO(files[STATE_FILE]), map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{STATE_FILE}: unknown checkpoint format")
+    return blob["engine"], dict(blob.get("alto") or {})
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,487 @@
+"""`AdapterGroup`: the Ray actor that holds one backbone and trains many trials' adapters.
+
+One group per GPU (per task). Trials join, ask for results in lock-step and leave:
+
+* `join(trial_id, config, files)` queues the adapter; admission follows FIFO order while the
+  engine's memory estimate fits the device (or `max_adapters_per_group` on CPU).
+* `next_result(trial_id)` parks the trial's request; the group runs one grouped engine step as
+  soon as every admitted adapter has a parked request, then answers all of them. A checkpoint
+  taken between two requests is therefore exactly the state of the last reported result.
+* `leave(trial_id, reason)` removes the adapter and admits the next queued trial at once.
+
+The actor is async: parked requests cost nothing, and joins, leaves and checkpoint reads are
+served while the (blocking) engine step runs on the group's single worker thread. The group is
+detached (it must outlive the trial that happened to create it) and exits on its own after
+`idle_timeout_s` without members. A trial that vanished without leaving is noticed through
+its actor handle (dead → evicted at once) or, as a backstop, after `lease_timeout_s` of silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import ray
+
+from alto_ray.tune.checkpoint import Files, pack_state, unpack_state
+from alto_ray.tune.metrics import GroupMetrics
+from alto_ray.tune.task import GroupSpec, LoRATask
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "alto"
+_PING_AFTER_S = 2.0  # a silent trial's actor is checked for liveness after this long
+_TICK_S = 0.5
+
+
+class GroupClosing(RuntimeError):
+    """The group is shutting down (idle); the caller should get or create it again."""
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    FINISHED = "finished"  # reached max_steps / gave up on non-finite loss; adapter removed
+    EVICTED = "evicted"
+
+
+@dataclass
+class _Member:
+    trial_id: str
+    config: Any  # engine AdapterConfig
+    joined_at: float
+    files: Optional[Files] = None  # restore state, until admitted; final snapshot once finished
+    owner: Any = None  # the trial's actor handle (liveness checks)
+    state: _State = _State.QUEUED
+    pending: Optional[asyncio.Future] = None
+    last_seen: float = 0.0
+    queue_wait_s: float = 0.0
+    tokens: int = 0
+    eval_loss: Optional[float] = None
+    eval_step: int = 0
+    nonfinite: int = 0
+    step: int = 0
+    ping: Any = None
+    reason: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def meta(self) -> Dict[str, Any]:
+        return {"tokens": self.tokens, "eval_loss": self.eval_loss, "eval_step": self.eval_step,
+                "step": self.step, "trial_id": self.trial_id, **self.extra}
+
+
+@ray.remote(max_restarts=0)
+class AdapterGroup:
+    """One backbone on one device, shared by the adapters of many trials of one task."""
+
+    def __init__(self, task: LoRATask, spec: GroupSpec) -> None:
+        from alto_ray.engine import GroupedTrainer  # heavy import: only in the group process
+
+        self.task = task
+        self.spec = spec
+        self.task_name = task.task_name
+        self.device = _resolve_device(task.device)
+        threads = max(1, int(spec.resources.get("CPU", 1) or 1))
+        import torch
+
+        torch.set_num_threads(threads)
+        self.gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if self.device == "cuda" else ""
+        from alto_ray.engine import DEFAULT_TARGET_MODULES
+
+        model = task.model if isinstance(task.model, str) else task.model()
+        self.trainer = GroupedTrainer(
+            model=model, dataset=_dataset_spec(task), device=self.device, dtype=_torch_dtype(task.dtype),
+            eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
+        backbone = getattr(self.trainer.model, "backbone", None)
+        self._model_config = getattr(backbone, "config", None)
+        self._members: Dict[str, _Member] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
+        self._lock: Optional[asyncio.Lock] = None
+        self._wake: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._idle_since = time.monotonic()
+        self._closing = False
+        self._steps = 0
+        self.metrics = GroupMetrics(self.task_name, spec.name.rsplit(":", 1)[-1])
+
+    def __repr__(self) -> str:  # the name the Ray dashboard shows
+        where = f"cuda:{self.gpu}" if self.device == "cuda" else "cpu"
+        return f"AdapterGroup({self.task_name}, {self.spec.name.rsplit(':', 1)[-1]}, {where})"
+
+    # ------------------------------------------------------------------ trial API
+    def check(self, config: Dict[str, Any]) -> Optional[str]:
+        """Why `config` is not a valid adapter config (None when it is).
+
+        Validation runs here so that trial processes never import torch: with dozens of trials
+        per GPU, their start-up cost is otherwise dominated by importing it.
+        """
+        try:
+            adapter_config(config)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    async def join(self, trial_id: str, config: Dict[str, Any], files: Optional[Files] = None,
+                   owner: Any = None) -> Dict[str, Any]:
+        """Queue a trial's adapter (with its checkpoint `files` when resuming)."""
+        self._ensure_loop()
+        if self._closing:
+            raise GroupClosing(f"{self.spec.name} is shutting down")
+        config = adapter_config(config)
+        if trial_id in self._members:  # a restarted trial whose old self never left
+            await self._drop(trial_id, "error")
+        now = time.monotonic()
+        self._members[trial_id] = _Member(trial_id, config, now, files=files, owner=owner,
+                                          last_seen=now)
+        await self._admit()
+        self._wake.set()
+        return {"group": self.spec.name, "device": self.device,
+                "state": self._members[trial_id].state.value, **self.load()}
+
+    async def next_result(self, trial_id: str) -> Dict[str, Any]:
+        """Park a request for the trial's next step; answered after the next grouped step."""
+        self._ensure_loop()
+        m = self._members.get(trial_id)
+        if m is None or m.state is _State.EVICTED:
+            why = m.reason if m else "not a member"
+            raise LookupError(f"trial {trial_id} is not in {self.spec.name} ({why}); rejoin")
+        if m.state is _State.FINISHED:
+            raise RuntimeError(f"trial {trial_id} already finished ({m.reason})")
+        if m.pending is not None and not m.pending.done():
+            raise RuntimeError(f"trial {trial_id} already has a request in flight")
+        m.pending = asyncio.get_running_loop().create_future()
+        m.last_seen = time.monotonic()
+        m.ping = None
+        self._wake.set()
+        return await m.pending
+
+    async def leave(self, trial_id: str, reason: str = "stopped") -> bool:
+        """Remove the trial's adapter; the next queued trial is admitted right away."""
+        self._ensure_loop()
+        found = await self._drop(trial_id, reason)
+        await self._admit()
+        self._wake.set()
+        return found
+
+    async def get_state(self, trial_id: str) -> Files:
+        """The trial's checkpoint as `{file name: bytes}` (consistent with its last result)."""
+        self._ensure_loop()
+        m = self._members.get(trial_id)
+        if m is None or m.state is _State.EVICTED:
+            raise LookupError(f"trial {trial_id} is not in {self.spec.name}")
+        m.last_seen = time.monotonic()
+        if m.state is not _State.ACTIVE:
+            if m.files is None:
+                raise RuntimeError(f"trial {trial_id} has no state yet (still queued)")
+            return m.files
+        async with self._lock:
+            return await self._run(pack_state, self.trainer, trial_id, self._summary(m))
+
+    def load(self) -> Dict[str, Any]:
+        """Members by state; trials pick the least-loaded group by `active + queued`."""
+        counts = {s.value: 0 for s in _State}
+        for m in self._members.values():
+            counts[m.state.value] += 1
+        return {"active": counts["active"], "queued": counts["queued"],
+                "finished": counts["finished"], "closing": self._closing}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"group": self.spec.name, "task": self.task_name, "device": self.device,
+                "gpu": self.gpu, "steps": self._steps, "members": {
+                    t: {"state": m.state.value, "step": m.step, "reason": m.reason}
+                    for t, m in self._members.items()}, **self.load()}
+
+    # ------------------------------------------------------------------ internals
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._lock = asyncio.Lock()
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _run(self, fn: Callable, *args: Any) -> Any:
+        """Run blocking engine work on the group's one engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._check_liveness()
+                if await self._step():
+                    continue
+                if self._idle_exit_due():
+                    self._closing = True
+                    ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+                    return
+            except Exception:  # keep serving; the failing trial gets the error
+                logger.exception("%s: step loop error", self.spec.name)
+
+    async def _step(self) -> bool:
+        """One grouped step if every admitted adapter has a parked request; False otherwise."""
+        t0 = time.monotonic()
+        answers: Dict[str, Dict[str, Any]] = {}
+        step_tokens = 0
+        async with self._lock:  # membership cannot change from here to the answers
+            active = [m for m in self._members.values() if m.state is _State.ACTIVE]
+            if not active or any(m.pending is None for m in active):
+                return False
+            try:
+                results = await self._run(self.trainer.step)
+            except Exception as err:  # an engine failure fails this step's requests only
+                for m in active:
+                    _fail(m, err)
+                raise
+            self._steps += 1
+            due = [m.trial_id for m in active
+                   if m.trial_id in results and self._eval_due(m, results[m.trial_id].step)]
+            evals = await self._run(self.trainer.evaluate, due) if due else {}
+            seconds = time.monotonic() - t0
+            for m in active:
+                r = results.get(m.trial_id)
+                if r is None or self._members.get(m.trial_id) is not m:
+                    continue  # left while the step ran
+                step_tokens += int(r.tokens)
+                answers[m.trial_id] = self._result(m, r, evals.get(m.trial_id), seconds)
+                reason = answers[m.trial_id].pop("_reason")
+                if reason:  # snapshot for the final checkpoint, then free the slot at once
+                    m.files = await self._run(pack_state, self.trainer, m.trial_id, self._summary(m))
+                    await self._run(self.trainer.remove_adapter, m.trial_id)
+                    m.state, m.reason = _State.FINISHED, reason
+                    self.metrics.on_exit(reason)
+        now = time.monotonic()
+        for m in active:
+            if m.trial_id in answers and m.pending is not None and not m.pending.done():
+                m.pending.set_result(answers[m.trial_id])
+            m.pending, m.last_seen = None, now
+        if any(m.state is _State.FINISHED for m in active):
+            await self._admit()
+        load = self.load()
+        self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, _gpu_bytes(self.device))
+        return True
+
+    def _eval_due(self, m: _Member, step: int) -> bool:
+        return (m.eval_loss is None or step % self.task.eval_every == 0
+                or step >= self._max_steps(m))
+
+    def _max_steps(self, m: _Member) -> int:
+        return int(getattr(m.config, "max_steps", self.task.max_steps) or self.task.max_steps)
+
+    def _result(self, m: _Member, r: Any, eval_loss: Optional[float], seconds: float) -> Dict[str, Any]:
+        finite = bool(getattr(r, "finite", True)) and math.isfinite(float(r.loss))
+        m.step = int(r.step)
+        m.tokens += int(r.tokens)
+        m.nonfinite = 0 if finite else m.nonfinite + 1
+        if eval_loss is not None:
+            m.eval_loss, m.eval_step = float(eval_loss), m.step
+        max_steps = self._max_steps(m)
+        reason = ""
+        if m.step >= max_steps:
+            reason = "done"
+        elif m.nonfinite >= self.task.nonfinite_patience:
+            reason = "nonfinite"
+        load = self.load()
+        return {
+            "loss": float(r.loss) if finite else float("nan"),
+            "eval_loss": m.eval_loss if m.eval_loss is not None else float("nan"),
+            "eval_step": m.eval_step, "tokens": m.tokens, "lr": float(r.lr),
+            "grad_norm": float(getattr(r, "grad_norm", float("nan"))), "finite": finite,
+            "step": m.step, "max_steps": max_steps, "done": bool(reason), "_reason": reason,
+            "alto_task": self.task_name, "alto_group": self.spec.name,
+            "alto_active": load["active"], "alto_queued": load["queued"],
+            "queue_wait_s": m.queue_wait_s, "group_step_s": seconds,
+        }
+
+    def _summary(self, m: _Member) -> Dict[str, Any]:
+        return {**m.meta(), "task": self.task_name, "group": self.spec.name,
+                "config": _config_dict(m.config)}
+
+    async def _drop(self, trial_id: str, reason: str) -> bool:
+        m = self._members.pop(trial_id, None)
+        if m is None:
+            return False
+        if m.pending is not None and not m.pending.done():
+            _fail(m, LookupError(f"trial {trial_id} left {self.spec.name} ({reason})"))
+        if m.state is _State.ACTIVE:
+            async with self._lock:
+                await self._remove_adapter(trial_id)
+        if m.state is not _State.FINISHED:
+            self.metrics.on_exit(reason)
+        if not self._members:
+            self._idle_since = time.monotonic()
+        return True
+
+    async def _evict(self, m: _Member, reason: str) -> None:
+        """Remove a vanished trial's adapter but keep a tombstone so a late request learns why."""
+        if m.state is _State.ACTIVE:
+            async with self._lock:
+                await self._remove_adapter(m.trial_id)
+        m.state, m.reason, m.files = _State.EVICTED, reason, None
+        self.metrics.on_exit("evicted")
+        logger.warning("%s: evicted trial %s (%s)", self.spec.name, m.trial_id, reason)
+        await self._admit()
+
+    async def _remove_adapter(self, trial_id: str) -> None:
+        if trial_id in self.trainer.adapter_names:  # may have finished while we waited
+            await self._run(self.trainer.remove_adapter, trial_id)
+
+    async def _admit(self) -> None:
+        """Admit queued trials in FIFO order while capacity allows."""
+        async with self._lock:
+            for m in sorted((m for m in self._members.values() if m.state is _State.QUEUED),
+                            key=lambda m: m.joined_at):
+                if not self._fits(m):
+                    break
+                try:
+                    state, meta = unpack_state(m.files)
+                    await self._run(self.trainer.add_adapter, m.trial_id, m.config, state)
+                except Exception as err:  # bad checkpoint / OOM: fail that trial only
+                    self._members.pop(m.trial_id, None)
+                    _fail(m, err)
+                    self.metrics.on_exit("error")
+                    continue
+                now = time.monotonic()
+                m.state, m.files, m.queue_wait_s, m.last_seen = _State.ACTIVE, None, now - m.joined_at, now
+                m.tokens = int(meta.get("tokens", 0))
+                m.eval_loss = meta.get("eval_loss")
+                m.eval_step = int(meta.get("eval_step", 0))
+                m.step = int(meta.get("step", 0))
+        load = self.load()
+        self.metrics.on_membership(load["active"], load["queued"])
+
+    def _fits(self, m: _Member) -> bool:
+        active = sum(1 for x in self._members.values() if x.state is _State.ACTIVE)
+        if active == 0:
+            return True  # never starve: a lone adapter always gets a try
+        cap = self.task.max_adapters_per_group
+        if cap is not None and active >= cap:
+            return False
+        need = _adapter_bytes(self._model_config, m.config, self.trainer.dtype)
+        if need is None:
+            return True
+        return need <= _free_bytes(self.device) * (1.0 - self.task.memory_headroom)
+
+    async def _check_liveness(self) -> None:
+        """Evict active members whose trial actor died or went silent past the lease."""
+        now = time.monotonic()
+        for m in list(self._members.values()):
+            if m.state is not _State.ACTIVE or m.pending is not None:
+                continue
+            silent = now - m.last_seen
+            if silent > self.task.lease_timeout_s:
+                await self._evict(m, f"no request for {silent:.0f}s (lease)")
+                continue
+            if m.owner is None or silent < _PING_AFTER_S:
+                continue
+            if m.ping is None:
+                m.ping = m.owner.__ray_ready__.remote()
+                continue
+            ready, _ = ray.wait([m.ping], timeout=0)
+            if ready:
+                try:
+                    ray.get(m.ping)
+                    m.ping = None  # alive but busy (e.g. writing a checkpoint)
+                    m.last_seen = max(m.last_seen, now - _PING_AFTER_S)
+                except ray.exceptions.RayActorError:
+                    await self._evict(m, "trial actor died")
+
+    def _idle_exit_due(self) -> bool:
+        if self._members:
+            return False
+        return time.monotonic() - self._idle_since > self.task.idle_timeout_s
+
+
+# ---------------------------------------------------------------------- helpers
+def adapter_config(config: Dict[str, Any]) -> Any:
+    """The engine `AdapterConfig` of a trial's merged config; ValueError naming the bad field."""
+    from alto_ray.engine import AdapterConfig
+
+    try:
+        cfg = AdapterConfig.from_dict(config)
+        cfg.validate()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid trial config: {err}") from err
+    return cfg
+
+
+def _fail(m: _Member, err: BaseException) -> None:
+    if m.pending is not None and not m.pending.done():
+        m.pending.set_exception(err)
+    m.pending = None
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dataset_spec(task: LoRATask) -> Any:
+    """A path becomes a DatasetSpec whose held-out split is `eval_size` examples."""
+    if isinstance(task.dataset, (str, os.PathLike)):
+        from alto_ray.engine import DatasetSpec
+
+        return DatasetSpec(source=os.fspath(task.dataset), eval_size=task.eval_size)
+    return task.dataset
+
+
+def _torch_dtype(name: Optional[str]) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+
+
+def _config_dict(cfg: Any) -> Dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(cfg):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return dict(cfg) if isinstance(cfg, dict) else {"repr": repr(cfg)}
+
+
+def _adapter_bytes(model_config: Any, cfg: Any, dtype: Any) -> Optional[int]:
+    if model_config is None:
+        return None
+    try:
+        from alto_ray.engine.memory import estimate_adapter_bytes
+
+        return int(estimate_adapter_bytes(model_config, cfg, dtype))
+    except Exception as err:  # pragma: no cover - no estimate for this model: memory unbounded
+        logger.debug("no adapter memory estimate: %s", err)
+        return None
+
+
+def _free_bytes(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover
+        return float("inf")
+
+
+def _gpu_bytes(device: str) -> Optional[int]:
+    if device != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.memory_allocated())

@@ -1,0 +1,219 @@
+"""`LoRATask`: what is being tuned (model, data, schedule) and how its groups are run.
+
+A task is the unit that shares a backbone: every trial of one task trains an adapter on the
+same frozen model and dataset, so trials of one task can join one `AdapterGroup`. The task is
+validated on the driver, in `lora_trainable(task)`, before Tune starts any actor or takes a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DTYPES = (None, "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Where one `AdapterGroup` of a task lives.
+
+    This is the seam for the cluster coordinator: a `placement` callable returns the list of
+    `GroupSpec`s for a task; the trial joins the least-loaded live one. `options` are passed
+    to `AdapterGroup.options(...)` as they are (e.g. `scheduling_strategy` with a placement
+    group and bundle index); `resources` are the actor's resources.
+    """
+
+    name: str  # Ray actor name, unique within the "alto" namespace
+    index: int  # position of the group within its task (dashboard, metric tags)
+    resources: Dict[str, float]  # {"CPU": 1, "GPU": 1} style
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+PlacementFn = Callable[["LoRATask"], List[GroupSpec]]
+
+
+@dataclass
+class LoRATask:
+    """A LoRA tuning task: one backbone + one dataset, shared by all trials that tune it.
+
+    Trial configs (the Tune `param_space`) carry the per-adapter hyperparameters (`rank`,
+    `alpha`, `lr`, `batch_size`, `dropout`, ...: any `AdapterConfig` field); `adapter_defaults`
+    fills the fields a sweep does not search over.
+    """
+
+    model: Union[str, Callable[[], Any]]  # local path / hub id, or a zero-arg nn.Module factory
+    dataset: Any  # a .jsonl/.json path or an engine `DatasetSpec`
+    max_steps: int = 300
+    eval_every: int = 25
+    checkpoint_every: Optional[int] = None  # engine steps; default: eval_every
+    steps_per_report: int = 1  # engine steps per Tune result
+    name: Optional[str] = None  # default: derived from model + dataset + settings
+    target_modules: Optional[Sequence[str]] = None  # default: engine DEFAULT_TARGET_MODULES
+    device: str = "auto"  # "auto" → cuda when the group actor sees a GPU, else cpu
+    dtype: Optional[str] = None  # backbone dtype; None → engine default
+    eval_size: int = 64  # held-out examples used for eval_loss
+    max_seq_len: Optional[int] = None  # AdapterConfig defaults for every trial (a config key wins)
+    warmup_steps: Optional[int] = None
+    adapter_defaults: Dict[str, Any] = field(default_factory=dict)  # any other AdapterConfig field
+    max_adapters_per_group: Optional[int] = None  # None → bounded by memory only
+    num_groups: Optional[int] = None  # None → number of GPUs Ray sees (at least 1)
+    group_resources: Optional[Dict[str, float]] = None  # None → {"CPU": 1} (+ {"GPU": 1})
+    placement: Optional[PlacementFn] = None  # None → `local_placement`
+    lease_timeout_s: float = 300.0  # evict an adapter whose trial went silent this long
+    idle_timeout_s: float = 60.0  # a group with no members exits after this long
+    nonfinite_patience: int = 3  # consecutive non-finite steps before the trial ends itself
+    memory_headroom: float = 0.1  # fraction of free device memory admission leaves unused
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
+            self.target_modules = tuple(self.target_modules)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "LoRATask":
+        """Raise ValueError naming the offending field; cheap, touches no actor or GPU."""
+        if isinstance(self.model, str):
+            if not self.model:
+                raise ValueError("LoRATask.model: empty model path / hub id")
+            looks_local = (
+                self.model.startswith(("/", "./", "../", "~"))
+                or self.model.count("/") > 1
+                or not _HUB_ID.match(self.model)
+            )
+            if not os.path.exists(os.path.expanduser(self.model)) and looks_local:
+                raise ValueError(f"LoRATask.model: path {self.model!r} does not exist")
+        elif not callable(self.model):
+            raise ValueError("LoRATask.model: expected a path, a hub id or a model factory")
+        if isinstance(self.dataset, (str, os.PathLike)):
+            if not os.path.isfile(os.path.expanduser(os.fspath(self.dataset))):
+                raise ValueError(f"LoRATask.dataset: file {os.fspath(self.dataset)!r} not found")
+        elif self.dataset is None:
+            raise ValueError("LoRATask.dataset: required (a .jsonl path or a DatasetSpec)")
+        for name in ("max_steps", "eval_every", "steps_per_report", "eval_size",
+                     "nonfinite_patience"):
+            _positive_int(self, name)
+        for name in ("checkpoint_every", "max_adapters_per_group", "num_groups", "max_seq_len"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise ValueError(f"LoRATask.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("lease_timeout_s", "idle_timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"LoRATask.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.memory_headroom) < 1.0:
+            raise ValueError(f"LoRATask.memory_headroom: must be in [0, 1), got {self.memory_headroom!r}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"LoRATask.device: expected one of {_DEVICES}, got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"LoRATask.dtype: expected one of {_DTYPES}, got {self.dtype!r}")
+        if self.name is not None and not re.match(r"^[A-Za-z0-9._-]+$", self.name):
+            raise ValueError(f"LoRATask.name: use letters, digits, '.', '_', '-' only, got {self.name!r}")
+        if not isinstance(self.adapter_defaults, dict):
+            raise ValueError("LoRATask.adapter_defaults: expected a dict")
+        if self.group_resources is not None and not isinstance(self.group_resources, dict):
+            raise ValueError("LoRATask.group_resources: expected a dict such as {'CPU': 1, 'GPU': 1}")
+        if self.placement is not None and not callable(self.placement):
+            raise ValueError("LoRATask.placement: expected a callable task -> list[GroupSpec]")
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def checkpoint_interval(self) -> int:
+        return int(self.checkpoint_every or self.eval_every)
+
+    @property
+    def task_name(self) -> str:
+        """Stable name: the same task settings give the same name (and so the same groups)."""
+        if self.name:
+            return self.name
+        model = self.model if isinstance(self.model, str) else getattr(self.model, "__name__", "model")
+        data = os.fspath(self.dataset) if isinstance(self.dataset, (str, os.PathLike)) else "data"
+        base = f"{_stem(model)}-{_stem(data)}"
+        return f"{base}-{self.fingerprint()[:8]}"
+
+    def fingerprint(self) -> str:
+        """Hash of everything that must match for two trials to share a backbone group."""
+        ident = {
+            "model": self.model if isinstance(self.model, str) else _qualname(self.model),
+            "dataset": _describe(self.dataset),
+            "max_steps": self.max_steps, "eval_every": self.eval_every,
+            "target_modules": list(self.target_modules or ()), "dtype": self.dtype,
+            "device": self.device, "eval_size": self.eval_size,
+            "max_seq_len": self.max_seq_len, "warmup_steps": self.warmup_steps,
+            "adapter_defaults": {k: repr(v) for k, v in sorted(self.adapter_defaults.items())},
+        }
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    def adapter_dict(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """The trial's AdapterConfig fields: task defaults, then the task's schedule, then config."""
+        merged: Dict[str, Any] = dict(self.adapter_defaults)
+        for name in ("max_seq_len", "warmup_steps"):
+            if getattr(self, name) is not None:
+                merged[name] = getattr(self, name)
+        merged["max_steps"] = self.max_steps
+        if self.target_modules is not None:
+            merged["target_modules"] = tuple(self.target_modules)
+        merged.update(config)
+        return merged
+
+    def group_specs(self) -> List[GroupSpec]:
+        """The groups trials of this task may join (the coordinator's seam: `placement`)."""
+        return (self.placement or local_placement)(self)
+
+    def replace(self, **changes: Any) -> "LoRATask":
+        return dataclasses.replace(self, **changes)
+
+
+def local_placement(task: LoRATask) -> List[GroupSpec]:
+    """Default placement: one group per GPU Ray sees (one CPU group when there is none)."""
+    gpus = _cluster_gpus()
+    n = task.num_groups or max(1, gpus)
+    if task.group_resources is not None:
+        res = dict(task.group_resources)
+    else:
+        res = {"CPU": 1.0}
+        if gpus > 0 and task.device != "cpu":
+            res["GPU"] = 1.0
+    name = task.task_name
+    return [GroupSpec(name=f"alto:{name}:g{i}", index=i, resources=res) for i in range(n)]
+
+
+def _cluster_gpus() -> int:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # pragma: no cover - Ray not importable / not connected
+        pass
+    return 0
+
+
+def _positive_int(task: LoRATask, name: str) -> None:
+    value = getattr(task, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LoRATask.{name}: must be a positive integer, got {value!r}")
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(os.path.normpath(str(path))) or str(path)
+    base = base.rsplit(".", 1)[0] if "." in base and not base.startswith(".") else base
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:40] or "x"
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _describe(dataset: Any) -> Any:
+    if isinstance(dataset, (str, os.PathLike)):
+        return os.path.abspath(os.path.expanduser(os.fspath(dataset)))
+    if dataclasses.is_dataclass(dataset):
+        return {k: repr(v) for k, v in sorted(dataclasses.asdict(dataset).items())}
+    return repr(dataset)

@@ -1,0 +1,227 @@
+"""`lora_trainable(task)`: the Tune trainable whose adapter trains inside a shared `AdapterGroup`.
+
+The trial is a thin class `tune.Trainable` (about 0 CPU, no GPU: the device lives in the
+group). A class rather than a function trainable, because Tune calls `cleanup()` on every way
+out (done, STOP, PAUSE, error) and that is where the adapter leaves its group, freeing the slot.
+
+Checkpoints: the trainable asks Tune for one every `task.checkpoint_every` engine steps and at
+the end of training (`should_checkpoint` in the result), so `tune.CheckpointConfig` needs no
+`checkpoint_frequency` / `checkpoint_at_end`; use its `num_to_keep` to bound disk use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Type
+
+import ray
+from ray import tune
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+from alto_ray.tune.checkpoint import STATE_FILE, SUMMARY_FILE, read_files, write_files
+from alto_ray.tune.group import NAMESPACE, AdapterGroup
+from alto_ray.tune.task import GroupSpec, LoRATask
+
+logger = logging.getLogger(__name__)
+
+TRIAL_CPU = 0.01  # the trial only waits on its group; it must not block other trials' slots
+_LEAVE_TIMEOUT_S = 30.0
+
+
+class LoRATrainable(tune.Trainable):
+    """Base class; `lora_trainable(task)` binds a task to a subclass."""
+
+    task: LoRATask  # set on the subclass
+
+    @classmethod
+    def default_resource_request(cls, config: Dict[str, Any]) -> PlacementGroupFactory:
+        return PlacementGroupFactory([{"CPU": TRIAL_CPU}])
+
+    # -------------------------------------------------------------- lifecycle
+    def setup(self, config: Dict[str, Any]) -> None:
+        self._adapter = self.task.adapter_dict(config)
+        self._group, spec = connect(self.task)
+        self._group_name = spec.name
+        problem = self._call(self._group.check.remote(self._adapter))
+        if problem:  # fails this trial only, before it joins any group
+            raise ValueError(problem)
+        self._joined = False
+        self._restore: Optional[Dict[str, bytes]] = None
+        self._exit_reason = "stopped"
+        self._step = 0
+
+    def step(self) -> Dict[str, Any]:
+        try:
+            if not self._joined:
+                self._join()
+            results: List[Dict[str, Any]] = []
+            for _ in range(self.task.steps_per_report):
+                results.append(self._call(self._group.next_result.remote(self.trial_id)))
+                if results[-1]["done"]:
+                    break
+        except BaseException:
+            self._exit_reason = self._exit_reason if self._exit_reason == "group_lost" else "error"
+            raise
+        result = _merge(results)
+        prev, self._step = self._step, int(result["step"])
+        every = self.task.checkpoint_interval
+        if result["done"]:
+            self._exit_reason = "done" if result["finite"] else "nonfinite"
+            result["should_checkpoint"] = bool(result["finite"])
+        elif self._step // every > prev // every:
+            result["should_checkpoint"] = True
+        return result
+
+    def save_checkpoint(self, checkpoint_dir: str) -> Optional[Dict[str, Any]]:
+        if self._joined:
+            files = self._call(self._group.get_state.remote(self.trial_id))
+        elif self._restore is not None:  # restored but not stepped since: keep what we had
+            files = self._restore
+        else:  # nothing trained yet: an empty checkpoint means "start fresh"
+            files = {SUMMARY_FILE: b'{"format": 1, "empty": true}'}
+        write_files(checkpoint_dir, files)
+        return None
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
+        files = read_files(path) if os.path.isfile(os.path.join(path, STATE_FILE)) else None
+        if self._joined:  # restored in place (e.g. PBT): swap the adapter's state
+            self._leave("restored")
+        self._restore = files
+        self._step = _step_of(files)
+
+    def cleanup(self) -> None:
+        self._leave(self._exit_reason)
+
+    # -------------------------------------------------------------- group calls
+    def _join(self) -> None:
+        owner = _current_actor()
+        group, name = self._group, self._group_name
+        for attempt in range(5):
+            try:
+                self._call(group.join.remote(self.trial_id, self._adapter, self._restore, owner))
+            except RuntimeError as err:  # group lost or closing since setup: find a live one
+                if attempt == 4:
+                    raise
+                logger.info("rejoining after %s", err)
+                group, spec = connect(self.task)
+                name = self._group_name = spec.name
+                continue
+            self._group, self._group_name, self._joined = group, name, True
+            self._restore, self._exit_reason = None, "stopped"
+            return
+
+    def _leave(self, reason: str) -> None:
+        if not self._joined or self._group is None:
+            return
+        self._joined = False
+        try:
+            ray.get(self._group.leave.remote(self.trial_id, reason), timeout=_LEAVE_TIMEOUT_S)
+        except Exception as err:  # group gone: nothing to leave
+            logger.debug("leave %s: %s", self._group_name, err)
+
+    def _call(self, ref: Any) -> Any:
+        """ray.get that turns a lost group into a plain error Tune can retry from a checkpoint."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self._exit_reason = "group_lost"
+            self._joined = False
+            raise RuntimeError(
+                f"AdapterGroup {self._group_name or '?'} was lost; the trial fails and Tune "
+                f"restores it from its last checkpoint (FailureConfig.max_failures)") from err
+
+
+# ---------------------------------------------------------------------- finding a group
+def group_options(spec: GroupSpec) -> Dict[str, Any]:
+    """Ray actor options of a group: named, detached (outlives the trial that made it)."""
+    res = dict(spec.resources)
+    cpus, gpus = float(res.pop("CPU", 0.0)), float(res.pop("GPU", 0.0))
+    opts: Dict[str, Any] = {"name": spec.name, "namespace": NAMESPACE, "get_if_exists": True,
+                            "lifetime": "detached", "num_cpus": cpus, "num_gpus": gpus}
+    if res:
+        opts["resources"] = res
+    opts["scheduling_strategy"] = "DEFAULT"  # not inside the calling trial's placement group
+    opts.update(spec.options)
+    return opts
+
+
+def connect(task: LoRATask, attempts: int = 20, backoff_s: float = 0.5) -> "tuple[Any, GroupSpec]":
+    """Get or create the task's groups and return the least-loaded live one.
+
+    A group that just died or is closing (idle) is retried: its name becomes free again, and the
+    next `get_if_exists` creates a fresh actor.
+    """
+    last_err: Optional[BaseException] = None
+    for attempt in range(attempts):
+        specs = task.group_specs()
+        handles = [AdapterGroup.options(**group_options(s)).remote(task, s) for s in specs]
+        refs = [h.load.remote() for h in handles]
+        best = None
+        for spec, handle, ref in zip(specs, handles, refs):
+            try:
+                load = ray.get(ref)
+            except ray.exceptions.RayActorError as err:  # died (or failed to start)
+                last_err = err
+                if _failed_in_init(err):
+                    raise
+                continue
+            if load["closing"]:
+                continue
+            key = (load["active"] + load["queued"], spec.index)
+            if best is None or key < best[0]:
+                best = (key, handle, spec)
+        if best is not None:
+            return best[1], best[2]
+        time.sleep(backoff_s * min(attempt + 1, 4))
+    raise RuntimeError(f"no live AdapterGroup for task {task.task_name}: {last_err}")
+
+
+def _failed_in_init(err: BaseException) -> bool:
+    """A group whose constructor raised (bad model path, OOM loading) will not get better."""
+    return bool(getattr(err, "actor_init_failed", False))
+
+
+def lora_trainable(task: LoRATask) -> Type[LoRATrainable]:
+    """A `tune.Trainable` class training `task`'s adapters in shared groups.
+
+    Validates the task here, on the driver, so a missing model or dataset fails before Tune
+    starts any actor.
+    """
+    task.validate()
+    return type("LoRATrainable", (LoRATrainable,), {
+        "task": task, "__module__": __name__,
+        "__qualname__": f"lora_trainable.<locals>.LoRATrainable[{task.task_name}]"})
+
+
+# ---------------------------------------------------------------------- helpers
+def _merge(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One Tune result from `steps_per_report` engine steps: the mean loss, the latest rest."""
+    out = dict(results[-1])
+    if len(results) > 1:
+        losses = [r["loss"] for r in results]
+        out["loss"] = sum(losses) / len(losses) if all(map(math.isfinite, losses)) else float("nan")
+        out["finite"] = all(r["finite"] for r in results)
+        out["time_in_group_s"] = sum(r.get("group_step_s", 0.0) for r in results)
+    return out
+
+
+def _step_of(files: Optional[Dict[str, bytes]]) -> int:
+    import json
+
+    if not files or SUMMARY_FILE not in files:
+        return 0
+    try:
+        return int(json.loads(files[SUMMARY_FILE]).get("step", 0))
+    except (ValueError, TypeError):
+        return 0
+
+
+def _current_actor() -> Any:
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:  # not inside an actor (trainable used directly)
+        return None
