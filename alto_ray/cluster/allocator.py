@@ -24,6 +24,7 @@ from alto_ray.cluster.allocator_problem import Placed, Problem
 from alto_ray.cluster.plan import NodeSpec, Plan, RunningGroup, TaskSpec
 
 OBJECTIVES = ("makespan", "weighted_completion")
+_POST_RESERVE_S = 0.2
 
 
 class Allocator:
@@ -80,7 +81,8 @@ class Allocator:
         model = _Model(prob, objective, None if mig is None else prob.to_units(mig))
         model.add_hint(hint)
         model.add_upper_bound(hint)
-        left = limit - (time.perf_counter() - t0)
+        # Keep a little of the budget for reading, left-shifting and GPU-id mapping.
+        left = limit - (time.perf_counter() - t0) - min(_POST_RESERVE_S, 0.05 * limit)
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(left, 0.001)
         solver.parameters.random_seed = self.seed
@@ -113,6 +115,8 @@ class Allocator:
         analytic = prob.analytic_makespan_bound(migration) * prob.unit
         if cp_sat_bound_s is not None and cp_sat_bound_s > analytic:
             lb, src = cp_sat_bound_s, "cp-sat"
+        elif cp_sat_bound_s is not None and cp_sat_bound_s == analytic:
+            lb, src = analytic, "cp-sat = analytic"
         else:
             lb, src = analytic, "analytic"
         value = prob.makespan(sched) * prob.unit if objective == "makespan" else prob.weighted_completion(sched) * prob.unit
@@ -200,6 +204,16 @@ class _Model:
         if glob_iv:
             m.add_cumulative(glob_iv, glob_dem, sum(n.num_gpus for n in prob.nodes))
         self.makespan = m.new_int_var(0, horizon, "makespan")
+        # Redundant energy cut, linear thanks to the one-hot menu: all GPU-seconds fit under
+        # makespan x GPUs.  Gives the LP relaxation the GPU-time bound the cumulatives miss.
+        energy = [p.gpg * g * p.dur[g] * v["c"][g] for i, v in self.vars.items()
+                  for p in [prob.tasks[i]] for g in p.menu]
+        fixed = [len(r.gpu_ids) * e for n, r, e in prob.background]
+        for i, p in enumerate(prob.tasks):
+            if p.running:
+                kept = sum(len(r.gpu_ids) * e for _n, r, e in p.pinned)
+                fixed.append(kept * self.vars[i]["keep"] if i in self.vars else kept)
+        m.add(sum(energy) + sum(fixed) <= sum(n.num_gpus for n in prob.nodes) * self.makespan)
         for x in ends:
             m.add(self.makespan >= (x[0] if isinstance(x, tuple) else x))
         if objective == "makespan":

@@ -1,0 +1,25 @@
+"""Cluster layer: CP-SAT allocator, duration prediction, and the coordinator actor.
+
+The allocator and predictor are pure Python (+ OR-Tools); only `coordinator` needs Ray, and it
+is imported lazily so planning works without a Ray runtime.
+"""
+
+from alto_ray.cluster.allocator import OBJECTIVES, Allocator, plan, plan_fcfs
+from alto_ray.cluster.plan import (GIB, Assignment, GroupBundles, InfeasibleTaskError, NodeSpec, Plan, PlanError,
+                                   RunningGroup, TaskSpec)
+from alto_ray.cluster.predict import DurationPredictor
+
+__all__ = [
+    "GIB", "OBJECTIVES", "Allocator", "Assignment", "DurationPredictor", "GroupBundles", "InfeasibleTaskError",
+    "NodeSpec", "Plan", "PlanError", "RunningGroup", "TaskSpec", "plan", "plan_fcfs",
+    "Coordinator", "GroupGrant", "get_coordinator", "COORDINATOR_NAME", "COORDINATOR_NAMESPACE",
+]
+
+_LAZY = {"Coordinator", "GroupGrant", "get_coordinator", "COORDINATOR_NAME", "COORDINATOR_NAMESPACE"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from alto_ray.cluster import coordinator
+        return getattr(coordinator, name)
+    raise AttributeError(name)

@@ -1,0 +1,95 @@
+"""Coordinator on a real local Ray cluster (2 CPUs, no GPU: groups use CPU bundles)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
+from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE, get_coordinator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, namespace="alto-test", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    try:
+        ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
+    except ValueError:
+        pass
+    ray.shutdown()
+
+
+def _spec(name: str, backbone_gb: float = 4.0, gpg: int = 2) -> TaskSpec:
+    # gpus_per_group=2 on a 2-slot node: one tenant fills the cluster, the next must queue.
+    return TaskSpec(name, int(backbone_gb * GIB), GIB // 4, num_adapters=4, gpus_per_group=gpg, max_groups=1,
+                    params=1e8, tokens_per_adapter_step=512, steps_per_adapter=50)
+
+
+def _wait_ready(grant) -> None:
+    ray.get(grant.placement_group.ready(), timeout=30)
+
+
+def test_two_tenants_queue_finish_restart_and_infeasible(ray_cluster, tmp_path) -> None:
+    state = str(tmp_path / "coordinator.json")
+    coord = get_coordinator(state_path=state, time_limit_s=1.0)
+    assert ray.get(coord.register_task.remote(_spec("tenant-a"))) == "tenant-a"
+    assert ray.get(coord.register_task.remote(_spec("tenant-b"))) == "tenant-b"
+    assert ray.get(coord.register_task.remote(_spec("tenant-a"))) == "tenant-a"     # idempotent
+
+    a = ray.get(coord.request_groups.remote("tenant-a"))
+    assert a["status"] == "granted" and len(a["groups"]) == 1
+    ga = a["groups"][0]
+    assert ga.bundles == [{"CPU": 1.0}, {"CPU": 1.0}] and ga.strategy == "STRICT_PACK"
+    _wait_ready(ga)
+    b = ray.get(coord.request_groups.remote("tenant-b"))
+    assert b == {"status": "wait", "position": 1, "eta_s": pytest.approx(b["eta_s"])} and b["eta_s"] > 0
+    plan = ray.get(coord.plan.remote())
+    assert plan.for_task("tenant-a")[0].running and plan.task_start("tenant-b") > 0
+    assert "tenant-b" in ray.get(coord.describe.remote())
+
+    ray.get(coord.report_progress.remote("tenant-a", 0.5, 20, adapters_in_group=4))
+    ray.get(coord.task_finished.remote("tenant-a", {"best_eval_loss": 1.23, "best_trial": "t3"}))
+    b = ray.get(coord.request_groups.remote("tenant-b"))
+    assert b["status"] == "granted"
+    _wait_ready(b["groups"][0])
+    metrics = ray.get(coord.metrics.remote())
+    assert metrics["finished"] == 1 and metrics["running"] == 1 and metrics["prediction_error"]["count"] == 1
+
+    # Kill the coordinator mid-run and bring it back: finished results and B's group survive.
+    ray.kill(coord)
+    deadline = time.time() + 20
+    while True:
+        try:
+            ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE)
+        except ValueError:
+            break
+        assert time.time() < deadline
+        time.sleep(0.1)
+    coord = get_coordinator(state_path=state, time_limit_s=1.0)
+    done = ray.get(coord.finished_results.remote())
+    assert done["tenant-a"]["results"] == {"best_eval_loss": 1.23, "best_trial": "t3"}
+    assert ray.get(coord.register_task.remote(_spec("tenant-b"))) == "tenant-b"        # tenant re-registers
+    again = ray.get(coord.request_groups.remote("tenant-b"))
+    assert again["status"] == "granted" and again["groups"][0].pg_name == b["groups"][0].pg_name
+    assert ray.get(coord.request_groups.remote("tenant-a"))["status"] == "finished"
+    assert ray.get(coord.status.remote()) == {"tenant-a": "finished", "tenant-b": "running"}
+
+    # A third tenant queues behind B; after B finishes it gets the freed slots.
+    ray.get(coord.register_task.remote(_spec("tenant-c", gpg=1)))
+    assert ray.get(coord.request_groups.remote("tenant-c"))["status"] == "wait"
+    ray.get(coord.task_finished.remote("tenant-b", {"best_eval_loss": 0.9}))
+    c = ray.get(coord.request_groups.remote("tenant-c"))
+    assert c["status"] == "granted" and len(c["groups"]) >= 1
+    for g in c["groups"]:
+        _wait_ready(g)
+    ray.get(coord.task_finished.remote("tenant-c", None))
+
+    with pytest.raises(ValueError, match=r"too-big.*GiB"):
+        ray.get(coord.register_task.remote(_spec("too-big", backbone_gb=400, gpg=1)))
