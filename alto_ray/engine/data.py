@@ -200,6 +200,7 @@ class PackedBatch:
     loss_targets: torch.Tensor  # [N] that next token
     loss_owner: torch.Tensor    # [N] index of the owning adapter in ``row_layout``
     label_counts: List[int]     # loss tokens per adapter, in ``row_layout`` order
+    loss_divisor: torch.Tensor  # [adapters] max(1, label_counts) on the device
 
 
 def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
@@ -236,8 +237,16 @@ def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
     loss_owner = owner_of_row[loss_index // width]
     label_counts = torch.bincount(loss_owner, minlength=len(seq_ranges)).tolist()
 
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
+    dev = lambda t: to_device(t, device)  # noqa: E731
+    divisor = torch.tensor([max(1, c) for c in label_counts], dtype=torch.float32)
     return PackedBatch(dev(input_ids), dev(mask), labels, row_layout, seq_ranges, tokens,
-                       dev(loss_index), dev(shifted.view(-1)[loss_index]), dev(loss_owner), label_counts)
+                       dev(loss_index), dev(shifted.view(-1)[loss_index]), dev(loss_owner), label_counts,
+                       dev(divisor))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host→device without a stream sync (pinned + non_blocking on CUDA): a plain ``.to`` from
+    pageable memory would wait for all queued GPU work in the middle of a step."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig, lr_at
-from .data import AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch
+from .data import (AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch,
+                   to_device)
 from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
 
 STATE_FORMAT = "alto-ray/adapter-state/1"
@@ -143,12 +144,12 @@ class GroupedTrainer:
             active = [i for i, r in enumerate(runs) if micro < r.cfg.grad_accum]
             parts = [(runs[i].name, self._take(runs[i]), runs[i].cfg.max_seq_len) for i in active]
             batch = pack_batch(parts, self.data.pad_id, self.device)
-            losses = self._mean_losses(batch, training=True)
-            inv_accum = torch.tensor([1.0 / runs[i].cfg.grad_accum for i in active], device=self.device)
+            inv_accum = to_device(torch.tensor([1.0 / runs[i].cfg.grad_accum for i in active]), self.device)
+            idx = to_device(torch.tensor(active), self.device)
+            losses = self._token_loss_sums(batch, training=True) / batch.loss_divisor
             (losses * inv_accum).sum().backward()
-            idx = torch.tensor(active, device=self.device)
             loss_acc.index_add_(0, idx, losses.detach() * inv_accum)
-            for k, i in enumerate(active):
+            for i in active:
                 tokens[i] += batch.tokens[runs[i].name]
         norms = torch.stack([_grad_norm(r.weights.master) for r in runs])
         stats = torch.stack([loss_acc, norms]).cpu().tolist()  # the step's one host sync
@@ -179,11 +180,6 @@ class GroupedTrainer:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         run.optimizer.step()
-
-    def _mean_losses(self, batch: PackedBatch, training: bool) -> torch.Tensor:
-        sums = self._token_loss_sums(batch, training)
-        counts = torch.tensor([max(1, c) for c in batch.label_counts], device=self.device, dtype=torch.float32)
-        return sums / counts
 
     def _token_loss_sums(self, batch: PackedBatch, training: bool) -> torch.Tensor:
         """Σ token losses per adapter (row_layout order), logits only where a label is."""
