@@ -136,16 +136,18 @@ class MultiLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters=[{names}]"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         rt = self.runtime
         layout = rt.layout
         if layout is None or not self._present:
-            return out
+            return self.base(x)
         runs = layout.runs_for(self._present)
         if not runs:
-            return out
+            return self.base(x)
         x2 = x.reshape(-1, self.in_features)
-        o2 = out.reshape(-1, self.out_features)
+        # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
+        # delta into ``base_out`` in place, and an in-place op on a view of another op's output
+        # breaks its backward (autograd's CopySlices).
+        o2 = self.base(x2)
         if x2.shape[0] != layout.total_rows:
             raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
         # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
@@ -163,17 +165,17 @@ class MultiLoRALinear(nn.Module):
                 b_list.append(w[info.piece + 1].view(self.out_features, info.rank))
                 scales.append(info.scale)
                 drops.append(info.dropout)
+            full = run.lo == 0 and run.hi == o2.shape[0]
             if run.lo > cursor:
                 pieces.append(o2[cursor:run.lo])
-            full = run.lo == 0 and run.hi == o2.shape[0]
             xs = x2 if full else x2[run.lo:run.hi]
-            os_ = o2 if full else o2[run.lo:run.hi]
+            base_rows = o2 if full else o2[run.lo:run.hi].clone()  # a slice is a view: see above
             pieces.append(alto_kernels.multi_lora(
-                xs, os_, a_list, b_list, list(run.offsets), scales,
+                xs, base_rows, a_list, b_list, list(run.offsets), scales,
                 dropout_p=drops if use_dropout else None, training=use_dropout, seed=seed,
                 backend=rt.backend))
             cursor = run.hi
         if cursor < o2.shape[0]:
             pieces.append(o2[cursor:])
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        return y.view(out.shape)
+        return y.view(*x.shape[:-1], self.out_features)
