@@ -6,19 +6,25 @@ plateaued, or clearly behind the best trial of the same task at the same step. I
 any Tune trainable; the freed slot in an `AdapterGroup` is reclaimed by the trainable's
 `cleanup` (not here).
 
-Example:
-    >>> from ray import tune
-    >>> from alto_ray.tune.scheduler import AltoScheduler
-    >>> def fn(config):
-    ...     for i in range(1, 61):
-    ...         tune.report({"loss": 1.0 / (1 + config["lr"] * i), "max_steps": 60})
-    >>> tuner = tune.Tuner(  # doctest: +SKIP
-    ...     fn, param_space={"lr": tune.grid_search([0.001, 0.1, 1.0])},
-    ...     tune_config=tune.TuneConfig(metric="loss", mode="min",
-    ...                                 scheduler=AltoScheduler(grace_period=5)))
-    >>> grid = tuner.fit()  # doctest: +SKIP
-    >>> [r.metrics.get("alto_decision") for r in grid]  # doctest: +SKIP
-    ['stop:plateau', None, None]
+Example (driving the scheduler directly, as Tune does on each result):
+    >>> from ray.tune.experiment import Trial
+    >>> s = AltoScheduler(metric="loss", mode="min", max_t=100, grace_period=1, window=5,
+    ...                   smoothing=0.5, min_survivors=1)
+    >>> a, b = (Trial("__fake", config={"task": "sft"}, stub=True) for _ in range(2))
+    >>> for t in range(1, 11):  # warm-up: 10% of max_t
+    ...     _ = s.on_trial_result(None, a, {"training_iteration": t, "loss": 2.0 / t ** 0.5})
+    ...     decision = s.on_trial_result(None, b, {"training_iteration": t, "loss": 3.0 / t ** 0.5})
+    >>> decision, s.stop_reason(b.trial_id).value, s.last_decision(a.trial_id)
+    ('STOP', 'behind', 'continue')
+
+With Tune (metric/mode may come from `TuneConfig`)::
+
+    scheduler = AltoScheduler()
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler),
+                       run_config=tune.RunConfig(callbacks=[AltoDecisionCallback(scheduler)]))
+    grid = tuner.fit()
+    [r.metrics.get("alto_decision") for r in grid]  # e.g. "stop:diverging" or "continue"
 """
 
 from __future__ import annotations
@@ -209,7 +215,7 @@ class AltoScheduler(FIFOScheduler):
         self._set_alive(trial.trial_id, ts)
 
     def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: Dict) -> str:
-        decision, reason = self._decide(trial, result)
+        decision, _ = self._decide(trial, result)
         return TrialScheduler.STOP if decision is Decision.STOP else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller: "TuneController", trial: Trial, result: Dict) -> None:
