@@ -1,0 +1,256 @@
+"""``RankLocalGroup``: a rank-local adapter group as N Ray actors (one per GPU), one API.
+
+The group looks like a single-GPU group to its caller (add / step / remove / state / save), but
+its backbone is FSDP2-sharded over N actors that form one ``torch.distributed`` process group,
+and each adapter lives on exactly one rank (``ranklocal.py`` explains why no gradient ever
+crosses ranks). The actors sit in one STRICT_PACK placement group (one bundle per rank), so the
+all-gathers stay on one node's NVLink; rank 0's node IP and a free port there are the rendezvous.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from alto_ray.engine import AdapterConfig, DatasetSpec, StepResult, TaskData
+
+from .ranklocal_model import NCCL_GUARDS
+
+# A backbone source: a checkpoint (path / hub id, loaded then sharded on each rank), or a
+# callable ``build(device) -> nn.Module`` run on each rank after the process group is up that
+# returns an already-sharded backbone (e.g. ``build_random_sharded_backbone`` for benchmarks).
+BackboneSource = Union[str, Callable[[torch.device], Any]]
+
+
+class RankLocalWorker:
+    """One rank: owns the process-group membership, the shard and this rank's adapters."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        for key, value in NCCL_GUARDS.items():
+            os.environ.setdefault(key, value)
+        self.rank, self.world_size = rank, world_size
+        self.trainer: Any = None
+
+    def address(self) -> tuple:
+        """(node IP, a free port on it): rank 0's answer is every rank's rendezvous."""
+        import ray
+
+        from .ranklocal_model import free_port
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, model: BackboneSource,
+              dataset: Union[DatasetSpec, TaskData], use_gpu: bool, dtype: Optional[torch.dtype],
+              trainer_kwargs: Dict[str, Any], dist_backend: Optional[str]) -> Dict[str, Any]:
+        from .ranklocal import RankLocalTrainer
+        from .ranklocal_model import init_rank_process_group, load_sharded_backbone, local_shard_numel
+
+        if use_gpu:
+            torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
+        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        init_rank_process_group(self.rank, self.world_size, master_addr, master_port, dist_backend, device)
+        backbone = model(device) if callable(model) else load_sharded_backbone(model, device, dtype)
+        kwargs = dict(trainer_kwargs)
+        if isinstance(model, str):
+            kwargs.setdefault("tokenizer", model)
+        self.trainer = RankLocalTrainer(backbone, dataset, device=device, dtype=dtype, **kwargs)
+        return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone)}
+
+    # Thin pass-throughs (Ray calls methods by name).
+    def add_adapter(self, name: str, cfg: AdapterConfig, state: Optional[Dict[str, Any]] = None) -> None:
+        self.trainer.add_adapter(name, cfg, state)
+
+    def remove_adapter(self, name: str) -> None:
+        self.trainer.remove_adapter(name)
+
+    def step(self, micro_steps: int, count: bool = False) -> Dict[str, Any]:
+        """``{"results": {name: StepResult}, "collectives": counts or None}``."""
+        if not count:
+            return {"results": self.trainer.step(micro_steps), "collectives": None}
+        from .ranklocal import count_collectives
+        with count_collectives() as counts:
+            results = self.trainer.step(micro_steps)
+        return {"results": results, "collectives": dict(counts)}
+
+    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        return self.trainer.evaluate(names)
+
+    def adapter_state(self, name: str) -> Dict[str, Any]:
+        return self.trainer.adapter_state(name)
+
+    def save_adapter(self, name: str, path: str) -> None:
+        self.trainer.save_adapter(name, path)
+
+    def info(self) -> Dict[str, Any]:
+        from .ranklocal import lora_param_count
+        return {"rank": self.rank, "adapters": self.trainer.adapter_names,
+                "lora_numel": lora_param_count(self.trainer),
+                "padding_micro_steps": self.trainer.padding_micro_steps}
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankLocalGroup:
+    """N ranks, one sharded backbone, adapters spread over the ranks; the API of one group.
+
+    ``placement_group`` (with ``bundle_indices``) lets the coordinator hand in the bundles it
+    planned; by default the group creates its own STRICT_PACK one and removes it on shutdown.
+    ``add_adapter`` routes to the least-loaded rank (tokens per step, then adapter count).
+    ``step`` is one optimizer step of every adapter on every rank, in lock-step.
+    """
+
+    def __init__(self, model: BackboneSource, dataset: Union[DatasetSpec, TaskData], num_ranks: int = 2,
+                 use_gpu: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+                 placement_group: Any = None, bundle_indices: Optional[Sequence[int]] = None,
+                 trainer_kwargs: Optional[Dict[str, Any]] = None, dist_backend: Optional[str] = None,
+                 cpus_per_rank: float = 1, ready_timeout_s: float = 600.0) -> None:
+        import ray
+        from ray.util.placement_group import placement_group as make_pg
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= num_ranks
+        self.num_ranks, self.use_gpu = num_ranks, bool(use_gpu)
+        self._owns_pg = placement_group is None
+        if placement_group is None:
+            bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
+            placement_group = make_pg([dict(bundle) for _ in range(num_ranks)], strategy="STRICT_PACK")
+            try:
+                ray.get(placement_group.ready(), timeout=ready_timeout_s)
+            except Exception as exc:
+                ray.util.remove_placement_group(placement_group)
+                raise RuntimeError(f"RankLocalGroup: no node can hold {num_ranks} x {bundle} "
+                                   f"(STRICT_PACK) within {ready_timeout_s:.0f}s") from exc
+        self.placement_group = placement_group
+        indices = list(bundle_indices) if bundle_indices is not None else list(range(num_ranks))
+        if len(indices) != num_ranks:
+            raise ValueError(f"bundle_indices: {len(indices)} given for {num_ranks} ranks")
+        actor_cls = ray.remote(RankLocalWorker)
+        self.workers = [
+            actor_cls.options(num_cpus=cpus_per_rank, num_gpus=1 if use_gpu else 0,
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                  placement_group, placement_group_bundle_index=idx)).remote(rank, num_ranks)
+            for rank, idx in enumerate(indices)]
+        try:
+            addr, port = ray.get(self.workers[0].address.remote())
+            self.rank_info: List[Dict[str, Any]] = ray.get([
+                w.setup.remote(addr, port, model, dataset, self.use_gpu, dtype, dict(trainer_kwargs or {}),
+                               dist_backend) for w in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+        self._owner: Dict[str, int] = {}
+        self._configs: Dict[str, AdapterConfig] = {}
+
+    # -- membership ------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self._owner)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self._owner)
+
+    @property
+    def placement(self) -> Dict[str, int]:
+        """adapter -> the rank that holds it (its weights, grads and optimizer live only there)."""
+        return dict(self._owner)
+
+    def rank_load(self) -> List[int]:
+        """Tokens per step that each rank's adapters ask for (the routing measure)."""
+        load = [0] * self.num_ranks
+        for name, rank in self._owner.items():
+            c = self._configs[name]
+            load[rank] += c.batch_size * c.max_seq_len * c.grad_accum
+        return load
+
+    def add_adapter(self, name: str, cfg: AdapterConfig, state: Optional[Dict[str, Any]] = None,
+                    rank: Optional[int] = None) -> int:
+        """Admit ``name`` on ``rank`` (default: the least-loaded one); returns the rank."""
+        import ray
+
+        cfg.validate()
+        if name in self._owner:
+            raise ValueError(f"adapter {name!r} is already in this group")
+        if rank is None:
+            load = self.rank_load()
+            counts = [sum(1 for r in self._owner.values() if r == k) for k in range(self.num_ranks)]
+            rank = min(range(self.num_ranks), key=lambda k: (load[k], counts[k], k))
+        ray.get(self.workers[rank].add_adapter.remote(name, cfg, state))
+        self._owner[name], self._configs[name] = rank, cfg
+        return rank
+
+    def remove_adapter(self, name: str) -> None:
+        import ray
+
+        rank = self._rank_of(name)
+        ray.get(self.workers[rank].remove_adapter.remote(name))
+        del self._owner[name], self._configs[name]
+
+    # -- the lock-step step ------------------------------------------------------------------------
+    def micro_steps(self) -> int:
+        """Packed passes of the next step on every rank: the max ``grad_accum`` in the group."""
+        return max((c.grad_accum for c in self._configs.values()), default=0)
+
+    def step(self) -> Dict[str, StepResult]:
+        """One optimizer step of every adapter (every rank steps together); merged results."""
+        return self.step_with_stats()[0]
+
+    def step_with_stats(self, count_collectives: bool = False) -> tuple:
+        """``step`` plus per-rank collective counts (``count_collectives=True``; for checks)."""
+        import ray
+
+        if not self._owner:
+            return {}, [None] * self.num_ranks
+        outs = ray.get([w.step.remote(self.micro_steps(), count_collectives) for w in self.workers])
+        merged: Dict[str, StepResult] = {}
+        for out in outs:
+            merged.update(out["results"])
+        return merged, [out["collectives"] for out in outs]
+
+    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        import ray
+
+        merged: Dict[str, float] = {}
+        for part in ray.get([w.evaluate.remote(names) for w in self.workers]):
+            merged.update(part)
+        return merged
+
+    # -- state, from the owning rank ----------------------------------------------------------------
+    def adapter_state(self, name: str) -> Dict[str, Any]:
+        import ray
+        return ray.get(self.workers[self._rank_of(name)].adapter_state.remote(name))
+
+    def save_adapter(self, name: str, path: str) -> None:
+        """PEFT directory written by the owning rank (on its node: STRICT_PACK keeps one node)."""
+        import ray
+        ray.get(self.workers[self._rank_of(name)].save_adapter.remote(name, path))
+
+    def info(self) -> List[Dict[str, Any]]:
+        import ray
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        """Leave the process group, end the actors, free the bundles (if this group made them)."""
+        import ray
+
+        workers, self.workers = getattr(self, "workers", []), []
+        try:
+            ray.get([w.shutdown.remote() for w in workers], timeout=60)
+        except Exception:
+            pass
+        for w in workers:
+            ray.kill(w)
+        if self._owns_pg and getattr(self, "placement_group", None) is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    def _rank_of(self, name: str) -> int:
+        if name not in self._owner:
+            raise KeyError(f"no adapter {name!r} in this group")
+        return self._owner[name]
