@@ -102,6 +102,7 @@ class AdapterGroup:
         backbone = getattr(self.trainer.model, "backbone", None)
         self._model_config = getattr(backbone, "config", None)
         self._members: Dict[str, _Member] = {}
+        self._reserved: Dict[str, float] = {}  # trial id -> when; checked, not joined yet
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
         self._lock: Optional[asyncio.Lock] = None
         self._wake: Optional[asyncio.Event] = None
@@ -116,16 +117,19 @@ class AdapterGroup:
         return f"AdapterGroup({self.task_name}, {self.spec.name.rsplit(':', 1)[-1]}, {where})"
 
     # ------------------------------------------------------------------ trial API
-    def check(self, config: Dict[str, Any]) -> Optional[str]:
-        """Why `config` is not a valid adapter config (None when it is).
+    def check(self, config: Dict[str, Any], reserve_for: Optional[str] = None) -> Optional[str]:
+        """Why `config` is not a valid adapter config (None when it is); a valid one reserves.
 
         Validation runs here so that trial processes never import torch: with dozens of trials
-        per GPU, their start-up cost is otherwise dominated by importing it.
+        per GPU, their start-up cost is otherwise dominated by importing it. The reservation
+        counts in `load()` until the trial joins, so trials starting together spread evenly.
         """
         try:
             adapter_config(config)
         except ValueError as err:
             return str(err)
+        if reserve_for is not None:
+            self._reserved[reserve_for] = time.monotonic()
         return None
 
     async def join(self, trial_id: str, config: Dict[str, Any], files: Optional[Files] = None,
@@ -135,6 +139,7 @@ class AdapterGroup:
         if self._closing:
             raise GroupClosing(f"{self.spec.name} is shutting down")
         config = adapter_config(config)
+        self._reserved.pop(trial_id, None)
         if trial_id in self._members:  # a restarted trial whose old self never left
             await self._drop(trial_id, "error")
         now = time.monotonic()
@@ -165,6 +170,7 @@ class AdapterGroup:
     async def leave(self, trial_id: str, reason: str = "stopped") -> bool:
         """Remove the trial's adapter; the next queued trial is admitted right away."""
         self._ensure_loop()
+        self._reserved.pop(trial_id, None)
         found = await self._drop(trial_id, reason)
         await self._admit()
         self._wake.set()
@@ -185,11 +191,13 @@ class AdapterGroup:
             return await self._run(pack_state, self.trainer, trial_id, self._summary(m))
 
     def load(self) -> Dict[str, Any]:
-        """Members by state; trials pick the least-loaded group by `active + queued`."""
+        """Members by state; trials pick the least-loaded group by `active + queued + reserved`."""
         counts = {s.value: 0 for s in _State}
         for m in self._members.values():
             counts[m.state.value] += 1
-        return {"active": counts["active"], "queued": counts["queued"],
+        horizon = time.monotonic() - self.task.lease_timeout_s
+        self._reserved = {t: at for t, at in self._reserved.items() if at > horizon}
+        return {"active": counts["active"], "queued": counts["queued"], "reserved": len(self._reserved),
                 "finished": counts["finished"], "closing": self._closing}
 
     def describe(self) -> Dict[str, Any]:
@@ -396,7 +404,7 @@ class AdapterGroup:
                     await self._evict(m, "trial actor died")
 
     def _idle_exit_due(self) -> bool:
-        if self._members:
+        if self._members or self.load()["reserved"]:
             return False
         return time.monotonic() - self._idle_since > self.task.idle_timeout_s
 

@@ -42,16 +42,17 @@ class LoRATrainable(tune.Trainable):
 
     # -------------------------------------------------------------- lifecycle
     def setup(self, config: Dict[str, Any]) -> None:
-        self._adapter = self.task.adapter_dict(config)
-        self._group, spec = connect(self.task)
-        self._group_name = spec.name
-        problem = self._call(self._group.check.remote(self._adapter))
-        if problem:  # fails this trial only, before it joins any group
-            raise ValueError(problem)
-        self._joined = False
+        self._joined = self._reserved = False
         self._restore: Optional[Dict[str, bytes]] = None
         self._exit_reason = "stopped"
         self._step = 0
+        self._adapter = self.task.adapter_dict(config)
+        self._group, spec = connect(self.task)
+        self._group_name = spec.name
+        problem = self._call(self._group.check.remote(self._adapter, self.trial_id))
+        if problem:  # fails this trial only, before it joins any group
+            raise ValueError(problem)
+        self._reserved = True
 
     def step(self) -> Dict[str, Any]:
         try:
@@ -115,9 +116,9 @@ class LoRATrainable(tune.Trainable):
             return
 
     def _leave(self, reason: str) -> None:
-        if not self._joined or self._group is None:
+        if not (self._joined or self._reserved) or self._group is None:
             return
-        self._joined = False
+        self._joined = self._reserved = False
         try:
             ray.get(self._group.leave.remote(self.trial_id, reason), timeout=_LEAVE_TIMEOUT_S)
         except Exception as err:  # group gone: nothing to leave
@@ -129,7 +130,7 @@ class LoRATrainable(tune.Trainable):
             return ray.get(ref)
         except ray.exceptions.RayActorError as err:
             self._exit_reason = "group_lost"
-            self._joined = False
+            self._joined = self._reserved = False
             raise RuntimeError(
                 f"AdapterGroup {self._group_name or '?'} was lost; the trial fails and Tune "
                 f"restores it from its last checkpoint (FailureConfig.max_failures)") from err
@@ -171,7 +172,7 @@ def connect(task: LoRATask, attempts: int = 20, backoff_s: float = 0.5) -> "tupl
                 continue
             if load["closing"]:
                 continue
-            key = (load["active"] + load["queued"], spec.index)
+            key = (load["active"] + load["queued"] + load["reserved"], spec.index)
             if best is None or key < best[0]:
                 best = (key, handle, spec)
         if best is not None:

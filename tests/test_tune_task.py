@@ -1,0 +1,82 @@
+"""LoRATask validation and naming, and checkpoint file handling: no Ray cluster needed."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from alto_ray.tune.checkpoint import STATE_FILE, read_files, write_files
+from alto_ray.tune.task import LoRATask, local_placement
+from alto_ray.tune.trainable import LoRATrainable, lora_trainable
+
+
+def test_valid_task_and_derived_name(tiny_model_dir: str, tiny_dataset_path: str) -> None:
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=10, eval_every=5)
+    assert task.validate() is task
+    assert task.checkpoint_interval == 5
+    name = task.task_name
+    assert name.startswith(os.path.basename(tiny_model_dir)) and "arith" in name
+    assert LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=10, eval_every=5).task_name == name
+    assert task.replace(max_steps=11).task_name != name  # other settings, other groups
+    assert task.replace(name="mine").task_name == "mine"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"model": "/no/such/model"}, "model"),
+    ({"model": "./relative/missing"}, "model"),
+    ({"dataset": "/no/such/data.jsonl"}, "dataset"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"eval_every": -1}, "eval_every"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),
+    ({"steps_per_report": 1.5}, "steps_per_report"),
+    ({"max_adapters_per_group": 0}, "max_adapters_per_group"),
+    ({"device": "tpu"}, "device"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"lease_timeout_s": 0}, "lease_timeout_s"),
+    ({"name": "bad name!"}, "name"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+])
+def test_validate_names_the_field(tiny_model_dir: str, tiny_dataset_path: str, changes: dict, field: str) -> None:
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path).replace(**changes)
+    with pytest.raises(ValueError, match=f"LoRATask.{field}"):
+        task.validate()
+    with pytest.raises(ValueError, match=f"LoRATask.{field}"):
+        lora_trainable(task)  # fails on the driver, before Tune starts anything
+
+
+def test_hub_id_is_not_checked_locally(tiny_dataset_path: str) -> None:
+    LoRATask(model="meta-llama/Llama-3.2-1B", dataset=tiny_dataset_path).validate()
+
+
+def test_adapter_dict_layers_defaults_schedule_and_config(tiny_model_dir: str, tiny_dataset_path: str) -> None:
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=7, max_seq_len=64,
+                    warmup_steps=2, adapter_defaults={"lr_schedule": "constant", "rank": 4})
+    merged = task.adapter_dict({"rank": 16, "lr": 1e-3, "trial_note": "x"})
+    assert merged["rank"] == 16 and merged["lr"] == 1e-3 and merged["max_steps"] == 7
+    assert merged["max_seq_len"] == 64 and merged["warmup_steps"] == 2 and merged["lr_schedule"] == "constant"
+
+
+def test_local_placement_without_gpus(tiny_model_dir: str, tiny_dataset_path: str) -> None:
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="t")
+    (spec,) = local_placement(task)
+    assert spec.name == "alto:t:g0" and spec.resources == {"CPU": 1.0}
+    specs = local_placement(task.replace(num_groups=3, group_resources={"CPU": 0.5}))
+    assert [s.name for s in specs] == ["alto:t:g0", "alto:t:g1", "alto:t:g2"]
+    assert all(s.resources == {"CPU": 0.5} for s in specs)
+
+
+def test_trainable_asks_for_almost_nothing(tiny_model_dir: str, tiny_dataset_path: str) -> None:
+    cls = lora_trainable(LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path))
+    assert issubclass(cls, LoRATrainable) and cls.__name__ == "LoRATrainable"
+    bundles = cls.default_resource_request({}).bundles
+    assert bundles == [{"CPU": 0.01}]
+
+
+def test_checkpoint_files_round_trip(tmp_path) -> None:
+    files = {STATE_FILE: b"\x00state", "adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    write_files(str(tmp_path), files)
+    assert read_files(str(tmp_path)) == files
+    with pytest.raises(ValueError, match="not an alto-ray checkpoint"):
+        read_files(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="plain file name"):
+        write_files(str(tmp_path), {"../x": b""})

@@ -1,0 +1,80 @@
+"""Helpers shared by the tests of `alto_ray.tune` on a real local Ray cluster."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+from ray import tune
+
+
+class Recorder(tune.Callback):
+    """Every result Tune sees (in the driver), trials Tune recovered after an error."""
+
+    def __init__(self, on_result: Optional[Any] = None) -> None:
+        self.rows: List[Dict[str, Any]] = []
+        self.recovered: set = set()
+        self.errored: set = set()
+        self._on_result = on_result
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: Dict[str, Any], **info: Any) -> None:
+        self.rows.append({"trial": trial.trial_id, "step": result.get("step"), "loss": result.get("loss"),
+                          "t": time.time(), "group": result.get("alto_group"),
+                          "active": result.get("alto_active"), "queue_wait_s": result.get("queue_wait_s"),
+                          "config": dict(trial.config)})
+        if self._on_result is not None:
+            self._on_result(trial, result)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.recovered.add(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.errored.add(trial.trial_id)
+
+    def steps(self) -> Dict[str, List[int]]:
+        out: Dict[str, List[int]] = defaultdict(list)
+        for row in self.rows:
+            out[row["trial"]].append(int(row["step"]))
+        return dict(out)
+
+    def losses(self) -> Dict[str, Dict[int, float]]:
+        """Per trial: step → loss, the last report of a step winning (a resumed step repeats)."""
+        out: Dict[str, Dict[int, float]] = defaultdict(dict)
+        for row in self.rows:
+            out[row["trial"]][int(row["step"])] = float(row["loss"])
+        return dict(out)
+
+
+def reference_losses(task: Any, configs: Sequence[Dict[str, Any]], steps: int) -> List[List[float]]:
+    """The same adapters trained in-process in one GroupedTrainer, without Ray or Tune."""
+    import torch
+
+    from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
+
+    torch.manual_seed(0)
+    trainer = GroupedTrainer(task.model, DatasetSpec(task.dataset, eval_size=task.eval_size),
+                             device="cpu", eval_size=task.eval_size)
+    for i, config in enumerate(configs):
+        trainer.add_adapter(str(i), AdapterConfig.from_dict(task.adapter_dict(config)))
+    history: List[List[float]] = [[] for _ in configs]
+    for _ in range(steps):
+        results = trainer.step()
+        for i in range(len(configs)):
+            history[i].append(results[str(i)].loss)
+    return history
+
+
+def close(a: float, b: float, rel: float = 1e-4) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=rel)
+
+
+def contiguous_resume(steps: List[int], every: int) -> bool:
+    """Steps rise by one, except that after a restart they resume at a checkpoint (a multiple
+    of `every`) + 1 — so no step beyond the checkpoint is lost or skipped."""
+    for prev, cur in zip(steps, steps[1:]):
+        if cur == prev + 1:
+            continue
+        if not (cur <= prev and (cur - 1) % every == 0):
+            return False
+    return True
