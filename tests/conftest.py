@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny-model tests are dispatch-bound: one intra-op thread is faster on 2 shared cores."""
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers() -> None:
     try:
         from transformers.utils import logging as hf_logging

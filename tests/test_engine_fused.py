@@ -13,6 +13,7 @@ import pytest
 
 SCRIPT = r"""
 import json, sys, torch
+torch.set_num_threads(1)
 from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
 from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()
 model_dir, data_path = sys.argv[1], sys.argv[2]
@@ -40,7 +41,7 @@ print(json.dumps(out))
 def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path):
     import alto_kernels
 
-    env = dict(os.environ, ALTO_TRITON="1", TRITON_INTERPRET="1")
+    env = dict(os.environ, ALTO_TRITON="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     probe = subprocess.run([sys.executable, "-c", "import alto_kernels, sys; sys.exit(0 if alto_kernels.triton_available() else 3)"],
                            env=env, capture_output=True)
     if probe.returncode == 3 or not hasattr(alto_kernels, "multi_lora"):

@@ -24,7 +24,7 @@ def test_rows_get_only_their_adapters_delta_and_absent_adapters_none():
             layer.add_slot(s, LoRASlot(f"a{s}", r, scales[s], 0.0, piece=0))
     # packed order: slot 2 rows 0-3, slot 1 rows 3-5, slot 0 rows 5-9
     rt.layout = BatchLayout(slots=(2, 1, 0), row_ranges=((0, 3), (3, 5), (5, 9)), total_rows=9)
-    rt.weights = {s: (a.reshape(-1), b.reshape(-1)) for s, (a, b) in weights.items()}
+    rt.weights = {s: (a, b) for s, (a, b) in weights.items()}
     x = torch.randn(3, 3, 6)  # [B, L, in] flattened to 9 rows
     y = layer(x).reshape(9, 5)
     base = layer.base(x).reshape(9, 5)
@@ -56,7 +56,8 @@ def test_gradients_reach_only_the_owning_adapter():
     layer.add_slot(0, LoRASlot("a", 2, 1.0, 0.0, piece=0))
     layer.add_slot(1, LoRASlot("b", 3, 1.0, 0.0, piece=0))
     rt.layout = BatchLayout(slots=(0, 1), row_ranges=((0, 4), (4, 8)), total_rows=8)
-    rt.weights = {0: masters[0].split([12, 10]), 1: masters[1].split([18, 15])}
+    rt.weights = {0: (masters[0][:12].view(2, 6), masters[0][12:].view(5, 2)),
+                  1: (masters[1][:18].view(3, 6), masters[1][18:].view(5, 3))}
     x = torch.randn(8, 6)
     layer(x)[:4].sum().backward()  # a loss on adapter 0's rows only
     assert masters[0].grad.abs().sum() > 0

@@ -37,7 +37,7 @@ def test_nan_adapter_is_isolated(trainer_factory):
     clean, poisoned = trainer_factory(), trainer_factory()
     first_entry = poisoned.model.adapters["y"].entries[0]
     with torch.no_grad():  # poison one element of y's first A
-        poisoned.model.adapters["y"].master[first_entry.offset] = float("nan")
+        poisoned.model.adapters["y"].master[first_entry.a_offset] = float("nan")
     for _ in range(3):
         rc, rp = clean.step(), poisoned.step()
         assert not rp["y"].finite and math.isnan(rp["y"].loss)
@@ -108,11 +108,13 @@ def test_add_remove_reuses_slot_and_leaves_others_alone(trainer_factory):
 
 
 def test_adapters_learn_the_task(trainer_factory):
-    t = trainer_factory({"fast": _cfg(rank=8, lr=1e-2, batch_size=8, max_steps=40, seed=1),
-                         "frozen_lr": _cfg(rank=8, lr=1e-7, batch_size=8, max_steps=40, seed=1)})
+    t = trainer_factory({"fast": _cfg(rank=8, alpha=8, lr=2e-2, batch_size=4, max_steps=40, seed=1),
+                         "frozen_lr": _cfg(rank=8, alpha=8, lr=1e-7, batch_size=4, max_steps=40, seed=1)})
+    t.eval_size = 16
     before = t.evaluate()
-    for _ in range(25):
+    assert before["fast"] == before["frozen_lr"]  # same init (seed), B = 0: the backbone's loss
+    for _ in range(12):
         t.step()
     after = t.evaluate()
-    assert after["fast"] < before["fast"] - 0.3
-    assert abs(after["frozen_lr"] - before["frozen_lr"]) < 0.05
+    assert after["fast"] < before["fast"] - 0.25
+    assert abs(after["frozen_lr"] - before["frozen_lr"]) < 0.01

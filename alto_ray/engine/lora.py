@@ -76,7 +76,7 @@ class LoRARuntime:
     def __init__(self, backend: str = "auto") -> None:
         self.backend = backend
         self.layout: Optional[BatchLayout] = None
-        self.weights: Dict[int, Sequence[torch.Tensor]] = {}  # slot -> flat pieces (compute dtype)
+        self.weights: Dict[int, Sequence[torch.Tensor]] = {}  # slot -> [A_0, B_0, A_1, ...] (compute dtype)
         self.training = False
         self.seed = 0
 
@@ -87,13 +87,13 @@ class LoRARuntime:
 
 @dataclass
 class LoRASlot:
-    """One adapter inside one layer: where its A and B sit among the adapter's flat pieces."""
+    """One adapter inside one layer: which of the adapter's per-step pieces are its A and B."""
 
     name: str
     rank: int
     scale: float
     dropout: float
-    piece: int  # A is pieces[piece], B is pieces[piece + 1]
+    piece: int  # the adapter's entry index: A is pieces[2 * piece], B is pieces[2 * piece + 1]
 
 
 class MultiLoRALinear(nn.Module):
@@ -116,6 +116,7 @@ class MultiLoRALinear(nn.Module):
         object.__setattr__(self, "runtime", runtime)  # shared, not a submodule
         self.slots: Dict[int, LoRASlot] = {}
         self._present: frozenset = frozenset()
+        self._any_dropout = False
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects ``module.weight`` keeps working
@@ -125,11 +126,15 @@ class MultiLoRALinear(nn.Module):
         if slot in self.slots:
             raise ValueError(f"slot {slot} is already taken by adapter {self.slots[slot].name!r}")
         self.slots[slot] = slot_info
-        self._present = frozenset(self.slots)
+        self._slots_changed()
 
     def remove_slot(self, slot: int) -> None:
         self.slots.pop(slot, None)
+        self._slots_changed()
+
+    def _slots_changed(self) -> None:
         self._present = frozenset(self.slots)
+        self._any_dropout = any(info.dropout > 0 for info in self.slots.values())
 
     def extra_repr(self) -> str:
         names = ", ".join(f"{s}:{info.name}(r={info.rank})" for s, info in sorted(self.slots.items()))
@@ -152,7 +157,7 @@ class MultiLoRALinear(nn.Module):
             raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
         # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
         # cached segment table across layers and steps.
-        use_dropout = rt.training and any(self.slots[s].dropout > 0 for s in self._present)
+        use_dropout = rt.training and self._any_dropout
         seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
         pieces: List[torch.Tensor] = []
         cursor = 0
@@ -161,8 +166,8 @@ class MultiLoRALinear(nn.Module):
             for slot in run.slots:
                 info = self.slots[slot]
                 w = rt.weights[slot]
-                a_list.append(w[info.piece].view(info.rank, self.in_features))
-                b_list.append(w[info.piece + 1].view(self.out_features, info.rank))
+                a_list.append(w[2 * info.piece])
+                b_list.append(w[2 * info.piece + 1])
                 scales.append(info.scale)
                 drops.append(info.dropout)
             full = run.lo == 0 and run.hi == o2.shape[0]

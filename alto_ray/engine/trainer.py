@@ -239,8 +239,7 @@ class GroupedTrainer:
             "name": name,
             "config": run.cfg.to_dict(),
             "lora": run.weights.master.detach().to("cpu", copy=True),
-            "entries": [[e.module_name, e.rank, e.in_features, e.out_features, e.offset]
-                        for e in run.weights.entries],
+            "entries": _entry_rows(run.weights),
             "optimizer": _to_cpu(run.optimizer.state_dict()),
             "step": run.step,
             "stream": run.stream.state_dict(),
@@ -255,6 +254,10 @@ class GroupedTrainer:
 
         base = getattr(getattr(self.model.backbone, "config", None), "_name_or_path", None)
         save_peft_adapter(self.model.adapters[name], path, base_model_name_or_path=base)
+
+
+def _entry_rows(weights: AdapterWeights) -> List[list]:
+    return [[e.module_name, e.rank, e.in_features, e.out_features, e.a_offset, e.b_offset] for e in weights.entries]
 
 
 def _grad_norm(p: torch.Tensor) -> torch.Tensor:
@@ -276,7 +279,7 @@ def _to_cpu(obj: Any) -> Any:
 def _load_run_state(run: _AdapterRun, state: Dict[str, Any]) -> None:
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"state: unknown format {state.get('format')!r}")
-    entries = [[e.module_name, e.rank, e.in_features, e.out_features, e.offset] for e in run.weights.entries]
+    entries = _entry_rows(run.weights)
     if [list(e) for e in state["entries"]] != entries:
         raise ValueError("state: its LoRA layout (modules, rank, shapes) does not match this config and model")
     with torch.no_grad():
