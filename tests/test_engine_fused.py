@@ -34,6 +34,18 @@ for backend in ("reference", "triton"):
             w.master.register_hook(lambda g, n=n: grads.__setitem__(n, g.tolist()))
     steps = [{k: [v.loss, v.finite] for k, v in t.step().items()}]
     out[backend] = {"steps": steps, "grads": grads}
+# The engine's isolation guarantee rests on the kernel: a NaN/inf adapter must not touch others' rows.
+import alto_kernels
+torch.manual_seed(0)
+x = torch.randn(10, 16, requires_grad=True)
+A = [torch.randn(4, 16), torch.full((2, 16), float("nan")), torch.randn(8, 16)]
+B = [torch.randn(8, 4), torch.full((8, 2), float("inf")), torch.randn(8, 8)]
+for w in A + B:
+    w.requires_grad_()
+y = alto_kernels.multi_lora(x, torch.zeros(10, 8), A, B, [0, 3, 6, 10], [1.0, 1.0, 1.0], backend="triton")
+y.sum().backward()
+out["isolated"] = all(bool(t.isfinite().all()) for t in (y[:3], y[6:], x.grad[:3], x.grad[6:], A[0].grad,
+                                                         A[2].grad, B[0].grad, B[2].grad))
 print(json.dumps(out))
 """
 
@@ -50,6 +62,7 @@ def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["isolated"], "a non-finite adapter leaked into another adapter's rows in the fused kernel"
     for step_ref, step_tri in zip(res["reference"]["steps"], res["triton"]["steps"]):
         for name in ("a", "b"):
             assert step_tri[name][1] and step_tri[name][0] == pytest.approx(step_ref[name][0], rel=1e-4, abs=1e-5)
