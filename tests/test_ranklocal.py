@@ -90,9 +90,8 @@ def test_two_ranks_match_one_process(reference: Dict[str, Any], tiny_model_dir: 
 
     from alto_ray.cluster.ranklocal_model import free_port
 
-    # fork: the children inherit the imported torch/transformers (spawn re-imports them: ~20 s here).
-    mp.start_processes(_spawn_worker, args=(2, free_port(), tiny_model_dir, tiny_dataset_path, str(tmp_path)),
-                       nprocs=2, start_method="fork")
+    # spawn, not fork: a forked child of this (OpenMP-initialised) process hangs in gloo/OMP.
+    mp.spawn(_spawn_worker, args=(2, free_port(), tiny_model_dir, tiny_dataset_path, str(tmp_path)), nprocs=2)
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank, out in enumerate(outs):
         mine = sorted(n for n, o in SPAWN_OWNER.items() if o == rank)

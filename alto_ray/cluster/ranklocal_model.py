@@ -108,7 +108,7 @@ def shard_backbone(backbone: nn.Module, mesh: Any = None, reshard_after_forward:
         units.append(fully_shard(head, mesh=mesh))
     units.append(fully_shard(backbone.get_decoder(), mesh=mesh))
     for unit in units:
-        unit.set_requires_gradient_sync(False, recurse=False)
+        unit.set_requires_gradient_sync(False)
     return backbone
 
 
