@@ -58,3 +58,33 @@ def test_memory_estimates_scale_sensibly(tiny_model_dir):
     small = estimate_adapter_bytes(config, AdapterConfig(rank=4, batch_size=1, max_seq_len=64))
     assert estimate_adapter_bytes(config, AdapterConfig(rank=16, batch_size=1, max_seq_len=64)) > small
     assert estimate_adapter_bytes(config, AdapterConfig(rank=4, batch_size=4, max_seq_len=64)) > 3 * small
+
+
+def test_activation_estimate_is_close_to_what_autograd_saves():
+    """Bytes of tensors saved for backward in one grouped forward vs the estimate's terms."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from alto_ray.engine import TaskData, pack_batch
+    from alto_ray.engine.memory import estimate_adapter_breakdown
+
+    mc = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=1000)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(mc, attn_implementation="sdpa")
+    gen = torch.Generator().manual_seed(0)
+    examples = [(ids, ids) for ids in (torch.randint(0, 1000, (64,), generator=gen).tolist() for _ in range(4))]
+    t = GroupedTrainer(model, TaskData.from_examples(examples), device="cpu")
+    cfg = AdapterConfig(rank=8, batch_size=2, max_seq_len=64)
+    t.add_adapter("a", cfg)
+    batch = pack_batch([("a", examples[:2], 64)], 0, torch.device("cpu"))
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        t._token_loss_sums(batch, training=True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(v for k, v in saved.items() if k not in weights)
+    est = estimate_adapter_breakdown(mc, cfg, torch.float32)
+    assert 0.8 < (est["activations"] + est["logits"]) / measured < 2.5

@@ -71,9 +71,10 @@ def lora_param_count(model_config: Any, cfg: AdapterConfig) -> Tuple[int, int]:
     return sum(cfg.rank * (i + o) for i, o in hits), len(hits)
 
 
-def estimate_adapter_bytes(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one adapter adds to a group: its training state plus the activations of its
-    ``batch_size × max_seq_len`` tokens through the frozen backbone (formula in the module doc)."""
+def estimate_adapter_breakdown(model_config: Any, cfg: AdapterConfig,
+                               dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:
+    """The terms of ``estimate_adapter_bytes`` (see the module doc): state, activations,
+    logits, transient."""
     b = _dtype_bytes(dtype)
     p, modules = lora_param_count(model_config, cfg)
     h = int(model_config.hidden_size)
@@ -84,10 +85,17 @@ def estimate_adapter_bytes(model_config: Any, cfg: AdapterConfig, dtype: torch.d
     inter = int(getattr(model_config, "intermediate_size", None) or 4 * h)
     vocab = int(model_config.vocab_size)
     tokens = cfg.batch_size * cfg.max_seq_len
-    per_module_layer = modules / max(1, layers)
-    per_layer = b * (6 * h + 4 * kv + 4 * inter) + 4 * max(16, cfg.rank) * per_module_layer
-    state = p * (4 + 4 + 8) + p * 2 * b
-    return int(state + tokens * layers * per_layer + tokens * vocab * (b + 8) + tokens * 3 * inter * b)
+    per_layer = b * (6 * h + 4 * kv + 4 * inter) + 4 * max(16, cfg.rank) * modules / max(1, layers)
+    return {"state": int(p * (4 + 4 + 8) + p * 2 * b),
+            "activations": int(tokens * layers * per_layer),
+            "logits": int(tokens * vocab * (b + 8)),
+            "transient": int(tokens * 3 * inter * b)}
+
+
+def estimate_adapter_bytes(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one adapter adds to a group: its training state plus the activations of its
+    ``batch_size × max_seq_len`` tokens through the frozen backbone (formula in the module doc)."""
+    return sum(estimate_adapter_breakdown(model_config, cfg, dtype).values())
 
 
 def estimate_summary(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:
