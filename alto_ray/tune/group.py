@@ -112,9 +112,12 @@ class AdapterGroup:
         self._steps = 0
         self.metrics = GroupMetrics(self.task_name, spec.name.rsplit(":", 1)[-1])
 
-    def __repr__(self) -> str:  # the name the Ray dashboard shows
-        where = f"cuda:{self.gpu}" if self.device == "cuda" else "cpu"
-        return f"AdapterGroup({self.task_name}, {self.spec.name.rsplit(':', 1)[-1]}, {where})"
+    def __repr__(self) -> str:  # the name the Ray dashboard shows: task, group, device
+        spec, device = getattr(self, "spec", None), getattr(self, "device", None)
+        if spec is None:  # the actor class itself
+            return "AdapterGroup"
+        where = f"cuda:{self.gpu}" if device == "cuda" else "cpu"
+        return f"AdapterGroup({self.task_name}, {spec.name.rsplit(':', 1)[-1]}, {where})"
 
     # ------------------------------------------------------------------ trial API
     def check(self, config: Dict[str, Any], reserve_for: Optional[str] = None) -> Optional[str]:
