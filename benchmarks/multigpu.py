@@ -49,14 +49,18 @@ from alto_ray.cluster.ranklocal import RankLocalTrainer  # noqa: E402
 from alto_ray.cluster.ranklocal_model import build_random_sharded_backbone, local_shard_numel  # noqa: E402
 from alto_ray.engine import AdapterConfig, TaskData  # noqa: E402
 
-SHAPES: Dict[str, Dict[str, Any]] = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-               rope_theta=500000.0, max_position_embeddings=8192),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=False,
-                  max_position_embeddings=256),
-}
+
+def _engine_shapes() -> Dict[str, Dict[str, Any]]:
+    """The model shapes of benchmarks/engine.py (one definition of "Llama-8B shape")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_alto_bench_engine", Path(__file__).resolve().parent / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SHAPES
+
+
+SHAPES = _engine_shapes()
 
 
 def sync(device: torch.device) -> None:
