@@ -304,4 +304,5 @@ def _load_tokenizer(source: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"tokenizer: could not load one from {source!r}: {exc}") from exc
+        raise ValueError(f"tokenizer: could not load one from {source!r} (pass tokenizer=, or check model): "
+                         f"{exc}") from exc
