@@ -60,17 +60,19 @@ class _Entry:
     order: int = 0
     groups: dict[int, GroupGrant] = field(default_factory=dict)
     progress: bool = False                     # has reported measured progress
+    measured_at: tuple[float, float] | None = None   # (when, predicted remaining s) at the first measured step
 
 
 class Coordinator:
     """Coordinator logic; `CoordinatorActor` is this class as a Ray actor."""
 
     def __init__(self, state_path: str | None = None, nodes: list[NodeSpec] | None = None,
-                 gpu_memory_gb: float | None = None, cpus_per_gpu: int = 1, time_limit_s: float = 2.0,
+                 gpu_memory_gb: float | None = None, cpus_per_gpu: float = 1, time_limit_s: float = 2.0,
                  objective: str = "makespan", cpu_slots_per_node: int | None = None,
-                 predictor: DurationPredictor | None = None) -> None:
+                 predictor: DurationPredictor | None = None, replan_after_s: float = 15.0) -> None:
         self.state_path = Path(os.path.expanduser(state_path or DEFAULT_STATE_PATH))
         self.cpus_per_gpu = cpus_per_gpu
+        self.replan_after_s = replan_after_s     # a plan ages (running groups near their end): refresh
         self.nodes, self.use_gpu = (list(nodes), True) if nodes else _discover_nodes(gpu_memory_gb,
                                                                                      cpu_slots_per_node)
         self.allocator = Allocator(self.nodes, time_limit_s=time_limit_s, objective=objective)
@@ -127,6 +129,8 @@ class Coordinator:
         self.predictor.set_remaining(task_id, remaining_adapter_steps, max_trial_remaining_steps)
         entry.progress = True
         after = self._remaining(entry)
+        if entry.measured_at is None and step_time > 0:
+            entry.measured_at = (time.time(), after)
         if abs(after - before) > 0.1 * max(before, 1.0):    # early exits shrink work: re-plan
             self._dirty = True
         return after
@@ -150,8 +154,37 @@ class Coordinator:
                 _remove_pg(g.placement_group)
         predicted = self.predictor.predicted_at_start(task_id)
         err = self.predictor.mark_finished(task_id)
-        self.finished[task_id] = {"results": results_summary, "finished_at": time.time(),
+        now = time.time()
+        self.finished[task_id] = {"results": results_summary, "finished_at": now,
                                   "predicted_s": predicted, "relative_error": err}
+        if entry is not None and entry.measured_at is not None:     # how good the online correction was
+            at, left = entry.measured_at
+            self.finished[task_id].update(measured_predicted_s=left, measured_actual_s=now - at,
+                                          measured_relative_error=(left - (now - at)) / max(now - at, 1e-9))
+        self.predictor.forget(task_id)
+        self._dirty = True
+        self._save()
+
+    def adopt(self, task_id: str, groups: list[GroupGrant]) -> bool:
+        """Re-attach a tenant's running groups after a restart that lost them (no state file):
+        those whose placement group still exists become running again; True if any did."""
+        entry = self._entry(task_id)
+        if entry.status == "running":
+            return False
+        names = {n.name for n in self.nodes}
+        live = {g.group_index: g for g in groups if g.node in names and _lookup_pg(g.pg_name) is not None}
+        if not live:
+            return False
+        entry.groups, entry.status, self._dirty = live, "running", True
+        self._save()
+        return True
+
+    def withdraw(self, task_id: str) -> None:
+        """A tenant gives up (its Tuner failed): free its groups, record nothing."""
+        entry = self.tasks.pop(task_id, None)
+        if entry is not None:
+            for g in entry.groups.values():
+                _remove_pg(g.placement_group)
         self.predictor.forget(task_id)
         self._dirty = True
         self._save()
@@ -159,7 +192,8 @@ class Coordinator:
     # -- views -----------------------------------------------------------------------------------------
     def plan(self) -> Plan:
         """The current plan (times relative to now); re-planned when the picture changed."""
-        if self._dirty or self._plan is None:
+        stale = self.replan_after_s > 0 and time.time() - self._plan_at > self.replan_after_s
+        if self._dirty or self._plan is None or stale:
             self._replan()
         return self._plan
 
@@ -177,9 +211,13 @@ class Coordinator:
     def metrics(self) -> dict:
         counts = {s: sum(e.status == s for e in self.tasks.values()) for s in ("queued", "running")}
         p = self._plan
-        return {**counts, "finished": len(self.finished), "nodes": len(self.nodes),
+        tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.progress,
+                     "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
+                     "predicted_remaining_s": self._remaining(e)} for t, e in self.tasks.items()}
+        return {**counts, "finished": len(self.finished), "nodes": len(self.nodes), "tasks": tasks,
                 "gpus": sum(n.num_gpus for n in self.nodes), "use_gpu": self.use_gpu,
                 "prediction_error": self.predictor.error_stats(),
+                "prediction_error_measured": _measured_error_stats(self.finished),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
 
@@ -278,6 +316,13 @@ def get_coordinator(**kwargs: Any) -> Any:
     if "node:__internal_head__" in ray.cluster_resources():
         opts["resources"] = {"node:__internal_head__": 0.001}
     return CoordinatorActor.options(**opts).remote(**kwargs)
+
+
+def _measured_error_stats(finished: dict[str, dict]) -> dict:
+    """Error of the remaining-time prediction made at each task's first measured step."""
+    errs = [r["measured_relative_error"] for r in finished.values() if r.get("measured_relative_error") is not None]
+    return {"count": len(errs), "mean_abs_rel_error": sum(map(abs, errs)) / len(errs) if errs else None,
+            "mean_rel_error": sum(errs) / len(errs) if errs else None}
 
 
 def _discover_nodes(gpu_memory_gb: float | None, cpu_slots_per_node: int | None) -> tuple[list[NodeSpec], bool]:

@@ -1,0 +1,402 @@
+"""A tenant: one Tune run of one `LoRATask` whose adapter groups the cluster coordinator places.
+
+The driver that runs `Tuner.fit()` is the tenant. It registers the task with the coordinator
+(sizes from the engine's memory estimates, work from the duration prior), waits in the queue
+until the plan starts it, then hands Tune a `GrantedPlacement`: the task's `placement` seam,
+returning one `GroupSpec` per granted group whose options pin the `AdapterGroup` actor into the
+group's placement-group bundle. The placement is a fixed list (picklable, no Ray calls), because
+every trial process calls it; all talking to the coordinator stays in the driver:
+
+* a progress thread polls the group actors (`describe()`) and reports measured step times and
+  remaining adapter-steps (early exits shrink them), so re-planning uses measurements;
+* if the coordinator dies (killed, head restart), calls re-create it (it reloads its JSON
+  state), re-register the task idempotently and re-attach its running groups; training never
+  stops, since groups live in detached placement groups;
+* `finish()` reports the best result; a failed fit `withdraw`s instead, freeing the groups.
+
+`run_tenant(task, param_space, tune_config)` does all of it around one `Tuner.fit()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from alto_ray.cluster.allocator_problem import check_memory
+from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
+from alto_ray.cluster.plan import TaskSpec
+from alto_ray.tune.group import NAMESPACE
+from alto_ray.tune.task import GroupSpec, LoRATask
+
+logger = logging.getLogger(__name__)
+
+CPU_BUNDLE_CPUS = 0.5        # CPU-only cluster: a group slot takes half a CPU, leaving room for trials
+_SIZE_KEYS = ("rank", "batch_size", "max_seq_len", "grad_accum")
+
+
+class TaskAlreadyFinished(RuntimeError):
+    """The coordinator already holds finished results under this task name."""
+
+
+class GrantedPlacement:
+    """`LoRATask.placement` for granted groups: a fixed list, safe to call in trial processes."""
+
+    def __init__(self, groups: list[GroupSpec], tenant: Optional["Tenant"] = None) -> None:
+        self.groups = list(groups)
+        self.tenant = tenant             # driver only: not pickled into trials
+
+    def __call__(self, task: LoRATask) -> list[GroupSpec]:
+        return list(self.groups)
+
+    def __reduce__(self) -> tuple:
+        return (GrantedPlacement, (self.groups,))
+
+    def __repr__(self) -> str:
+        return f"GrantedPlacement({[g.name for g in self.groups]})"
+
+
+class Tenant:
+    """Driver-side session of one task with the coordinator: register → acquire → report → finish."""
+
+    def __init__(self, task: LoRATask, num_samples: int, *, param_space: Optional[dict] = None,
+                 gpus_per_group: int = 1, max_groups: Optional[int] = None, weight: float = 1.0,
+                 model_config: Any = None, backbone_bytes: Optional[int] = None,
+                 adapter_bytes: Optional[int] = None, coordinator_options: Optional[dict] = None,
+                 poll_s: float = 2.0, max_wait_s: Optional[float] = None) -> None:
+        task.validate()
+        self.base_task = task
+        self.name = task.task_name
+        self.num_samples = int(num_samples)
+        self.poll_s = poll_s
+        self.max_wait_s = max_wait_s
+        self.coordinator_options = dict(coordinator_options or {})
+        self.spec = task_spec(task, num_samples, param_space=param_space, gpus_per_group=gpus_per_group,
+                              max_groups=max_groups, weight=weight, model_config=model_config,
+                              backbone_bytes=backbone_bytes, adapter_bytes=adapter_bytes)
+        self.grants: list[GroupGrant] = []
+        self.task: Optional[LoRATask] = None   # the task with GrantedPlacement, once acquired
+        self.reconnects = 0
+        self.waits: list[dict] = []            # every "wait" answer while queued (position, eta_s)
+        self.granted_at: Optional[float] = None
+        self._coord: Any = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._seen: set[str] = set()
+        self._last_steps: dict[str, tuple[float, int]] = {}
+
+    # -- coordinator calls ----------------------------------------------------------------------
+    @property
+    def coordinator(self) -> Any:
+        with self._lock:
+            if self._coord is None:
+                self._coord = get_coordinator(**_default_options(self.coordinator_options))
+            return self._coord
+
+    def call(self, method: str, *args: Any, timeout_s: float = 60.0, **kwargs: Any) -> Any:
+        """One coordinator call; a dead coordinator is re-created and the task re-registered."""
+        for attempt in range(3):
+            coord = self.coordinator
+            try:
+                return ray.get(getattr(coord, method).remote(*args, **kwargs), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                if attempt == 2:
+                    raise
+                self._reconnect(coord)
+        raise AssertionError("unreachable")
+
+    def _reconnect(self, dead: Any, deadline_s: float = 60.0) -> None:
+        """Bring the coordinator back (it reloads its state), then re-register and re-attach."""
+        with self._lock:
+            if self._coord is not dead:          # another thread already reconnected
+                return
+            logger.warning("alto tenant %s: coordinator lost; re-creating it and re-registering", self.name)
+            end = time.time() + deadline_s
+            while True:
+                coord = get_coordinator(**_default_options(self.coordinator_options))
+                try:
+                    ray.get(coord.status.remote(), timeout=10)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    if time.time() > end:
+                        raise
+                    time.sleep(0.5)             # the dead actor's name is not free yet
+            self._coord = coord
+            self.reconnects += 1
+            ray.get(coord.register_task.remote(self.spec))
+            if self.grants:
+                ray.get(coord.adopt.remote(self.name, self.grants))
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def register(self) -> str:
+        """Check the task fits some node (ValueError naming it), then register (idempotent)."""
+        check_memory(self.spec, self.call("nodes_view"))
+        status = self.call("status").get(self.name)
+        if status == "finished":
+            results = self.call("finished_results").get(self.name, {}).get("results")
+            raise TaskAlreadyFinished(f"task {self.name!r} already finished on this cluster (results: "
+                                      f"{results}); give the LoRATask another name to tune it again")
+        return self.call("register_task", self.spec)
+
+    def acquire(self) -> LoRATask:
+        """Block (backoff, logging the queue position) until granted and the groups are placed."""
+        t0, backoff = time.time(), 0.5
+        while True:
+            answer = self.call("request_groups", self.name)
+            if answer["status"] == "granted":
+                break
+            if answer["status"] == "finished":
+                raise TaskAlreadyFinished(f"task {self.name!r} already finished: {answer.get('results')}")
+            waited = time.time() - t0
+            self.waits.append({"position": answer["position"], "eta_s": answer.get("eta_s"), "at": time.time()})
+            if self.max_wait_s is not None and waited > self.max_wait_s:
+                raise TimeoutError(f"task {self.name!r} still queued after {waited:.0f}s "
+                                   f"(position {answer['position']})")
+            eta = answer.get("eta_s")
+            if len(self.waits) == 1 or answer["position"] != self.waits[-2]["position"] or len(self.waits) % 15 == 0:
+                logger.info("alto tenant %s: queued at position %d, planned start in %s (waited %.0fs)",
+                            self.name, answer["position"], "?" if eta is None else f"{eta:.0f}s", waited)
+            time.sleep(min(backoff, max(float(eta or backoff), 0.5)))
+            backoff = min(backoff * 1.5, 10.0)
+        self.grants = list(answer["groups"])
+        self.granted_at = time.time()
+        for g in self.grants:                    # granted: the bundles may still be freeing up
+            while True:
+                try:
+                    ray.get(g.placement_group.ready(), timeout=30)
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    logger.info("alto tenant %s: waiting for placement group %s", self.name, g.pg_name)
+        specs = [group_spec(self.name, g) for g in self.grants]
+        self.task = self.base_task.replace(placement=GrantedPlacement(specs, self))
+        logger.info("alto tenant %s: granted %d group(s): %s", self.name, len(specs),
+                    ", ".join(f"{g.pg_name}@{g.node}" for g in self.grants))
+        return self.task
+
+    def start(self) -> LoRATask:
+        """register + acquire + start progress reporting; returns the placed task."""
+        self.register()
+        task = self.acquire()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._progress_loop, name=f"alto-progress-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        return task
+
+    def stop_reporting(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def finish(self, results_summary: Any = None) -> None:
+        """Record the results with the coordinator (persisted) and free the groups."""
+        self.stop_reporting()
+        self.call("task_finished", self.name, results_summary)
+
+    def withdraw(self) -> None:
+        """Give the groups back without results (the Tuner failed)."""
+        self.stop_reporting()
+        try:
+            self.call("withdraw", self.name)
+        except Exception as err:  # noqa: BLE001 - best effort on the failure path
+            logger.warning("alto tenant %s: withdraw failed: %s", self.name, err)
+
+    # -- progress --------------------------------------------------------------------------------------
+    def _progress_loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.report_once()
+            except Exception as err:  # noqa: BLE001 - reporting must never stop training
+                logger.debug("alto tenant %s: progress report failed: %s", self.name, err)
+
+    def report_once(self) -> Optional[float]:
+        """Poll the group actors and report step time + remaining work; the predicted remaining s."""
+        snap = self.poll_groups()
+        if snap is None:
+            return None
+        return self.call("report_progress", self.name, snap["step_time"], snap["remaining"], timeout_s=30,
+                         adapters_in_group=snap["adapters_per_group"] or None,
+                         max_trial_remaining_steps=snap["max_remaining"])
+
+    def poll_groups(self) -> Optional[dict]:
+        """Step time (s per group step, mean over groups that stepped) and remaining adapter-steps."""
+        max_steps = self.base_task.max_steps
+        now, times, active, left = time.time(), [], 0, []
+        found = 0
+        for spec in (self.task.placement.groups if self.task else []):
+            try:
+                info = ray.get(ray.get_actor(spec.name, namespace=NAMESPACE).describe.remote(), timeout=10)
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue                         # not created yet / idle-exited / busy
+            found += 1
+            prev = self._last_steps.get(spec.name)
+            self._last_steps[spec.name] = (now, int(info["steps"]))
+            if prev is not None and info["steps"] > prev[1]:
+                times.append((now - prev[0]) / (info["steps"] - prev[1]))
+            active += int(info.get("active", 0))
+            for trial, m in info["members"].items():
+                self._seen.add(trial)
+                if m["state"] in ("queued", "active"):
+                    left.append(max(max_steps - int(m["step"]), 0))
+        if not found:
+            return None
+        unseen = max(self.num_samples - len(self._seen), 0)
+        left += [max_steps] * unseen
+        return {"step_time": sum(times) / len(times) if times else 0.0, "remaining": sum(left),
+                "max_remaining": max(left, default=0), "adapters_per_group": round(active / found)}
+
+    def __enter__(self) -> "Tenant":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.withdraw()
+        else:
+            self.stop_reporting()
+
+
+# -- building blocks ----------------------------------------------------------------------------------------
+def task_spec(task: LoRATask, num_samples: int, *, param_space: Optional[dict] = None, gpus_per_group: int = 1,
+              max_groups: Optional[int] = None, weight: float = 1.0, model_config: Any = None,
+              backbone_bytes: Optional[int] = None, adapter_bytes: Optional[int] = None) -> TaskSpec:
+    """The coordinator's view of a task: sizes from the engine's estimates (config only, no
+    weights; the largest adapter the search space can draw), work from the duration prior."""
+    import torch
+
+    from alto_ray.engine import AdapterConfig, estimate_adapter_bytes, estimate_backbone_bytes
+
+    if num_samples < 1:
+        raise ValueError(f"task {task.task_name!r}: num_samples must be >= 1, got {num_samples}")
+    cfg = model_config if model_config is not None else _model_config(task)
+    dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16}.get(task.dtype or "", torch.bfloat16)
+    adapter = AdapterConfig.from_dict(task.adapter_dict(largest_config(param_space or {})))
+    p_bytes = estimate_backbone_bytes(cfg, torch.float32)
+    return TaskSpec(
+        name=task.task_name,
+        backbone_bytes=int(backbone_bytes if backbone_bytes is not None else estimate_backbone_bytes(cfg, dtype)),
+        adapter_bytes=int(adapter_bytes if adapter_bytes is not None else estimate_adapter_bytes(cfg, adapter, dtype)),
+        num_adapters=int(num_samples), gpus_per_group=gpus_per_group, max_groups=max_groups, weight=weight,
+        params=p_bytes / 4.0, tokens_per_adapter_step=adapter.batch_size * adapter.max_seq_len * adapter.grad_accum,
+        steps_per_adapter=task.max_steps)
+
+
+def largest_config(param_space: dict) -> dict:
+    """The largest value of each size-driving key (rank, batch, length) the space can draw."""
+    out = {}
+    for key in _SIZE_KEYS:
+        if key in param_space:
+            values = _values(param_space[key])
+            if values:
+                out[key] = max(values)
+    return out
+
+
+def count_trials(param_space: dict, num_samples: int) -> int:
+    """Trials Tune will run: num_samples times every grid_search's length (top level)."""
+    n = max(int(num_samples), 1)
+    for v in param_space.values():
+        if isinstance(v, dict) and "grid_search" in v:
+            n *= max(len(v["grid_search"]), 1)
+    return n
+
+
+def _values(v: Any) -> list:
+    if isinstance(v, dict) and "grid_search" in v:
+        return [x for x in v["grid_search"] if isinstance(x, (int, float))]
+    if hasattr(v, "categories"):                  # tune.choice
+        return [x for x in v.categories if isinstance(x, (int, float))]
+    if hasattr(v, "upper") and v.upper is not None:   # tune.randint / uniform: upper (exclusive)
+        return [v.upper]
+    return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else []
+
+
+def _model_config(task: LoRATask) -> Any:
+    if not isinstance(task.model, str):
+        raise ValueError(f"task {task.task_name!r}: model is a factory; pass model_config= (or "
+                         "backbone_bytes= and adapter_bytes=) so the coordinator can size it")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(task.model)
+
+
+def group_spec(task_name: str, g: GroupGrant) -> GroupSpec:
+    """The `AdapterGroup` of one grant: bundle 0's resources, scheduled into that bundle."""
+    strategy = PlacementGroupSchedulingStrategy(placement_group=g.placement_group,
+                                                placement_group_bundle_index=0)
+    return GroupSpec(name=f"alto:{task_name}:g{g.group_index}", index=g.group_index,
+                     resources=dict(g.bundles[0]), options={"scheduling_strategy": strategy})
+
+
+def _default_options(options: dict) -> dict:
+    """On a CPU-only cluster a group slot takes half a CPU, so Tune's trials still find room."""
+    opts = dict(options)
+    if "cpus_per_gpu" not in opts and not ray.cluster_resources().get("GPU"):
+        opts["cpus_per_gpu"] = CPU_BUNDLE_CPUS
+    return opts
+
+
+def coordinated(task: LoRATask, num_samples: int, **kwargs: Any) -> LoRATask:
+    """Register, wait for the grant, start progress reporting: the task placed by the coordinator.
+
+    Its `placement.tenant` is the `Tenant`: call `finish(results)` after `Tuner.fit()`.
+    """
+    return Tenant(task, num_samples, **kwargs).start()
+
+
+def summarize(grid: Any, metric: str, mode: str) -> dict:
+    """Best config / loss / checkpoint of a ResultGrid, JSON-friendly (for the coordinator)."""
+    out: dict = {"metric": metric, "mode": mode, "num_trials": len(grid), "num_errors": grid.num_errors}
+    try:
+        best = grid.get_best_result(metric=metric, mode=mode, filter_nan_and_inf=True)
+    except RuntimeError:
+        return out
+    value = best.metrics.get(metric) if best.metrics else None
+    out.update(best_config={k: v for k, v in (best.config or {}).items() if _jsonable(v)},
+               best_value=value if value is None or math.isfinite(value) else None,
+               best_loss=(best.metrics or {}).get("loss"),
+               checkpoint=best.checkpoint.path if best.checkpoint else None, path=best.path)
+    return out
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, tuple))
+
+
+def named_trainable(trainable: type) -> type:
+    """The trainable under a per-task class name. Tune registers trainables by class name in a
+    per-job registry, so two Tuners of one driver with classes both named `LoRATrainable` would
+    both run whichever registered last."""
+    task = trainable.task
+    name = "LoRATrainable_" + re.sub(r"[^A-Za-z0-9_]", "_", task.task_name)
+    return type(name, (trainable,), {"__module__": trainable.__module__, "__qualname__": name})
+
+
+def run_tenant(task: LoRATask, param_space: dict, tune_config: Any, run_config: Any = None, *,
+               on_tenant: Optional[Callable[[Tenant], None]] = None, **tenant_kwargs: Any) -> Any:
+    """register → (queue) → fit → finished: one tenant's whole Tune run; returns the ResultGrid.
+
+    `on_tenant` sees the `Tenant` before it registers (to watch its queue position, grants)."""
+    from ray import tune
+
+    from alto_ray.tune.trainable import lora_trainable
+
+    tenant = Tenant(task, count_trials(param_space, tune_config.num_samples), param_space=param_space,
+                    **tenant_kwargs)
+    if on_tenant is not None:
+        on_tenant(tenant)
+    with tenant:
+        tuner = tune.Tuner(named_trainable(lora_trainable(tenant.task)), param_space=param_space,
+                           tune_config=tune_config, run_config=run_config)
+        grid = tuner.fit()
+        tenant.finish(summarize(grid, tune_config.metric or "loss", tune_config.mode or "min"))
+    return grid
