@@ -115,8 +115,7 @@ class MultiLoRALinear(nn.Module):
         self.layer_index = layer_index  # varies the dropout seed between layers
         object.__setattr__(self, "runtime", runtime)  # shared, not a submodule
         self.slots: Dict[int, LoRASlot] = {}
-        self._present: frozenset = frozenset()
-        self._any_dropout = False
+        self._slots_changed()
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects ``module.weight`` keeps working
@@ -135,6 +134,17 @@ class MultiLoRALinear(nn.Module):
     def _slots_changed(self) -> None:
         self._present = frozenset(self.slots)
         self._any_dropout = any(info.dropout > 0 for info in self.slots.values())
+        self._static: Dict[Tuple[int, ...], tuple] = {}
+
+    def _run_static(self, slots: Tuple[int, ...]) -> tuple:
+        """Per-run constants (piece indices, scales, dropout), cached until membership changes."""
+        cached = self._static.get(slots)
+        if cached is None:
+            infos = [self.slots[s] for s in slots]
+            cached = ([(s, 2 * i.piece) for s, i in zip(slots, infos)], [i.scale for i in infos],
+                      [i.dropout for i in infos])
+            self._static[slots] = cached
+        return cached
 
     def extra_repr(self) -> str:
         names = ", ".join(f"{s}:{info.name}(r={info.rank})" for s, info in sorted(self.slots.items()))
@@ -162,14 +172,9 @@ class MultiLoRALinear(nn.Module):
         pieces: List[torch.Tensor] = []
         cursor = 0
         for run in runs:
-            a_list, b_list, scales, drops = [], [], [], []
-            for slot in run.slots:
-                info = self.slots[slot]
-                w = rt.weights[slot]
-                a_list.append(w[2 * info.piece])
-                b_list.append(w[2 * info.piece + 1])
-                scales.append(info.scale)
-                drops.append(info.dropout)
+            where, scales, drops = self._run_static(run.slots)
+            a_list = [rt.weights[slot][k] for slot, k in where]
+            b_list = [rt.weights[slot][k + 1] for slot, k in where]
             full = run.lo == 0 and run.hi == o2.shape[0]
             if run.lo > cursor:
                 pieces.append(o2[cursor:run.lo])
