@@ -13,13 +13,17 @@ __all__ = [
     "GIB", "OBJECTIVES", "Allocator", "Assignment", "DurationPredictor", "GroupBundles", "InfeasibleTaskError",
     "NodeSpec", "Plan", "PlanError", "RunningGroup", "TaskSpec", "plan", "plan_fcfs",
     "Coordinator", "GroupGrant", "get_coordinator", "COORDINATOR_NAME", "COORDINATOR_NAMESPACE",
+    "Tenant", "GrantedPlacement", "TaskAlreadyFinished", "coordinated", "run_tenant",
 ]
 
-_LAZY = {"Coordinator", "GroupGrant", "get_coordinator", "COORDINATOR_NAME", "COORDINATOR_NAMESPACE"}
+_LAZY = {"Coordinator": "coordinator", "GroupGrant": "coordinator", "get_coordinator": "coordinator",
+         "COORDINATOR_NAME": "coordinator", "COORDINATOR_NAMESPACE": "coordinator",
+         "Tenant": "tenant", "GrantedPlacement": "tenant", "TaskAlreadyFinished": "tenant",
+         "coordinated": "tenant", "run_tenant": "tenant"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from alto_ray.cluster import coordinator
-        return getattr(coordinator, name)
+        import importlib
+        return getattr(importlib.import_module(f"alto_ray.cluster.{_LAZY[name]}"), name)
     raise AttributeError(name)
