@@ -113,7 +113,6 @@ def run_peft(shape: str, device: torch.device, dtype: torch.dtype, seq: int, ran
 
     seconds = time_steps(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del model, opt, params, batches
     return {"step_seconds": seconds, "tokens_per_step": seq, "tokens_per_s": seq / seconds,
             "peak_bytes": peak}
 
@@ -142,7 +141,6 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
     out = {"step_seconds": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
            "adapters": adapters, "peak_bytes": peak, "backend": alto_kernels.resolve_backend(probe, "auto"),
            "all_losses_finite": all(v == v and abs(v) != float("inf") for v in losses.values())}
-    del trainer
     return out
 
 

@@ -52,11 +52,9 @@ def load_backbone(model: str, device: Union[str, torch.device] = "cpu",
 
 
 def _has_accelerate() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def freeze(backbone: nn.Module) -> nn.Module:
