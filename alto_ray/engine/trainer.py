@@ -33,8 +33,13 @@ _PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo",
 
 @dataclass
 class StepResult:
-    """One optimizer step of one adapter. ``loss`` is its mean token loss over the step's
-    micro-batches; ``tokens`` the non-pad input tokens it consumed; ``lr`` the rate applied."""
+    """One optimizer step of one adapter.
+
+    ``step``: the adapter's step count after this call, 1-based (a skipped non-finite step still
+    counts: its data and schedule move on); ``loss``: mean token loss over the step's
+    micro-batches; ``tokens``: non-pad input tokens consumed; ``lr``: the rate of this step;
+    ``grad_norm``: before clipping; ``finite``: False when loss or gradient was NaN/inf and the
+    optimizer step was skipped."""
 
     step: int
     loss: float
