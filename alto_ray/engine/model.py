@@ -229,7 +229,7 @@ class MultiLoRAModel(nn.Module):
     # -- per-step context ----------------------------------------------------------------------
     @contextmanager
     def batch(self, layout: Sequence[Tuple[str, int, int]], total_rows: int, training: bool,
-              seed: int = 0) -> Iterator[Dict[str, Tuple[torch.Tensor, ...]]]:
+              seed: int = 0) -> Iterator[Dict[str, List[torch.Tensor]]]:
         """Set the row layout ``[(adapter, lo, hi)]`` and cast weights for one forward(+backward).
 
         Yields the per-adapter pieces (compute dtype) so callers can see what the layers use.
