@@ -32,6 +32,16 @@ class RankLocalWorker:
         self.rank, self.world_size = rank, world_size
         self.trainer: Any = None
 
+    def gpu_ids(self) -> List[str]:
+        """The GPUs Ray gave this actor (before CUDA is initialised here)."""
+        import ray
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def where(self) -> tuple:
+        """(node IP, this actor's GPU ids)."""
+        import ray
+        return ray.util.get_node_ip_address(), self.gpu_ids()
+
     def address(self) -> tuple:
         """(node IP, a free port on it): rank 0's answer is every rank's rendezvous."""
         import ray
@@ -41,13 +51,22 @@ class RankLocalWorker:
 
     def setup(self, master_addr: str, master_port: int, model: BackboneSource,
               dataset: Union[DatasetSpec, TaskData], use_gpu: bool, dtype: Optional[torch.dtype],
-              trainer_kwargs: Dict[str, Any], dist_backend: Optional[str]) -> Dict[str, Any]:
+              trainer_kwargs: Dict[str, Any], dist_backend: Optional[str],
+              node_gpus: Optional[List[str]] = None) -> Dict[str, Any]:
         from .ranklocal import RankLocalTrainer
         from .ranklocal_model import init_rank_process_group, load_sharded_backbone, local_shard_numel
 
+        device = torch.device("cpu")
         if use_gpu:
-            torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
-        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+            # Like Ray Train: every rank sees all the group's GPUs of its node (NCCL then finds
+            # the NVLink peers) and picks its own by index.
+            index = 0
+            if node_gpus:
+                mine = self.gpu_ids()[0]
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+                index = node_gpus.index(mine)
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)
         init_rank_process_group(self.rank, self.world_size, master_addr, master_port, dist_backend, device)
         backbone = model(device) if callable(model) else load_sharded_backbone(model, device, dtype)
         kwargs = dict(trainer_kwargs)
@@ -138,9 +157,14 @@ class RankLocalGroup:
             for rank, idx in enumerate(indices)]
         try:
             addr, port = ray.get(self.workers[0].address.remote())
+            node_gpus = None
+            if self.use_gpu:
+                where = ray.get([w.where.remote() for w in self.workers])
+                if len({ip for ip, _ in where}) == 1:  # one node (STRICT_PACK): share its group GPUs
+                    node_gpus = sorted({g for _, ids in where for g in ids}, key=lambda g: (len(g), g))
             self.rank_info: List[Dict[str, Any]] = ray.get([
                 w.setup.remote(addr, port, model, dataset, self.use_gpu, dtype, dict(trainer_kwargs or {}),
-                               dist_backend) for w in self.workers])
+                               dist_backend, node_gpus) for w in self.workers])
         except Exception:
             self.shutdown()
             raise
