@@ -45,7 +45,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alto_ray.cluster.ranklocal import RankLocalTrainer  # noqa: E402
+from alto_ray.cluster.ranklocal import RankLocalTrainer, count_collectives  # noqa: E402
 from alto_ray.cluster.ranklocal_model import build_random_sharded_backbone, local_shard_numel  # noqa: E402
 from alto_ray.engine import AdapterConfig, TaskData  # noqa: E402
 
@@ -157,6 +157,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     rl_times = timed(rl_step, device, args.warmup, args.steps)
     rl_peak = peak_gib(device)
+    with count_collectives() as rl_collectives:  # evidence on NCCL: all-gathers only, no reduction
+        rl_step()
+    sync(device)
     rl_tokens = torch.tensor([tok["rl"]], dtype=torch.float64, device=device if args.cuda else "cpu")
     dist.all_reduce(rl_tokens)
     rl_tps = float(rl_tokens.item()) / statistics.median(rl_times)
@@ -199,6 +202,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "tokens_per_step": {"ranklocal": float(rl_tokens.item()), "fsdp_round": float(dp_tokens.item())},
         "peak_gib_rank0": {"ranklocal": rl_peak, "fsdp": dp_peak},
         "shard_numel_rank0": local_shard_numel(backbone), "build_s": build_s,
+        "ranklocal_collectives_per_step_rank0": {k: v for k, v in rl_collectives.items() if v},
         "fsdp_replicas_agree": replicated, "last_loss_rank0": {"ranklocal": tok["rl_loss"], "fsdp": tok["dp_loss"]},
         "loss_at_init_expected": math.log(config.vocab_size), "padding_micro_steps": trainer.padding_micro_steps,
     }
