@@ -24,9 +24,13 @@ def ray_cluster():
     ray.shutdown()
 
 
-def make_task(model: str, data: str, name: str, **kw) -> LoRATask:
+def make_task(model: str, data: str, **kw) -> LoRATask:
+    """One task for the whole module, so its groups (and loaded backbone) carry over between
+    tests: every test that does not kill a group reuses g0. Only placement (`num_groups`) and
+    trainable-side settings (`checkpoint_every`) vary; those are read by trials, not groups."""
     args = dict(model=model, dataset=data, max_steps=8, eval_every=4, checkpoint_every=2, eval_size=8,
-                max_seq_len=48, name=name, idle_timeout_s=5.0)
+                max_seq_len=48, name="faults", idle_timeout_s=120.0, max_adapters_per_group=2,
+                group_resources={"CPU": 0.5})
     args.update(kw)
     return LoRATask(**args)
 
@@ -47,7 +51,7 @@ def by_lr(grid) -> dict:
 
 
 def test_backfill_admits_a_queued_trial_when_one_stops(tiny_model_dir, tiny_dataset_path, tmp_path):
-    task = make_task(tiny_model_dir, tiny_dataset_path, "backfill", max_adapters_per_group=2)
+    task = make_task(tiny_model_dir, tiny_dataset_path)
     lrs = [1e-3, 2e-3, 3e-3, 4e-3]
     stopped = []
 
@@ -75,14 +79,14 @@ def test_backfill_admits_a_queued_trial_when_one_stops(tiny_model_dir, tiny_data
 
 
 def test_killed_group_fails_over_from_checkpoints(tiny_model_dir, tiny_dataset_path, tmp_path):
-    task = make_task(tiny_model_dir, tiny_dataset_path, "kill", num_groups=2, group_resources={"CPU": 0.5})
+    task = make_task(tiny_model_dir, tiny_dataset_path, num_groups=2)
     lrs = [1e-3, 2e-3, 3e-3, 4e-3]
     killed = []
 
     def kill_g0(trial, result):
-        if not killed and result["alto_group"] == "alto:kill:g0" and result["step"] == 5:
+        if not killed and result["alto_group"] == "alto:faults:g0" and result["step"] == 5:
             killed.append(result["trial_id"])
-            ray.kill(ray.get_actor("alto:kill:g0", namespace="alto"))
+            ray.kill(ray.get_actor("alto:faults:g0", namespace="alto"))
 
     rec = Recorder(on_result=kill_g0)
     grid, rec = run(task, {**BASE, "lr": tune.grid_search(lrs)}, tmp_path, "kill", recorder=rec, max_failures=2)
@@ -90,8 +94,8 @@ def test_killed_group_fails_over_from_checkpoints(tiny_model_dir, tiny_dataset_p
     groups = {}
     for row in rec.rows:
         groups.setdefault(row["trial"], row["group"])
-    assert set(groups.values()) == {"alto:kill:g0", "alto:kill:g1"}  # trials spread over both groups
-    in_g0 = {t for t, g in groups.items() if g == "alto:kill:g0"}
+    assert set(groups.values()) == {"alto:faults:g0", "alto:faults:g1"}  # trials spread over both groups
+    in_g0 = {t for t, g in groups.items() if g == "alto:faults:g0"}
     assert rec.recovered and rec.recovered <= in_g0  # only the killed group's trials noticed
     assert all(r.error is None and r.metrics["step"] == task.max_steps for r in grid)
     for trial, steps in rec.steps().items():
@@ -118,7 +122,7 @@ class PauseOnce(FIFOScheduler):
 
 
 def test_pause_and_resume_lose_nothing(tiny_model_dir, tiny_dataset_path, tmp_path):
-    task = make_task(tiny_model_dir, tiny_dataset_path, "pause", checkpoint_every=3)
+    task = make_task(tiny_model_dir, tiny_dataset_path, checkpoint_every=3)
     lrs = [1e-3, 3e-3]
     sched = PauseOnce(at=4)  # between checkpoints: the PAUSE checkpoint itself must be exact
     grid, rec = run(task, {**BASE, "lr": tune.grid_search(lrs)}, tmp_path, "pause", scheduler=sched)
@@ -136,7 +140,7 @@ class DriverCrash(RuntimeError):
 
 
 def test_tuner_restore_after_driver_failure(tiny_model_dir, tiny_dataset_path, tmp_path):
-    task = make_task(tiny_model_dir, tiny_dataset_path, "restore")
+    task = make_task(tiny_model_dir, tiny_dataset_path)
     lrs = [1e-3, 3e-3]
 
     def crash(trial, result):

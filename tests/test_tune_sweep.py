@@ -14,6 +14,7 @@ import pytest
 import ray
 from ray import tune
 
+from alto_ray.tune.metrics import TrialExitMetrics
 from alto_ray.tune.scheduler import AltoDecisionCallback, AltoScheduler
 from alto_ray.tune.task import LoRATask
 from alto_ray.tune.trainable import lora_trainable
@@ -35,21 +36,21 @@ def sweep(tiny_model_dir, tiny_dataset_path, tmp_path_factory):
     # "behind" than the default and no plateau rule (it would also catch the flat good curves).
     scheduler = AltoScheduler(grace_period=6, window=8, smoothing=0.3, behind_threshold=0.07,
                               plateau_threshold=0.0, min_survivors=2)
-    rec = Recorder()
+    rec, exits = Recorder(), TrialExitMetrics(scheduler)
     tuner = tune.Tuner(
         lora_trainable(task),
         param_space={**BASE, "lr": tune.grid_search(lrs),
                      "rank": tune.sample_from(lambda spec: 0 if spec.config.lr == INVALID_LR else 4)},
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler),
         run_config=tune.RunConfig(name="sweep", storage_path=str(tmp_path_factory.mktemp("sweep")), verbose=0,
-                                  callbacks=[rec, AltoDecisionCallback(scheduler)]))
+                                  callbacks=[rec, AltoDecisionCallback(scheduler), exits]))
     grid = tuner.fit()
-    yield task, grid, {r.config["lr"]: r for r in grid if r.config}, rec
+    yield task, grid, {r.config["lr"]: r for r in grid if r.config}, rec, exits
     ray.shutdown()
 
 
 def test_invalid_config_fails_only_its_trial(sweep):
-    _, grid, by_lr, _ = sweep
+    _, grid, by_lr, _, _ = sweep
     assert grid.num_errors == 1  # its setup raised before it joined; Tune has no config for it
     (failed,) = [r for r in grid if r.error is not None]
     assert "AdapterConfig.rank" in str(failed.error) and "lr=0.0050" in failed.path
@@ -57,7 +58,7 @@ def test_invalid_config_fails_only_its_trial(sweep):
 
 
 def test_bad_configs_stop_early_with_their_reason(sweep):
-    _, _, by_lr, _ = sweep
+    _, _, by_lr, _, exits = sweep
     reason = {lr: by_lr[lr].metrics.get("alto_decision") for lr in (NAN_LR, HIGH_LR, TINY_LR)}
     assert reason[NAN_LR] == "stop:nan" and by_lr[NAN_LR].metrics["step"] <= 3
     assert reason[HIGH_LR] in ("stop:behind", "stop:diverging"), reason  # stuck at ~uniform loss
@@ -66,10 +67,13 @@ def test_bad_configs_stop_early_with_their_reason(sweep):
         assert by_lr[lr].metrics["step"] < MAX_STEPS
     for lr in GOOD:
         assert by_lr[lr].metrics["step"] == MAX_STEPS and by_lr[lr].metrics["done"]
+    counts = exits.counts["sweep-test"]  # the early-exit metric, by reason
+    assert counts["nan"] == 1 and counts["done"] == len(GOOD)
+    assert counts.get("behind", 0) + counts.get("diverging", 0) == 2
 
 
 def test_survivors_train_as_if_the_losers_never_existed(sweep):
-    task, _, by_lr, rec = sweep
+    task, _, by_lr, rec, _ = sweep
     ref = reference_losses(task, [{**BASE, "rank": 4, "lr": lr} for lr in GOOD], MAX_STEPS)
     losses = rec.losses()
     for i, lr in enumerate(GOOD):
@@ -79,7 +83,7 @@ def test_survivors_train_as_if_the_losers_never_existed(sweep):
 
 
 def test_best_config_is_found_and_its_checkpoint_is_a_peft_adapter(sweep, tiny_model_dir):
-    task, grid, by_lr, _ = sweep
+    task, grid, by_lr, _, _ = sweep
     best = grid.get_best_result(metric="eval_loss", mode="min", scope="last")
     finals = {lr: by_lr[lr].metrics["eval_loss"] for lr in GOOD}
     assert best.config["lr"] == min(finals, key=finals.get)

@@ -101,6 +101,11 @@ class AdapterGroup:
             eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
         backbone = getattr(self.trainer.model, "backbone", None)
         self._model_config = getattr(backbone, "config", None)
+        # Admission budget: what the device had free once the backbone was in, less headroom.
+        # Estimates of admitted adapters are charged against it as they join: free memory only
+        # drops after their first step, so measuring it per admission would over-admit.
+        self._budget = _free_bytes(self.device) * (1.0 - task.memory_headroom)
+        self._charged: Dict[str, int] = {}
         self._members: Dict[str, _Member] = {}
         self._reserved: Dict[str, float] = {}  # trial id -> when; checked, not joined yet
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
@@ -250,6 +255,10 @@ class AdapterGroup:
             try:
                 results = await self._run(self.trainer.step)
             except Exception as err:  # an engine failure fails this step's requests only
+                if "out of memory" in str(err).lower():  # the estimate was too low: learn
+                    self._budget = 0.9 * sum(self._charged.values())
+                    logger.error("%s: OOM with %d adapters; budget now %.2f GB", self.spec.name,
+                                 len(active), self._budget / 1e9)
                 for m in active:
                     _fail(m, err)
                 raise
@@ -371,16 +380,18 @@ class AdapterGroup:
         self.metrics.on_membership(load["active"], load["queued"])
 
     def _fits(self, m: _Member) -> bool:
-        active = sum(1 for x in self._members.values() if x.state is _State.ACTIVE)
-        if active == 0:
-            return True  # never starve: a lone adapter always gets a try
-        cap = self.task.max_adapters_per_group
-        if cap is not None and active >= cap:
-            return False
-        need = _adapter_bytes(self._model_config, m.config, self.trainer.dtype)
-        if need is None:
-            return True
-        return need <= _free_bytes(self.device) * (1.0 - self.task.memory_headroom)
+        """Admission: the count cap, then the engine's estimate against the memory budget."""
+        active = [x.trial_id for x in self._members.values() if x.state is _State.ACTIVE]
+        self._charged = {t: b for t, b in self._charged.items() if t in active}
+        need = _adapter_bytes(self._model_config, m.config, self.trainer.dtype) or 0
+        if active:  # a lone adapter always gets a try: never starve
+            cap = self.task.max_adapters_per_group
+            if cap is not None and len(active) >= cap:
+                return False
+            if sum(self._charged.values()) + need > self._budget:
+                return False
+        self._charged[m.trial_id] = need
+        return True
 
     async def _check_liveness(self) -> None:
         """Evict active members whose trial actor died or went silent past the lease."""

@@ -71,3 +71,46 @@ class GroupMetrics:
             self.exits.inc(1, tags=tags)
         except Exception as err:  # pragma: no cover
             logger.debug("alto metrics: %s", err)
+
+
+try:  # the driver-side half needs Tune; the group-side half above does not
+    from ray.tune import Callback as _Callback
+except Exception:  # pragma: no cover
+    _Callback = object  # type: ignore[assignment,misc]
+
+
+class TrialExitMetrics(_Callback):  # type: ignore[misc,valid-type]
+    """Tune callback (driver side): `alto_early_exits_total{task, reason}` for every trial end.
+
+    The reason is the scheduler's (`nan`, `diverging`, `plateau`, `behind` with AltoScheduler)
+    when it stopped the trial, else `done` or `error`. Groups cannot see this: a trial only
+    learns that it was stopped, not why. Use: `RunConfig(callbacks=[TrialExitMetrics(sched)])`.
+    """
+
+    def __init__(self, scheduler: object = None) -> None:
+        self._scheduler = scheduler
+        self.counts: Dict[str, Dict[str, int]] = {}
+        try:
+            from ray.util.metrics import Counter
+
+            self._counter = Counter("alto_early_exits_total", "Trials ended, by reason", ("task", "reason"))
+        except Exception:  # pragma: no cover
+            self._counter = None
+
+    def _count(self, trial: object, reason: str) -> None:
+        result = getattr(trial, "last_result", None) or {}
+        task = str(result.get("alto_task") or getattr(trial, "trainable_name", "default"))
+        by_task = self.counts.setdefault(task, {})
+        by_task[reason] = by_task.get(reason, 0) + 1
+        if self._counter is not None:
+            try:
+                self._counter.inc(1, tags={"task": task, "reason": reason})
+            except Exception as err:  # pragma: no cover
+                logger.debug("alto metrics: %s", err)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: object, **info: object) -> None:
+        why = getattr(self._scheduler, "stop_reason", lambda _: None)(getattr(trial, "trial_id", ""))
+        self._count(trial, str(getattr(why, "value", why)) if why is not None else "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: object, **info: object) -> None:
+        self._count(trial, "error")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any, Dict, List, Optional, Type
 
 import ray
@@ -47,7 +48,7 @@ class LoRATrainable(tune.Trainable):
         self._exit_reason = "stopped"
         self._step = 0
         self._adapter = self.task.adapter_dict(config)
-        self._group, spec = connect(self.task)
+        self._group, spec = connect(self.task, self.trial_id)
         self._group_name = spec.name
         problem = self._call(self._group.check.remote(self._adapter, self.trial_id))
         if problem:  # fails this trial only, before it joins any group
@@ -108,7 +109,7 @@ class LoRATrainable(tune.Trainable):
                 if attempt == 4:
                     raise
                 logger.info("rejoining after %s", err)
-                group, spec = connect(self.task)
+                group, spec = connect(self.task, self.trial_id)
                 name = self._group_name = spec.name
                 continue
             self._group, self._group_name, self._joined = group, name, True
@@ -150,12 +151,16 @@ def group_options(spec: GroupSpec) -> Dict[str, Any]:
     return opts
 
 
-def connect(task: LoRATask, attempts: int = 20, backoff_s: float = 0.5) -> "tuple[Any, GroupSpec]":
+def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
+            backoff_s: float = 0.5) -> "tuple[Any, GroupSpec]":
     """Get or create the task's groups and return the least-loaded live one.
 
-    A group that just died or is closing (idle) is retried: its name becomes free again, and the
-    next `get_if_exists` creates a fresh actor.
+    Ties (typical at a cold start, when every trial waits for the groups to load and then reads
+    the same empty loads) are broken round-robin by the trial's number, so trials that start
+    together still spread evenly. A group that just died or is closing (idle) is retried: its
+    name becomes free again, and the next `get_if_exists` creates a fresh actor.
     """
+    salt = _trial_number(trial_id)
     last_err: Optional[BaseException] = None
     for attempt in range(attempts):
         specs = task.group_specs()
@@ -172,13 +177,19 @@ def connect(task: LoRATask, attempts: int = 20, backoff_s: float = 0.5) -> "tupl
                 continue
             if load["closing"]:
                 continue
-            key = (load["active"] + load["queued"] + load["reserved"], spec.index)
+            key = (load["active"] + load["queued"] + load["reserved"], (spec.index - salt) % len(specs))
             if best is None or key < best[0]:
                 best = (key, handle, spec)
         if best is not None:
             return best[1], best[2]
         time.sleep(backoff_s * min(attempt + 1, 4))
     raise RuntimeError(f"no live AdapterGroup for task {task.task_name}: {last_err}")
+
+
+def _trial_number(trial_id: str) -> int:
+    """Tune trial ids end in a running number ("a1b2c_00007"); other ids hash."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else zlib.crc32(trial_id.encode())
 
 
 def _failed_in_init(err: BaseException) -> bool:

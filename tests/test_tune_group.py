@@ -1,0 +1,106 @@
+"""The AdapterGroup actor driven directly (no Tune): validation, lock-step, non-finite losses,
+checkpoint round trip, eviction of silent and dead trials. Real local Ray cluster, CPU."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import ray
+
+from alto_ray.tune.task import LoRATask
+from alto_ray.tune.trainable import connect
+
+GOOD = {"rank": 4, "alpha": 8, "lr": 3e-3, "batch_size": 2, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def group(tiny_model_dir, tiny_dataset_path):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=50, eval_every=5, eval_size=8,
+                    max_seq_len=48, name="group-test", lease_timeout_s=3.0, nonfinite_patience=3)
+    handle, spec = connect(task)
+    yield task, handle
+    ray.shutdown()
+
+
+def cfg(task: LoRATask, **changes) -> dict:
+    return task.adapter_dict({**GOOD, **changes})
+
+
+def ask(handle, trial: str):
+    return ray.get(handle.next_result.remote(trial), timeout=60)
+
+
+@ray.remote(num_cpus=0)
+class Owner:  # stands in for a trial actor
+    def ping(self) -> bool:
+        return True
+
+
+def test_check_names_the_bad_field(group):
+    task, handle = group
+    assert ray.get(handle.check.remote(cfg(task))) is None
+    assert "AdapterConfig.rank" in ray.get(handle.check.remote(cfg(task, rank=0)))
+    assert "AdapterConfig.lr" in ray.get(handle.check.remote(cfg(task, lr=-1.0)))
+    assert "AdapterConfig.batch_size" in ray.get(handle.check.remote(cfg(task, batch_size="four")))
+
+
+def test_results_state_round_trip_and_eval(group):
+    task, handle = group
+    ray.get(handle.join.remote("a", cfg(task)))
+    first = ask(handle, "a")
+    assert first["step"] == 1 and math.isfinite(first["eval_loss"]) and first["eval_step"] == 1
+    assert first["alto_group"] == "alto:group-test:g0" and first["max_steps"] == 50 and not first["done"]
+    second = ask(handle, "a")
+    assert second["eval_step"] == 1 and second["eval_loss"] == first["eval_loss"]  # carried
+    assert second["tokens"] > first["tokens"] > 0
+    files = ray.get(handle.get_state.remote("a"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"} <= set(files)
+    third = ask(handle, "a")
+    assert ray.get(handle.leave.remote("a", "stopped"))
+    ray.get(handle.join.remote("a", cfg(task), files))  # resume from the step-2 checkpoint
+    again = ask(handle, "a")
+    assert again["step"] == 3 and again["tokens"] == third["tokens"]
+    assert math.isclose(again["loss"], third["loss"], rel_tol=1e-5)
+    ray.get(handle.leave.remote("a", "stopped"))
+
+
+def test_nonfinite_adapter_ends_alone(group):
+    task, handle = group
+    ray.get(handle.join.remote("good", cfg(task)))
+    ray.get(handle.join.remote("nan", cfg(task, lr=1e20)))
+    seen = []
+    for _ in range(5):
+        good, bad = ray.get([handle.next_result.remote("good"), handle.next_result.remote("nan")], timeout=60)
+        seen.append(bad)
+        assert math.isfinite(good["loss"])
+        if bad["done"]:
+            break
+    assert not seen[0]["done"] and math.isnan(seen[-1]["loss"]) and seen[-1]["done"]
+    assert len(seen) == 1 + task.nonfinite_patience  # one finite step, then `patience` NaNs
+    with pytest.raises(RuntimeError, match="already finished"):
+        ask(handle, "nan")
+    assert ask(handle, "good")["step"] == len(seen) + 1  # never waits for the finished one
+    for t in ("good", "nan"):
+        ray.get(handle.leave.remote(t, "stopped"))
+
+
+def test_silent_and_dead_trials_are_evicted(group):
+    task, handle = group
+    owner = Owner.remote()
+    ray.get(owner.ping.remote())
+    ray.get(handle.join.remote("alive", cfg(task)))
+    ray.get(handle.join.remote("silent", cfg(task)))  # never asks: the lease evicts it
+    ray.get(handle.join.remote("dead", cfg(task), None, owner))
+    ray.kill(owner)  # its trial actor died without leaving: the ping evicts it
+    t0 = time.monotonic()
+    result = ask(handle, "alive")
+    assert result["step"] == 1 and time.monotonic() - t0 < task.lease_timeout_s + 5
+    members = ray.get(handle.describe.remote())["members"]
+    assert members["silent"]["state"] == "evicted" and "lease" in members["silent"]["reason"]
+    assert members["dead"]["state"] == "evicted" and "died" in members["dead"]["reason"]
+    with pytest.raises(LookupError, match="evicted|lease"):
+        ask(handle, "silent")
+    assert ask(handle, "alive")["step"] == 2
+    ray.get(handle.leave.remote("alive", "done"))
