@@ -211,7 +211,7 @@ class Coordinator:
     def metrics(self) -> dict:
         counts = {s: sum(e.status == s for e in self.tasks.values()) for s in ("queued", "running")}
         p = self._plan
-        tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.progress,
+        tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.measured_at is not None,
                      "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
                      "predicted_remaining_s": self._remaining(e)} for t, e in self.tasks.items()}
         return {**counts, "finished": len(self.finished), "nodes": len(self.nodes), "tasks": tasks,
