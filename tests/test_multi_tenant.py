@@ -107,6 +107,10 @@ def test_backbone_too_big_fails_before_anything_runs(env, tmp_path) -> None:
     before = len(ray.util.placement_group_table())
     with pytest.raises(ValueError, match=r"huge-405b.*does not fit any GPU"):
         run_tenant(task, {"lr": 1e-3}, tune.TuneConfig(num_samples=2), coordinator_options=env["coord"])
+    small = _task(env, "small", "too-wide", 5)           # a group wider than any node
+    with pytest.raises(ValueError, match=r"too-wide.*wants 4 GPUs per group"):
+        run_tenant(small, {"lr": 1e-3}, tune.TuneConfig(num_samples=2), coordinator_options=env["coord"],
+                   gpus_per_group=4)
     assert len(ray.util.placement_group_table()) == before
     assert "huge-405b" not in ray.get(get_coordinator(**env["coord"]).status.remote())
 

@@ -173,6 +173,10 @@ class Tenant:
                     ray.get(g.placement_group.ready(), timeout=30)
                     break
                 except ray.exceptions.GetTimeoutError:
+                    waited = time.time() - self.granted_at
+                    if self.max_wait_s is not None and waited > self.max_wait_s:
+                        raise TimeoutError(f"task {self.name!r}: placement group {g.pg_name} {g.bundles} "
+                                           f"not placeable after {waited:.0f}s (cluster changed?)") from None
                     logger.info("alto tenant %s: waiting for placement group %s", self.name, g.pg_name)
         specs = [group_spec(self.name, g) for g in self.grants]
         self.task = self.base_task.replace(placement=GrantedPlacement(specs, self))
@@ -183,7 +187,11 @@ class Tenant:
     def start(self) -> LoRATask:
         """register + acquire + start progress reporting; returns the placed task."""
         self.register()
-        task = self.acquire()
+        try:
+            task = self.acquire()
+        except BaseException:
+            self.withdraw()                      # leave the queue / free what was granted
+            raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._progress_loop, name=f"alto-progress-{self.name}",
                                         daemon=True)
