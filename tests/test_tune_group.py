@@ -104,3 +104,22 @@ def test_silent_and_dead_trials_are_evicted(group):
         ask(handle, "silent")
     assert ask(handle, "alive")["step"] == 2
     ray.get(handle.leave.remote("alive", "done"))
+
+
+def test_idle_group_exits_and_a_new_one_takes_its_name(group, tiny_model_dir, tiny_dataset_path):
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=5, eval_size=8,
+                    name="idle-test", idle_timeout_s=1.0)
+    handle, spec = connect(task, "t_00000")
+    assert ray.get(handle.check.remote(cfg(task))) is None  # no reservation: nothing keeps it
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(spec.name, namespace="alto")
+        except ValueError:
+            break  # exited: a detached group does not outlive its work
+        time.sleep(0.5)
+    else:
+        pytest.fail("idle group did not exit")
+    again, _ = connect(task, "t_00001")
+    assert ray.get(again.load.remote())["active"] == 0
+    ray.kill(again)

@@ -80,3 +80,16 @@ def test_checkpoint_files_round_trip(tmp_path) -> None:
         read_files(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="plain file name"):
         write_files(str(tmp_path), {"../x": b""})
+
+
+def test_reports_of_several_steps_average_the_loss() -> None:
+    from alto_ray.tune.trainable import _merge
+
+    rows = [{"loss": 2.0, "finite": True, "step": 1, "lr": 0.1, "group_step_s": 0.5},
+            {"loss": 4.0, "finite": True, "step": 2, "lr": 0.2, "group_step_s": 0.5}]
+    merged = _merge(rows)
+    assert merged["loss"] == 3.0 and merged["step"] == 2 and merged["lr"] == 0.2
+    assert merged["time_in_group_s"] == 1.0
+    rows[0].update(loss=float("nan"), finite=False)
+    merged = _merge(rows)
+    assert merged["loss"] != merged["loss"] and not merged["finite"]  # NaN anywhere shows

@@ -156,7 +156,7 @@ class AdapterGroup:
         await self._admit()
         self._wake.set()
         return {"group": self.spec.name, "device": self.device,
-                "state": self._members[trial_id].state.value, **self.load()}
+                "state": self._members[trial_id].state.value, **self._load()}
 
     async def next_result(self, trial_id: str) -> Dict[str, Any]:
         """Park a request for the trial's next step; answered after the next grouped step."""
@@ -198,8 +198,16 @@ class AdapterGroup:
         async with self._lock:
             return await self._run(pack_state, self.trainer, trial_id, self._summary(m))
 
-    def load(self) -> Dict[str, Any]:
-        """Members by state; trials pick the least-loaded group by `active + queued + reserved`."""
+    async def load(self) -> Dict[str, Any]:
+        """Members by state; trials pick the least-loaded group by `active + queued + reserved`.
+
+        Every trial calls this first (see `connect`), so it also starts the step loop, which
+        is what lets an unused group exit after `idle_timeout_s`.
+        """
+        self._ensure_loop()
+        return self._load()
+
+    def _load(self) -> Dict[str, Any]:
         counts = {s.value: 0 for s in _State}
         for m in self._members.values():
             counts[m.state.value] += 1
@@ -212,7 +220,7 @@ class AdapterGroup:
         return {"group": self.spec.name, "task": self.task_name, "device": self.device,
                 "gpu": self.gpu, "steps": self._steps, "members": {
                     t: {"state": m.state.value, "step": m.step, "reason": m.reason}
-                    for t, m in self._members.items()}, **self.load()}
+                    for t, m in self._members.items()}, **self._load()}
 
     # ------------------------------------------------------------------ internals
     def _ensure_loop(self) -> None:
@@ -286,7 +294,7 @@ class AdapterGroup:
             m.pending, m.last_seen = None, now
         if any(m.state is _State.FINISHED for m in active):
             await self._admit()
-        load = self.load()
+        load = self._load()
         self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, _gpu_bytes(self.device))
         return True
 
@@ -310,7 +318,7 @@ class AdapterGroup:
             reason = "done"
         elif m.nonfinite >= self.task.nonfinite_patience:
             reason = "nonfinite"
-        load = self.load()
+        load = self._load()
         return {
             "loss": float(r.loss) if finite else float("nan"),
             "eval_loss": m.eval_loss if m.eval_loss is not None else float("nan"),
@@ -376,7 +384,7 @@ class AdapterGroup:
                 m.eval_loss = meta.get("eval_loss")
                 m.eval_step = int(meta.get("eval_step", 0))
                 m.step = int(meta.get("step", 0))
-        load = self.load()
+        load = self._load()
         self.metrics.on_membership(load["active"], load["queued"])
 
     def _fits(self, m: _Member) -> bool:
@@ -418,7 +426,7 @@ class AdapterGroup:
                     await self._evict(m, "trial actor died")
 
     def _idle_exit_due(self) -> bool:
-        if self._members or self.load()["reserved"]:
+        if self._members or self._load()["reserved"]:
             return False
         return time.monotonic() - self._idle_since > self.task.idle_timeout_s
 
