@@ -40,7 +40,9 @@ def run(task: LoRATask, space: dict, tmp_path, name: str, **kw) -> tuple:
     failure = tune.FailureConfig(max_failures=kw.pop("max_failures", 0))
     tuner = tune.Tuner(
         lora_trainable(task), param_space=space,
-        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=kw.pop("scheduler", None)),
+        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=kw.pop("scheduler", None),
+                                    reuse_actors=kw.pop("reuse_actors", False),
+                                    max_concurrent_trials=kw.pop("max_concurrent_trials", None)),
         run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), callbacks=[rec], verbose=0,
                                   failure_config=failure, stop=kw.pop("stop", None)))
     return tuner.fit(), rec
@@ -122,11 +124,14 @@ class PauseOnce(FIFOScheduler):
 
 
 def test_pause_and_resume_lose_nothing(tiny_model_dir, tiny_dataset_path, tmp_path):
+    """PBT-style: trials take turns on one reused trial actor (reset_config), each paused once."""
     task = make_task(tiny_model_dir, tiny_dataset_path, checkpoint_every=3)
     lrs = [1e-3, 3e-3]
     sched = PauseOnce(at=4)  # between checkpoints: the PAUSE checkpoint itself must be exact
-    grid, rec = run(task, {**BASE, "lr": tune.grid_search(lrs)}, tmp_path, "pause", scheduler=sched)
+    grid, rec = run(task, {**BASE, "lr": tune.grid_search(lrs)}, tmp_path, "pause", scheduler=sched,
+                    reuse_actors=True, max_concurrent_trials=1)
     assert len(sched.paused) == 2
+    assert len({row["pid"] for row in rec.rows}) == 1  # one actor served both trials, 4 turns
     ref = reference_losses(task, [{**BASE, "lr": lr} for lr in lrs], task.max_steps)
     losses, steps = rec.losses(), rec.steps()
     for i, lr in enumerate(lrs):

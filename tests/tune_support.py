@@ -22,6 +22,7 @@ class Recorder(tune.Callback):
         self.rows.append({"trial": trial.trial_id, "step": result.get("step"), "loss": result.get("loss"),
                           "t": time.time(), "group": result.get("alto_group"),
                           "active": result.get("alto_active"), "queue_wait_s": result.get("queue_wait_s"),
+                          "pid": result.get("pid"),
                           "config": dict(trial.config)})
         if self._on_result is not None:
             self._on_result(trial, result)

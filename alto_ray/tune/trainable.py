@@ -47,10 +47,11 @@ class LoRATrainable(tune.Trainable):
         self._restore: Optional[Dict[str, bytes]] = None
         self._exit_reason = "stopped"
         self._step = 0
+        self._id = self.trial_id  # our name in the group (reset_config changes trial_id first)
         self._adapter = self.task.adapter_dict(config)
-        self._group, spec = connect(self.task, self.trial_id)
+        self._group, spec = connect(self.task, self._id)
         self._group_name = spec.name
-        problem = self._call(self._group.check.remote(self._adapter, self.trial_id))
+        problem = self._call(self._group.check.remote(self._adapter, self._id))
         if problem:  # fails this trial only, before it joins any group
             raise ValueError(problem)
         self._reserved = True
@@ -61,7 +62,7 @@ class LoRATrainable(tune.Trainable):
                 self._join()
             results: List[Dict[str, Any]] = []
             for _ in range(self.task.steps_per_report):
-                results.append(self._call(self._group.next_result.remote(self.trial_id)))
+                results.append(self._call(self._group.next_result.remote(self._id)))
                 if results[-1]["done"]:
                     break
         except BaseException:
@@ -79,7 +80,7 @@ class LoRATrainable(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> Optional[Dict[str, Any]]:
         if self._joined:
-            files = self._call(self._group.get_state.remote(self.trial_id))
+            files = self._call(self._group.get_state.remote(self._id))
         elif self._restore is not None:  # restored but not stepped since: keep what we had
             files = self._restore
         else:  # nothing trained yet: an empty checkpoint means "start fresh"
@@ -98,18 +99,25 @@ class LoRATrainable(tune.Trainable):
     def cleanup(self) -> None:
         self._leave(self._exit_reason)
 
+    def reset_config(self, new_config: Dict[str, Any]) -> bool:
+        """Actor reuse (`TuneConfig(reuse_actors=True)`, e.g. under PBT): the previous trial's
+        adapter leaves its group, the new trial starts as a fresh `setup`."""
+        self._leave(self._exit_reason)
+        self.setup(new_config)
+        return True
+
     # -------------------------------------------------------------- group calls
     def _join(self) -> None:
         owner = _current_actor()
         group, name = self._group, self._group_name
         for attempt in range(5):
             try:
-                self._call(group.join.remote(self.trial_id, self._adapter, self._restore, owner))
+                self._call(group.join.remote(self._id, self._adapter, self._restore, owner))
             except RuntimeError as err:  # group lost or closing since setup: find a live one
                 if attempt == 4:
                     raise
                 logger.info("rejoining after %s", err)
-                group, spec = connect(self.task, self.trial_id)
+                group, spec = connect(self.task, self._id)
                 name = self._group_name = spec.name
                 continue
             self._group, self._group_name, self._joined = group, name, True
@@ -121,7 +129,7 @@ class LoRATrainable(tune.Trainable):
             return
         self._joined = self._reserved = False
         try:
-            ray.get(self._group.leave.remote(self.trial_id, reason), timeout=_LEAVE_TIMEOUT_S)
+            ray.get(self._group.leave.remote(self._id, reason), timeout=_LEAVE_TIMEOUT_S)
         except Exception as err:  # group gone: nothing to leave
             logger.debug("leave %s: %s", self._group_name, err)
 
