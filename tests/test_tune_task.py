@@ -44,6 +44,15 @@ def test_validate_names_the_field(tiny_model_dir: str, tiny_dataset_path: str, c
         lora_trainable(task)  # fails on the driver, before Tune starts anything
 
 
+def test_dataset_records_and_model_dir_are_checked(tiny_model_dir: str, tiny_dataset_path: str, tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n')
+    with pytest.raises(ValueError, match="LoRATask.dataset: records need 'text'"):
+        LoRATask(model=tiny_model_dir, dataset=str(bad)).validate()
+    with pytest.raises(ValueError, match="LoRATask.model: .* has no config.json"):
+        LoRATask(model=str(tmp_path), dataset=tiny_dataset_path).validate()
+
+
 def test_hub_id_is_not_checked_locally(tiny_dataset_path: str) -> None:
     LoRATask(model="meta-llama/Llama-3.2-1B", dataset=tiny_dataset_path).validate()
 

@@ -26,7 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import ray
 
@@ -82,19 +82,16 @@ class AdapterGroup:
     """One backbone on one device, shared by the adapters of many trials of one task."""
 
     def __init__(self, task: LoRATask, spec: GroupSpec) -> None:
-        from alto_ray.engine import GroupedTrainer  # heavy import: only in the group process
+        import torch  # heavy imports: only in the group process, never in trials
+
+        from alto_ray.engine import DEFAULT_TARGET_MODULES, GroupedTrainer
 
         self.task = task
         self.spec = spec
         self.task_name = task.task_name
         self.device = _resolve_device(task.device)
-        threads = max(1, int(spec.resources.get("CPU", 1) or 1))
-        import torch
-
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, int(spec.resources.get("CPU", 1) or 1)))
         self.gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if self.device == "cuda" else ""
-        from alto_ray.engine import DEFAULT_TARGET_MODULES
-
         model = task.model if isinstance(task.model, str) else task.model()
         self.trainer = GroupedTrainer(
             model=model, dataset=_dataset_spec(task), device=self.device, dtype=_torch_dtype(task.dtype),
@@ -149,7 +146,7 @@ class AdapterGroup:
         config = adapter_config(config)
         self._reserved.pop(trial_id, None)
         if trial_id in self._members:  # a restarted trial whose old self never left
-            await self._drop(trial_id, "error")
+            await self._drop(trial_id, "rejoined")
         now = time.monotonic()
         self._members[trial_id] = _Member(trial_id, config, now, files=files, owner=owner,
                                           last_seen=now)
@@ -332,7 +329,7 @@ class AdapterGroup:
 
     def _summary(self, m: _Member) -> Dict[str, Any]:
         return {**m.meta(), "task": self.task_name, "group": self.spec.name,
-                "config": _config_dict(m.config)}
+                "config": m.config.to_dict()}
 
     async def _drop(self, trial_id: str, reason: str) -> bool:
         m = self._members.pop(trial_id, None)
@@ -474,14 +471,6 @@ def _torch_dtype(name: Optional[str]) -> Any:
 
     return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
-
-
-def _config_dict(cfg: Any) -> Dict[str, Any]:
-    import dataclasses
-
-    if dataclasses.is_dataclass(cfg):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-    return dict(cfg) if isinstance(cfg, dict) else {"repr": repr(cfg)}
 
 
 def _adapter_bytes(model_config: Any, cfg: Any, dtype: Any) -> Optional[int]:

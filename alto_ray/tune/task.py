@@ -86,13 +86,15 @@ class LoRATask:
                 or self.model.count("/") > 1
                 or not _HUB_ID.match(self.model)
             )
-            if not os.path.exists(os.path.expanduser(self.model)) and looks_local:
+            path = os.path.expanduser(self.model)
+            if not os.path.exists(path) and looks_local:
                 raise ValueError(f"LoRATask.model: path {self.model!r} does not exist")
+            if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"LoRATask.model: {self.model!r} has no config.json (not a model directory)")
         elif not callable(self.model):
             raise ValueError("LoRATask.model: expected a path, a hub id or a model factory")
         if isinstance(self.dataset, (str, os.PathLike)):
-            if not os.path.isfile(os.path.expanduser(os.fspath(self.dataset))):
-                raise ValueError(f"LoRATask.dataset: file {os.fspath(self.dataset)!r} not found")
+            _check_dataset_file(os.path.expanduser(os.fspath(self.dataset)))
         elif self.dataset is None:
             raise ValueError("LoRATask.dataset: required (a .jsonl path or a DatasetSpec)")
         for name in ("max_steps", "eval_every", "steps_per_report", "eval_size",
@@ -193,6 +195,26 @@ def _cluster_gpus() -> int:
     except Exception:  # pragma: no cover - Ray not importable / not connected
         pass
     return 0
+
+
+def _check_dataset_file(path: str) -> None:
+    """The file exists and (for JSONL) its first record has the fields the engine will read."""
+    if not os.path.isfile(path):
+        raise ValueError(f"LoRATask.dataset: file {path!r} not found")
+    if not path.lower().endswith(".jsonl"):
+        return
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        raise ValueError(f"LoRATask.dataset: {path!r} is empty")
+    try:
+        record = json.loads(first)
+    except ValueError as err:
+        raise ValueError(f"LoRATask.dataset: {path!r} line 1 is not JSON ({err})") from err
+    if not isinstance(record, dict) or not ({"text"} <= record.keys() or {"prompt", "completion"} <= record.keys()):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"LoRATask.dataset: records need 'text' or 'prompt'+'completion' fields "
+                         f"(pass a DatasetSpec to name others); {path!r} has {found}")
 
 
 def _positive_int(task: LoRATask, name: str) -> None:
