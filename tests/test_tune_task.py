@@ -102,3 +102,25 @@ def test_reports_of_several_steps_average_the_loss() -> None:
     rows[0].update(loss=float("nan"), finite=False)
     merged = _merge(rows)
     assert merged["loss"] != merged["loss"] and not merged["finite"]  # NaN anywhere shows
+
+
+def test_memory_budget_admits_by_estimate_and_cap(tiny_model_dir: str) -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from alto_ray.engine import AdapterConfig
+    from alto_ray.tune.admission import MemoryBudget
+
+    cfg = AdapterConfig(rank=8, batch_size=4, max_seq_len=64)
+    mem = MemoryBudget("cpu", AutoConfig.from_pretrained(tiny_model_dir), torch.float32, 0.1, None)
+    need = mem.estimate(cfg)
+    assert need > 0
+    mem.budget = 2.5 * need
+    assert mem.admit("a", cfg, []) and mem.admit("b", cfg, ["a"])
+    assert not mem.admit("c", cfg, ["a", "b"])  # a third would not fit
+    assert mem.admit("c", cfg, ["b"])  # "a" left: its charge is released
+    mem.on_oom()  # the estimate proved too low: what was charged no longer fits
+    assert mem.budget < 2 * need and not mem.admit("d", cfg, ["b", "c"])
+    assert mem.admit("lone", cfg, [])  # a lone adapter always gets a try
+    capped = MemoryBudget("cpu", None, None, 0.1, max_adapters=1)
+    assert capped.admit("a", cfg, []) and not capped.admit("b", cfg, ["a"])

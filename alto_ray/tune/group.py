@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Optional
 
 import ray
 
+from alto_ray.tune.admission import MemoryBudget, allocated_bytes
 from alto_ray.tune.checkpoint import Files, pack_state, unpack_state
 from alto_ray.tune.metrics import GroupMetrics
 from alto_ray.tune.task import GroupSpec, LoRATask
@@ -97,12 +98,8 @@ class AdapterGroup:
             model=model, dataset=_dataset_spec(task), device=self.device, dtype=_torch_dtype(task.dtype),
             eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
         backbone = getattr(self.trainer.model, "backbone", None)
-        self._model_config = getattr(backbone, "config", None)
-        # Admission budget: what the device had free once the backbone was in, less headroom.
-        # Estimates of admitted adapters are charged against it as they join: free memory only
-        # drops after their first step, so measuring it per admission would over-admit.
-        self._budget = _free_bytes(self.device) * (1.0 - task.memory_headroom)
-        self._charged: Dict[str, int] = {}
+        self.memory = MemoryBudget(self.device, getattr(backbone, "config", None), self.trainer.dtype,
+                                   task.memory_headroom, task.max_adapters_per_group)
         self._members: Dict[str, _Member] = {}
         self._reserved: Dict[str, float] = {}  # trial id -> when; checked, not joined yet
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
@@ -261,9 +258,7 @@ class AdapterGroup:
                 results = await self._run(self.trainer.step)
             except Exception as err:  # an engine failure fails this step's requests only
                 if "out of memory" in str(err).lower():  # the estimate was too low: learn
-                    self._budget = 0.9 * sum(self._charged.values())
-                    logger.error("%s: OOM with %d adapters; budget now %.2f GB", self.spec.name,
-                                 len(active), self._budget / 1e9)
+                    self.memory.on_oom()
                 for m in active:
                     _fail(m, err)
                 raise
@@ -291,8 +286,9 @@ class AdapterGroup:
             m.pending, m.last_seen = None, now
         if any(m.state is _State.FINISHED for m in active):
             await self._admit()
+        self.memory.after_step()
         load = self._load()
-        self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, _gpu_bytes(self.device))
+        self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, allocated_bytes(self.device))
         return True
 
     def _eval_due(self, m: _Member, step: int) -> bool:
@@ -365,7 +361,8 @@ class AdapterGroup:
         async with self._lock:
             for m in sorted((m for m in self._members.values() if m.state is _State.QUEUED),
                             key=lambda m: m.joined_at):
-                if not self._fits(m):
+                active = [x.trial_id for x in self._members.values() if x.state is _State.ACTIVE]
+                if not self.memory.admit(m.trial_id, m.config, active):
                     break
                 try:
                     state, meta = unpack_state(m.files)
@@ -383,20 +380,6 @@ class AdapterGroup:
                 m.step = int(meta.get("step", 0))
         load = self._load()
         self.metrics.on_membership(load["active"], load["queued"])
-
-    def _fits(self, m: _Member) -> bool:
-        """Admission: the count cap, then the engine's estimate against the memory budget."""
-        active = [x.trial_id for x in self._members.values() if x.state is _State.ACTIVE]
-        self._charged = {t: b for t, b in self._charged.items() if t in active}
-        need = _adapter_bytes(self._model_config, m.config, self.trainer.dtype) or 0
-        if active:  # a lone adapter always gets a try: never starve
-            cap = self.task.max_adapters_per_group
-            if cap is not None and len(active) >= cap:
-                return False
-            if sum(self._charged.values()) + need > self._budget:
-                return False
-        self._charged[m.trial_id] = need
-        return True
 
     async def _check_liveness(self) -> None:
         """Evict active members whose trial actor died or went silent past the lease."""
@@ -471,36 +454,3 @@ def _torch_dtype(name: Optional[str]) -> Any:
 
     return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
-
-
-def _adapter_bytes(model_config: Any, cfg: Any, dtype: Any) -> Optional[int]:
-    if model_config is None:
-        return None
-    try:
-        from alto_ray.engine.memory import estimate_adapter_bytes
-
-        return int(estimate_adapter_bytes(model_config, cfg, dtype))
-    except Exception as err:  # pragma: no cover - no estimate for this model: memory unbounded
-        logger.debug("no adapter memory estimate: %s", err)
-        return None
-
-
-def _free_bytes(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return float(torch.cuda.mem_get_info()[0])
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except Exception:  # pragma: no cover
-        return float("inf")
-
-
-def _gpu_bytes(device: str) -> Optional[int]:
-    if device != "cuda":
-        return None
-    import torch
-
-    return int(torch.cuda.memory_allocated())
