@@ -29,6 +29,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
 from alto_ray import AltoScheduler, LoRATask, lora_trainable  # noqa: E402
 from alto_ray.engine.testing import make_tiny_llama, write_arithmetic_jsonl  # noqa: E402
+from alto_ray.tune.metrics import TrialExitMetrics  # noqa: E402
 from alto_ray.tune.scheduler import AltoDecisionCallback  # noqa: E402
 
 BAD = [  # (why, config): AltoScheduler should stop each of these early
@@ -69,7 +70,10 @@ def main() -> None:
                                     search_alg=BasicVariantGenerator(points_to_evaluate=[c for _, c in BAD],
                                                                      random_state=0)),
         run_config=tune.RunConfig(name="quickstart", storage_path=os.path.join(out, "ray_results"), verbose=1,
-                                  callbacks=[AltoDecisionCallback(scheduler)]),
+                                  callbacks=[AltoDecisionCallback(scheduler), TrialExitMetrics(scheduler)],
+                                  # the trainable checkpoints every `checkpoint_every` steps and at
+                                  # the end; keep only the newest two per trial
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
     t0 = time.perf_counter()
     grid = tuner.fit()
