@@ -4,9 +4,19 @@ The trial is a thin class `tune.Trainable` (about 0 CPU, no GPU: the device live
 group). A class rather than a function trainable, because Tune calls `cleanup()` on every way
 out (done, STOP, PAUSE, error) and that is where the adapter leaves its group, freeing the slot.
 
+Each result (one per `task.steps_per_report` engine steps; `loss` is their mean):
+`loss` (NaN when the step was non-finite), `eval_loss` (always present so it can be the Tune
+metric: computed on the first step, every `eval_every` steps and the last one, carried in
+between; `eval_step` says when), `tokens` (cumulative), `lr`, `grad_norm`, `step`, `max_steps`
+(AltoScheduler's planned steps), `done`, and diagnostics `alto_task`, `alto_group`,
+`alto_active`, `alto_queued`, `queue_wait_s`, `group_step_s`. A trial whose loss stays
+non-finite for `task.nonfinite_patience` steps ends itself (for schedulers that do not stop it).
+
 Checkpoints: the trainable asks Tune for one every `task.checkpoint_every` engine steps and at
 the end of training (`should_checkpoint` in the result), so `tune.CheckpointConfig` needs no
-`checkpoint_frequency` / `checkpoint_at_end`; use its `num_to_keep` to bound disk use.
+`checkpoint_frequency` / `checkpoint_at_end`; use its `num_to_keep` to bound disk use. PAUSE,
+restarts after errors (`FailureConfig`), `Tuner.restore` and `reuse_actors=True` (PBT) all
+resume exactly from the checkpoint.
 """
 
 from __future__ import annotations
