@@ -157,6 +157,8 @@ def test_tuner_restore_after_driver_failure(tiny_model_dir, tiny_dataset_path, t
     rec = Recorder()
     tuner = tune.Tuner.restore(str(tmp_path / "restore"), trainable=lora_trainable(task),
                                resume_unfinished=True, resume_errored=True)
+    # Tuner.restore brings back the pickled RunConfig, crashing callback included, and takes no
+    # new one: swap the callbacks on the restored tuner (private, but the only way in Ray 2.x).
     tuner._local_tuner._run_config.callbacks = [rec]
     grid = tuner.fit()
     assert all(r.error is None and r.metrics["step"] == task.max_steps for r in grid)
