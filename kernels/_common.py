@@ -20,14 +20,16 @@ if not INTERPRET and not torch.cuda.is_available():
     # here, before any kernel module is created in the wrong mode (a failed import is not cached).
     raise ImportError("alto_kernels' Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 
-# One chunk-table row: adapter, first/past-last token, rank, row offset in the packed A / Bᵀ,
-# first token of the adapter's segment (dropout offsets are segment-local), Philox seed, and
-# the bit patterns of scale and dropout p. (constexpr: Triton reads these globals in kernels)
-N_META = 9
+# One chunk-table row (int64): adapter, first/past-last token, rank, row offset of the adapter in
+# the packed rank axis, first token of its segment (dropout offsets are segment-local), Philox
+# seed, the bit patterns of scale and dropout p, and the addresses of A_i and B_i (no packing
+# copy of the weights per call; the table is cached, and optimizer steps update weights in place).
+N_META = 11
 META_COLS = tl.constexpr(N_META)
 
-# Rows per chunk: the unit of work of every kernel (block sub-loops run inside a chunk).
-# Larger chunks mean fewer atomic partial sums for dA/dB; smaller ones more parallelism.
+# Rows per chunk: the unit of work of every kernel (``lora_bwd_dy`` takes a whole chunk as one
+# row block). Larger chunks mean fewer atomic partial sums for dA/dB; smaller ones more programs.
+# Read at each call, so a benchmark may change it.
 CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "128"))
 
 
@@ -55,10 +57,14 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def chunk_meta(meta_ptr, pid):
-    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, seed, p, c`` where
-    ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain)."""
+def chunk_meta(meta_ptr, pid, w_ref):
+    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr``
+    with ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain) and the weight
+    pointers typed like ``w_ref`` (every A_i and B_i share one dtype)."""
     m = meta_ptr + pid * META_COLS
-    p = tl.load(m + 8).to(tl.float32, bitcast=True)
-    c = tl.load(m + 7).to(tl.float32, bitcast=True) / (1.0 - p)
-    return tl.load(m + 1), tl.load(m + 2), tl.load(m + 3), tl.load(m + 4), tl.load(m + 5), tl.load(m + 6), p, c
+    p = tl.load(m + 8).to(tl.int32).to(tl.float32, bitcast=True)
+    c = tl.load(m + 7).to(tl.int32).to(tl.float32, bitcast=True) / (1.0 - p)
+    wty = tl.pointer_type(w_ref.dtype.element_ty)
+    return (tl.load(m + 1).to(tl.int32), tl.load(m + 2).to(tl.int32), tl.load(m + 3).to(tl.int32),
+            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m + 6).to(tl.int32),
+            p, c, tl.load(m + 9).to(wty), tl.load(m + 10).to(wty))

@@ -4,18 +4,19 @@
 for adapters of different ranks in one launch per pass. Four kernels, each one pass over the
 big tensors (the LoRA products are memory-bound: rank ≪ in, out):
 
-=============  =====================================  =============================
-kernel         computes                               big tensors touched
-=============  =====================================  =============================
-lora_shrink    ``H_s = c·(mask⊙X) Aᵀ``  (fwd)         X read
-lora_expand    ``Y += H_s Bᵀ``          (fwd)         Y read + write (in place)
-lora_bwd_dy    ``G = dY B``, ``dB = dYᵀ H_s`` (bwd)   dY read once for both
-lora_bwd_dx    ``dX = c·(G A)⊙mask``, ``dA = c·Gᵀ(mask⊙X)``  X read, dX written
-=============  =====================================  =============================
+=============  ===============================================  ==========================
+kernel         computes                                         big tensors touched
+=============  ===============================================  ==========================
+lora_shrink    ``H_s = c·(mask⊙X) Aᵀ``  (fwd)                   X read
+lora_expand    ``Y += H_s Bᵀ``          (fwd)                   Y read + write (in place)
+lora_bwd_dy    ``G = dY B``, ``dB = dYᵀ H_s``  (bwd)            dY read once for both
+lora_bwd_dx    ``dX = c·(G A)⊙mask``, ``dA = c·Gᵀ(mask⊙X)``     X read, dX written
+=============  ===============================================  ==========================
 
-with ``c_i = scale_i / (1 - p_i)``. ``H_s`` and ``G`` are tiny fp32 ``[T, R]`` buffers
-(``R`` = the largest rank padded to a power of two ≥ 16); ``A`` is packed ``[Σr, in]`` and
-``B`` packed transposed ``[Σr, out]`` once per call (a few hundred KB, far below X).
+with ``c_i = scale_i / (1 - p_i)``. ``H_s`` and ``G`` are small fp32 ``[T, R]`` buffers
+(``R`` = the largest rank padded to a power of two ≥ 16). The weights are read in place through
+their addresses in the chunk table (no packing copy); dA and dB are accumulated in one fp32
+workspace laid out so that each ``dA_i``/``dB_i`` is a contiguous block, returned as views.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 import triton
 
-from ._common import CHUNK_ROWS, INTERPRET, N_META
+from . import _common
+from ._common import INTERPRET, N_META
 from .dropout import dropout_mask_kernel
 from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
@@ -48,24 +50,26 @@ def adapter_seed(seed: int, i: int) -> int:
 class _Plan:
     n: int
     ranks: Tuple[int, ...]
-    roffs: Tuple[int, ...]  # row offset of adapter i in the packed A / Bᵀ
+    roffs: Tuple[int, ...]  # offset of adapter i on the packed rank axis (Σr)
     R: int                  # rank axis of H_s / G: max rank padded to a power of two ≥ 16
-    table: torch.Tensor     # [n_chunks, N_META] int32, on the device
+    table: torch.Tensor     # [n_chunks, N_META] int64, on the device
+    chunk: int              # rows per chunk (lora_bwd_dy's BLOCK_M)
     has_dropout: bool
     t_hint: int             # autotune key: tokens rounded up to a power of two
 
 
 @functools.lru_cache(maxsize=512)
-def _table(offs, ranks, roffs, seeds, scales, ps, chunk, device):
-    """Chunk table (cached: every layer of a step sees the same segments)."""
-    f32 = np.array(list(scales) + list(ps), dtype=np.float32).view(np.int32)
+def _table(offs, ranks, roffs, seeds, scales, ps, ptrs_a, ptrs_b, chunk, device):
+    """Chunk table (cached: every step of every layer sees the same segments and weights)."""
+    f32 = np.array(list(scales) + list(ps), dtype=np.float32).view(np.int32).astype(np.int64)
     n = len(ranks)
     rows = []
     for i in range(n):
         lo, hi = offs[i], offs[i + 1]
         for c in range(lo, hi, chunk):
-            rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, seeds[i], f32[i], f32[n + i]))
-    arr = np.array(rows, dtype=np.int32).reshape(-1, N_META)
+            rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, seeds[i], f32[i], f32[n + i],
+                         ptrs_a[i], ptrs_b[i]))
+    arr = np.array(rows, dtype=np.int64).reshape(-1, N_META)
     return torch.from_numpy(arr).to(device)
 
 
@@ -103,7 +107,7 @@ def _validate(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p):
                 raise ValueError(f"dropout_p[{i}] must be in [0, 1), got {p}")
 
 
-def _make_plan(x, lora_a, seg_offsets, scales, dropout_p, training, seed) -> _Plan:
+def _make_plan(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training, seed) -> _Plan:
     offs = tuple(int(o) for o in seg_offsets)
     ranks = tuple(int(a.shape[0]) for a in lora_a)
     roffs = tuple(int(v) for v in np.cumsum((0,) + ranks[:-1]))
@@ -114,9 +118,12 @@ def _make_plan(x, lora_a, seg_offsets, scales, dropout_p, training, seed) -> _Pl
         if longest * x.shape[1] >= 2 ** 31:
             raise ValueError("a segment of more than 2**31 elements cannot use in-kernel dropout")
     seeds = tuple(adapter_seed(seed, i) for i in range(len(ranks)))
-    table = _table(offs, ranks, roffs, seeds, tuple(float(s) for s in scales), ps, CHUNK_ROWS, x.device)
+    chunk = _common.CHUNK_ROWS
+    table = _table(offs, ranks, roffs, seeds, tuple(float(s) for s in scales), ps,
+                   tuple(a.data_ptr() for a in lora_a), tuple(b.data_ptr() for b in lora_b), chunk, x.device)
     R = max(16, triton.next_power_of_2(max(ranks)))
-    return _Plan(len(ranks), ranks, roffs, R, table, has_dropout, triton.next_power_of_2(max(x.shape[0], 1)))
+    return _Plan(len(ranks), ranks, roffs, R, table, chunk, has_dropout,
+                 triton.next_power_of_2(max(x.shape[0], 1)))
 
 
 def _dot_prec(dtype):
@@ -126,30 +133,25 @@ def _dot_prec(dtype):
 class _FusedMultiLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, plan: _Plan, *weights):
-        n, dt = plan.n, x.dtype
         x = x if x.stride(1) == 1 else x.contiguous()
-        a_cat = torch.cat([a.to(dt) for a in weights[:n]], 0).contiguous()          # [Σr, in]
-        bt_cat = torch.cat([b.to(dt).t() for b in weights[n:]], 0).contiguous()     # [Σr, out]
         T, K = x.shape
         N = base_out.shape[1]
-        nc = plan.table.shape[0]
+        nc, w_ref = plan.table.shape[0], weights[0]
         h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
-        prec = _dot_prec(dt)
+        prec = _dot_prec(x.dtype)
         lora_shrink_kernel[lambda m: (nc, m["SPLIT_K"])](
-            x, a_cat, h, plan.table, K, x.stride(0), a_cat.stride(0), plan.t_hint,
+            x, h, plan.table, w_ref, K, x.stride(0), plan.t_hint,
             R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec)
         lora_expand_kernel[lambda m: (nc, triton.cdiv(N, m["BLOCK_N"]))](
-            h, bt_cat, base_out, plan.table, N, base_out.stride(0), bt_cat.stride(0), plan.t_hint,
-            R=plan.R, DOT_PREC=prec)
+            h, base_out, plan.table, w_ref, N, base_out.stride(0), plan.t_hint, R=plan.R, DOT_PREC=prec)
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, h, a_cat, bt_cat)
+        ctx.save_for_backward(x, h, *weights)  # the table holds the weights' addresses
         ctx.plan = plan
-        ctx.w_dtypes = [w.dtype for w in weights]
         return base_out
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, a_cat, bt_cat = ctx.saved_tensors
+        x, h, *weights = ctx.saved_tensors
         plan: _Plan = ctx.plan
         n, dt = plan.n, x.dtype
         need = ctx.needs_input_grad
@@ -161,26 +163,31 @@ class _FusedMultiLoRA(torch.autograd.Function):
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
         T, K = x.shape
         N = dy.shape[1]
-        nc = plan.table.shape[0]
+        nc, w_ref, sum_r = plan.table.shape[0], weights[0], sum(plan.ranks)
         prec = _dot_prec(dt)
-        g = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
-        db = torch.zeros(bt_cat.shape, device=x.device, dtype=torch.float32)
-        lora_bwd_dy_kernel[lambda m: (nc, triton.cdiv(N, m["BLOCK_N"]))](
-            dy, h, bt_cat, g, db, plan.table, N, dy.stride(0), bt_cat.stride(0), plan.t_hint,
-            R=plan.R, DOT_PREC=prec)
+        # One zero-filled fp32 workspace: G [T, R] | dA [Σr, K] | dB blocks [out, r_i] each.
+        ws = torch.zeros(T * plan.R + sum_r * (K * need_a + N), device=x.device, dtype=torch.float32)
+        g = ws[:T * plan.R].view(T, plan.R)
+        da = ws[T * plan.R:T * plan.R + sum_r * K * need_a]
+        db = ws[T * plan.R + sum_r * K * need_a:]
+        lora_bwd_dy_kernel[lambda m: (nc, m["SPLIT_N"])](
+            dy, h, g, db, plan.table, w_ref, N, dy.stride(0), plan.t_hint,
+            R=plan.R, DOT_PREC=prec, BLOCK_M=plan.chunk)
         dx = torch.empty_like(x) if need_x else None
-        da = torch.zeros(a_cat.shape, device=x.device, dtype=torch.float32) if need_a else None
         if need_x or need_a:
             dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
             da_arg = da if need_a else g        # never written when COMPUTE_DA is off
             lora_bwd_dx_kernel[lambda m: (nc, triton.cdiv(K, m["BLOCK_K"]))](
-                x, g, a_cat, dx_arg, da_arg, plan.table, K, x.stride(0), dx_arg.stride(0), a_cat.stride(0),
+                x, g, dx_arg, da_arg, plan.table, w_ref, K, x.stride(0), dx_arg.stride(0),
                 plan.t_hint, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
                 COMPUTE_DA=need_a, DOT_PREC=prec)
-        grads_a, grads_b = [], []
-        for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs)):
-            grads_a.append(da[ro:ro + r].to(ctx.w_dtypes[i], copy=True) if need[3 + i] else None)
-            grads_b.append(db[ro:ro + r].t().to(ctx.w_dtypes[n + i]).contiguous() if need[3 + n + i] else None)
+        wdt = w_ref.dtype                       # one conversion for all adapters, then views
+        da = da.to(wdt) if need_a else None
+        db = db.to(wdt) if need_b else None
+        grads_a = [da[ro * K:(ro + r) * K].view(r, K) if need[3 + i] else None
+                   for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
+        grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[3 + n + i] else None
+                   for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
         return (dx, d_base, None, *grads_a, *grads_b)
 
 
@@ -197,7 +204,13 @@ def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[t
     _validate(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p)
     if len(lora_a) == 0 or x.shape[0] == 0:
         return base_out
-    plan = _make_plan(x, lora_a, seg_offsets, scales, dropout_p, training, seed)
+    wdt = lora_a[0].dtype
+    if any(w.dtype != wdt or not w.is_contiguous() for w in (*lora_a, *lora_b)):
+        # The kernels read every weight through one pointer type: give them one dtype and layout
+        # (a copy per call; the gradients flow back through .to() to the originals).
+        lora_a = [a.to(x.dtype).contiguous() for a in lora_a]
+        lora_b = [b.to(x.dtype).contiguous() for b in lora_b]
+    plan = _make_plan(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training, seed)
     return _FusedMultiLoRA.apply(x, base_out, plan, *lora_a, *lora_b)
 
 
@@ -214,7 +227,8 @@ def dropout_mask(seed: int, seg_offsets: Sequence[int], dropout_p: Sequence[floa
     mask = torch.empty(T, in_features, dtype=torch.int8, device=device)
     if T:
         table = _table(offs, (0,) * n, (0,) * n, tuple(adapter_seed(seed, i) for i in range(n)),
-                       (1.0,) * n, tuple(float(p) for p in dropout_p), CHUNK_ROWS, device)
+                       (1.0,) * n, tuple(float(p) for p in dropout_p), (0,) * n, (0,) * n,
+                       _common.CHUNK_ROWS, device)
         dropout_mask_kernel[lambda m: (table.shape[0], triton.cdiv(in_features, m["BLOCK_K"]))](
             mask, table, in_features)
     mask = mask.bool()

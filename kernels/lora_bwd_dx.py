@@ -19,21 +19,22 @@ BWD_DX_CONFIGS = configs(
 
 @triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"])
 @triton.jit
-def lora_bwd_dx_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, meta_ptr, K, stride_xm, stride_dxm, stride_am,
+def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, w_ref, K, stride_xm, stride_dxm,
                        T_HINT, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
                        COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     rr = tl.arange(0, R)
     r_ok = rr < rank
     a_rows = (roff + rr).to(tl.int64)
-    a = tl.load(a_ptr + a_rows[:, None] * stride_am + cols[None, :],
+    a = tl.load(a_ptr + rr[:, None] * K + cols[None, :],
                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [R, BLOCK_K]
+    a = a.to(x_ptr.dtype.element_ty)
     da = tl.zeros((R, BLOCK_K), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -41,17 +42,19 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, meta_ptr, K, stride_
         rows64 = rows.to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
         g = tl.load(g_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0).to(a.dtype)
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
         if COMPUTE_DX:
             dx = mma(g, a, None, DOT_PREC) * c
             if HAS_DROPOUT:
+                # Same offsets as below, written differently: one `keep` shared by the dx store
+                # and the dA dot operand makes Triton 3.6's LLVM lowering assert (R = 16).
+                keep = tl.rand(seed, rows[:, None] * K - seg0 * K + cols[None, :]) >= p
                 dx = tl.where(keep, dx, 0.0)
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
             if HAS_DROPOUT:
-                x = tl.where(keep, x, 0.0)
+                keep_x = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                x = tl.where(keep_x, x, 0.0)
             da = mma(tl.trans(g), x, da, DOT_PREC)
     if COMPUTE_DA:
         tl.atomic_add(da_ptr + a_rows[:, None] * K + cols[None, :], da * c,

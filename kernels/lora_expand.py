@@ -3,8 +3,7 @@
 Fusing the add into the second LoRA GEMM means Y is read once and written once and no
 [T, out] delta is ever materialised. Each program owns one chunk of one adapter's tokens and
 one ``BLOCK_N`` slice of the output features; B_iᵀ's tile is loaded once and reused over the
-chunk's row blocks. ``B`` arrives transposed and packed, ``[Σr, out]``, so its loads are
-contiguous along the output features.
+chunk's row blocks (B_i is read in place, [out, r_i], through its address in the chunk table).
 """
 import triton
 import triton.language as tl
@@ -20,18 +19,19 @@ EXPAND_CONFIGS = configs(
 
 @triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"])
 @triton.jit
-def lora_expand_kernel(h_ptr, bt_ptr, y_ptr, meta_ptr, N, stride_ym, stride_bt, T_HINT,
+def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, w_ref, N, stride_ym, T_HINT,
                        R: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rr = tl.arange(0, R)
-    b = tl.load(bt_ptr + (roff + rr).to(tl.int64)[:, None] * stride_bt + cols[None, :],
-                mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)  # [R, BLOCK_N]
+    b = tl.load(b_ptr + cols[None, :] * rank + rr[:, None],
+                mask=(rr < rank)[:, None] & col_ok[None, :], other=0.0)  # [R, BLOCK_N] = B_iᵀ tile
+    b = b.to(y_ptr.dtype.element_ty)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi

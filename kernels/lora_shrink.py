@@ -5,8 +5,9 @@ each program owns one chunk of one adapter's tokens and one slice of the input f
 (split-K, partial sums added atomically into the fp32 ``H_s``), streaming X exactly once.
 Dropout is drawn in-kernel with Philox (``tl.rand(seed_i, local_row*K + col)``), so no
 [T, in] mask is ever stored; ``lora_bwd_dx`` and ``dropout_mask`` regenerate the same bits.
-Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A
-beyond ``r_i`` are masked to zero, so ``H_s[:, r_i:]`` stays zero.
+Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A_i
+(read in place through its address in the chunk table) beyond ``r_i`` are masked to zero, so
+``H_s[:, r_i:]`` stays zero.
 """
 import triton
 import triton.language as tl
@@ -23,18 +24,17 @@ SHRINK_CONFIGS = configs(
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"])
 @triton.jit
-def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, meta_ptr, K, stride_xm, stride_am, T_HINT,
+def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, w_ref, K, stride_xm, T_HINT,
                        R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c = chunk_meta(meta_ptr, pid)
+    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
     rr = tl.arange(0, R)
-    a_rows = (roff + rr).to(tl.int64)
     r_ok = rr < rank
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -49,9 +49,9 @@ def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, meta_ptr, K, stride_xm, stride_am, T
             if HAS_DROPOUT:
                 keep = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep, x, 0.0)
-            a = tl.load(a_ptr + a_rows[None, :] * stride_am + cols[:, None],
+            a = tl.load(a_ptr + rr[None, :] * K + cols[:, None],
                         mask=r_ok[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_K, R] = A_iᵀ tile
-            acc = mma(x, a, acc, DOT_PREC)
+            acc = mma(x, a.to(x.dtype), acc, DOT_PREC)
         acc = acc * c
         h = h_ptr + rows64[:, None] * R + rr[None, :]
         if SPLIT_K == 1:

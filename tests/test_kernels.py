@@ -90,6 +90,18 @@ def test_weights_in_fp32_with_bf16_activations():
     check([19, 30], [8, 16], K=32, N=24, dtype=torch.bfloat16, w_dtype=torch.float32)
 
 
+def test_noncontiguous_and_mixed_dtype_weights():
+    _, x, base, A, B, offs, scales, dy = make([23, 31], [8, 16], K=32, N=24, dtype=torch.float32)
+    a0 = A[0].detach().t().contiguous().t().requires_grad_()   # same values, column-major
+    b1 = B[1].detach().to(torch.float16).requires_grad_()      # one adapter in another dtype
+    A2, B2 = [a0, A[1]], [B[0], b1]
+    y = fused.fused_multi_lora(x, base.clone(), A2, B2, offs, scales)
+    ref = base + multi_lora_reference(x, A2, B2, offs, scales)
+    leaves = [x, *A2, *B2]
+    errs = [rel(a, b) for a, b in zip([y, *grads(y, leaves, dy)], [ref, *grads(ref, leaves, dy)])]
+    assert max(errs) < 1e-3, errs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_mask_matches_reference(dtype):
     p = [0.1, 0.0, 0.5, 0.25]

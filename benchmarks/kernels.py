@@ -1,0 +1,215 @@
+"""Time forward+backward of a frozen base linear with and without multi-LoRA, per Llama-8B layer shape.
+
+Per case (shape × adapters × tokens/adapter × ranks, bf16, no dropout) the median of
+``triton.testing.do_bench`` (warm-up first, rotating random inputs) of:
+
+  (a) base:        y = x Wᵀ (W frozen), grads of x                        — the floor to beat
+  (b) fused:       (a) + fused_multi_lora in place, grads of x, A_i, B_i
+  (c) reference:   (a) + multi_lora_reference (the segment loop)
+  (d) sequential:  per adapter its own base matmul on its tokens + PEFT-style LoRA, as separate jobs
+  (e) lora-only:   fused_multi_lora fwd+bwd without the base (for the bytes-per-second figure)
+
+and the ratios (b)/(a), (c)/(b), (d)/(b). Writes JSON (``--out``) and merges the headline
+figures into benchmarks/results/summary.json when ``--summary`` is given.
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_check import SHAPES, import_alto_kernels, make_weights  # noqa: E402
+
+RANKS = {"r16": [16], "mixed": [8, 16, 32, 64]}
+
+
+def lora_bytes(T, K, N, elt=2):
+    """Fewest device-memory bytes of the LoRA part of fwd+bwd under the contract: fwd X read,
+    Y read+write; bwd dY read, X read, dX write (the autograd sum with the base dX is extra)."""
+    return elt * T * (3 * K + 3 * N)
+
+
+def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms):
+    from alto_kernels.fused import fused_multi_lora
+    dev, dt = "cuda", torch.bfloat16
+    ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(n_ad)]
+    T = n_ad * tok
+    offs = [i * tok for i in range(n_ad + 1)]
+    scales = [32.0 / r for r in ranks]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    W = (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt)          # frozen
+    A, B = make_weights(ranks, K, N, dt, dev, gen)
+    per_set = 2 * T * (K + N) * 2
+    nrot = max(1, min(4, math.ceil(256e6 / per_set)))  # rotate so the sets outgrow the 50 MB L2
+    sets = [((torch.randn(T, K, device=dev, generator=gen)).to(dt).requires_grad_(),
+             torch.randn(T, N, device=dev, generator=gen).to(dt)) for _ in range(nrot)]
+    it = [0]
+
+    def nxt():
+        it[0] = (it[0] + 1) % nrot
+        return sets[it[0]]
+
+    def base():
+        x, dy = nxt()
+        torch.autograd.grad(F.linear(x, W), [x], dy)
+
+    def fused():
+        x, dy = nxt()
+        y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
+        torch.autograd.grad(y, [x, *A, *B], dy)
+
+    def reference():
+        x, dy = nxt()
+        y = F.linear(x, W) + ak.multi_lora_reference(x, A, B, offs, scales)
+        torch.autograd.grad(y, [x, *A, *B], dy)
+
+    def sequential():
+        x, dy = nxt()
+        for i in range(n_ad):  # separate jobs: own leaf input, own base matmul, own backward
+            xi = x[offs[i]:offs[i + 1]].detach().requires_grad_()
+            yi = F.linear(xi, W) + F.linear(F.linear(xi, A[i]), B[i]) * scales[i]
+            torch.autograd.grad(yi, [xi, A[i], B[i]], dy[offs[i]:offs[i + 1]])
+
+    out_buf = torch.randn(T, N, device=dev, generator=gen).to(dt)
+
+    def lora_only():
+        x, dy = nxt()
+        y = fused_multi_lora(x, out_buf.detach(), A, B, offs, scales)  # detach: drop last call's graph
+        torch.autograd.grad(y, [x, *A, *B], dy)
+
+    res = {}
+    for name, fn in (("base", base), ("fused", fused), ("reference", reference),
+                     ("sequential", sequential), ("lora_only", lora_only)):
+        fn()  # autotune / warm-up outside the timing
+        torch.cuda.synchronize()
+        res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    del sets
+    floor_us = lora_bytes(T, K, N) / 3.0e12 * 1e6
+    return {
+        "shape": f"{K}->{N}", "in": K, "out": N, "adapters": n_ad, "tokens_per_adapter": tok, "tokens": T,
+        "ranks": rank_key, "rank_list": ranks, "dtype": "bfloat16", "dropout": 0.0,
+        "median_ms": {k: round(v, 4) for k, v in res.items()},
+        "fused_over_base": round(res["fused"] / res["base"], 4),
+        "reference_over_fused": round(res["reference"] / res["fused"], 4),
+        "sequential_over_fused": round(res["sequential"] / res["fused"], 4),
+        "lora_only_bytes_floor_us_at_3TBps": round(floor_us, 1),
+        "lora_only_achieved_TBps": round(lora_bytes(T, K, N) / (res["lora_only"] * 1e-3) / 1e12, 3),
+    }
+
+
+def profile_hot(ak, K=4096, N=4096, n_ad=8, tok=512, rank=16):
+    """Per-kernel device time of one fused fwd+bwd of the hot case (after autotuning)."""
+    from torch.profiler import ProfilerActivity, profile
+    from alto_kernels.fused import fused_multi_lora
+    dt, T = torch.bfloat16, n_ad * tok
+    offs, scales = [i * tok for i in range(n_ad + 1)], [2.0] * n_ad
+    A, B = make_weights([rank] * n_ad, K, N, dt, "cuda", None)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    x = torch.randn(T, K, device="cuda", dtype=dt).requires_grad_()
+    dy = torch.randn(T, N, device="cuda", dtype=dt)
+
+    def step():
+        y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
+        torch.autograd.grad(y, [x, *A, *B], dy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    for name in ("lora_shrink_kernel", "lora_expand_kernel", "lora_bwd_dy_kernel", "lora_bwd_dx_kernel"):
+        mod = __import__(f"alto_kernels.{name[:-7]}", fromlist=[name])
+        print(name, getattr(getattr(mod, name), "best_config", None))
+
+
+def gmean(xs):
+    return math.exp(sum(math.log(v) for v in xs) / len(xs))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
+    ap.add_argument("--summary", default=None, help="summary.json to merge the headline figures into")
+    ap.add_argument("--quick", action="store_true", help="only the 8x512 cases")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--merge-only", action="store_true", help="merge --out's headline into --summary and stop")
+    ap.add_argument("--profile", action="store_true", help="print a per-kernel profile of the hot case first")
+    ap.add_argument("--chunks", default="", help="e.g. 64,128,256: time the hot case per chunk size first")
+    args = ap.parse_args()
+    if args.merge_only:
+        with open(args.out) as f:
+            merge_summary(args.summary, {f"kernel.{k}": v for k, v in json.load(f)["headline"].items()})
+        return
+    import triton
+    from triton.testing import do_bench
+    ak = import_alto_kernels()
+    cmd = "python benchmarks/kernels.py " + " ".join(sys.argv[1:])
+    dev_name = torch.cuda.get_device_name()
+    cases = []
+    t0 = time.time()
+    if args.profile:
+        profile_hot(ak)
+    for ch in [int(v) for v in args.chunks.split(",") if v]:
+        import alto_kernels._common as common
+        default, common.CHUNK_ROWS = common.CHUNK_ROWS, ch
+        c = bench_case(ak, 4096, 4096, 8, 512, "r16", do_bench, args.rep_ms)
+        print(f"chunk {ch}: fused {c['median_ms']['fused']:.4f} ms, lora-only {c['median_ms']['lora_only']:.4f} ms")
+        common.CHUNK_ROWS = default
+    grid = [(8, 512)] if args.quick else [(8, 512), (8, 2048), (32, 512), (32, 2048)]
+    for K, N in SHAPES:
+        for n_ad, tok in grid:
+            for rk in ("r16", "mixed"):
+                c = bench_case(ak, K, N, n_ad, tok, rk, do_bench, args.rep_ms)
+                cases.append(c)
+                m = c["median_ms"]
+                print(f"{c['shape']:>11} {n_ad:>2}x{tok:<4} {rk:>5}  base {m['base']:.3f}  fused {m['fused']:.3f}"
+                      f"  ref {m['reference']:.3f}  seq {m['sequential']:.3f}  lora {m['lora_only']:.3f} ms"
+                      f"  | b/a {c['fused_over_base']:.3f}  c/b {c['reference_over_fused']:.2f}"
+                      f"  d/b {c['sequential_over_fused']:.2f}  lora {c['lora_only_achieved_TBps']:.2f} TB/s",
+                      flush=True)
+    hot = [c for c in cases if c["adapters"] == 8 and c["tokens_per_adapter"] == 512 and c["ranks"] == "r16"]
+    note = ("8 adapters x 512 tokens, rank 16, bf16, no dropout; geometric mean over the three Llama-8B "
+            "layer shapes 4096->4096, 4096->14336, 14336->4096 (per-shape figures in kernels JSON)")
+    headline = {k: {"value": round(gmean([c[k] for c in hot]), 4), "device": dev_name, "command": cmd,
+                    "note": note, "per_shape": {c["shape"]: c[k] for c in hot}}
+                for k in ("fused_over_base", "reference_over_fused", "sequential_over_fused")}
+    result = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "command": cmd,
+              "timing": "triton.testing.do_bench median, ms, fwd+bwd, warm-up and autotune before timing, "
+                        "rotating random inputs",
+              "variants": {"base": "(a) frozen base linear, fwd + input grad",
+                           "fused": "(b) base + fused_multi_lora", "reference": "(c) base + multi_lora_reference",
+                           "sequential": "(d) one adapter at a time: own base matmul + PEFT-style LoRA",
+                           "lora_only": "(e) fused_multi_lora alone (no base)"},
+              "headline": headline, "cases": cases, "seconds": round(time.time() - t0, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    if args.summary:
+        merge_summary(args.summary, {f"kernel.{k}": v for k, v in headline.items()})
+    for k, v in headline.items():
+        print(f"kernel.{k} = {v['value']}  {v['per_shape']}")
+
+
+def merge_summary(path, figures):
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(figures)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
