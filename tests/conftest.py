@@ -12,6 +12,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _no_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+# Triton decides interpreted-or-compiled when a @jit function is defined, its own ``tl.cdiv`` & co.
+# included: the flag must be set before any test module (transformers and peft import triton when
+# it is installed) is collected, or kernels later calling ``tl.cdiv`` fail under the interpreter.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
     """Tiny-model tests are dispatch-bound: one intra-op thread is faster on 2 shared cores."""
