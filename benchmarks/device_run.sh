@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs benchmark phases on a lent GPU machine (the `device` tool) and leaves their JSON under $OUT.
+#
+#   bash benchmarks/device_run.sh kernels engine cpu      # one call, phases in order
+#   bash benchmarks/device_run.sh sweep-alto sweep-asha
+#   bash benchmarks/device_run.sh sweep-full-0-7
+#
+# The image has torch/triton/transformers/peft but no Ray / OR-Tools: those come from the site
+# archive that ../shared/tools/device-site writes to .device/ (carry it). Results are written to
+# benchmarks/results/ (as the committed commands say) and copied to $OUT with one log per call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/alto_out}
+mkdir -p "$OUT" benchmarks/results /tmp/site
+if [ -f .device/site-py312.tar.xz ]; then
+  tar xJf .device/site-py312.tar.xz -C /tmp/site
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+LOG=$OUT/device_run.log
+R=benchmarks/results
+S=$R/summary.json
+status=0
+
+run() {  # run <name> <command...>: log it, keep going on failure, remember the failure
+  echo "=== $1: ${*:2}" | tee -a "$LOG"
+  local t0=$SECONDS
+  "${@:2}" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $1: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+for phase in "$@"; do
+  case "$phase" in
+    kernels)
+      run kernel_check python benchmarks/kernel_check.py
+      run kernels python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
+    engine)
+      run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100.json --summary $S ;;
+    cpu)  # the CPU benchmarks, on the GPU machine's 16 cores
+      run scheduler python benchmarks/scheduler.py --out $R/scheduler.json --summary $S
+      run allocator python benchmarks/allocator.py --out $R/allocator.json --summary $S ;;
+    sweep-alto|sweep-asha)
+      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json ;;
+    sweep-full-*)
+      slice=${phase#sweep-full-}
+      run "$phase" python benchmarks/sweep.py --arm full --configs "$slice" --out $R/sweep_full_"${slice/-/_}".json ;;
+    *) echo "unknown phase $phase" | tee -a "$LOG"; status=1 ;;
+  esac
+done
+cp $R/*.json "$OUT"/ 2>/dev/null
+exit $status
