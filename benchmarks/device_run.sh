@@ -15,7 +15,9 @@ mkdir -p "$OUT" benchmarks/results /tmp/site
 if [ -f .device/site-py312.tar.xz ]; then
   tar xJf .device/site-py312.tar.xz -C /tmp/site
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# kernels/ is imported as alto_kernels (pyproject's package-dir); the repo is not pip-installed there.
+mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/alto_kernels
+export PYTHONPATH=/tmp/site:/tmp/alias:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/device_run.log
 R=benchmarks/results
 S=$R/summary.json
@@ -36,6 +38,10 @@ for phase in "$@"; do
     kernels)
       run kernel_check python benchmarks/kernel_check.py
       run kernels python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
+    khost)  # where the launcher's host time goes (cProfile of the hot case)
+      run khost python benchmarks/kernel_host.py ;;
+    kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases
+      run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)
       run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100.json --summary $S ;;
     cpu)  # the CPU benchmarks, on the GPU machine's 16 cores
