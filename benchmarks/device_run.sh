@@ -48,7 +48,7 @@ for phase in "$@"; do
       run scheduler python benchmarks/scheduler.py --out $R/scheduler.json --summary $S
       run allocator python benchmarks/allocator.py --out $R/allocator.json --summary $S ;;
     sweep-alto|sweep-asha)
-      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json ;;
+      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json --time-budget 420 ;;
     sweep-full-*)
       slice=${phase#sweep-full-}
       run "$phase" python benchmarks/sweep.py --arm full --configs "$slice" --out $R/sweep_full_"${slice/-/_}".json ;;

@@ -179,7 +179,8 @@ def param_space(paths: Dict[str, str], indices: List[int]) -> Dict[str, Any]:
     return space
 
 
-def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str) -> Dict[str, Any]:
+def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
+            time_budget_s: Optional[float] = None) -> Dict[str, Any]:
     import ray
     import torch
     from ray import tune
@@ -202,7 +203,8 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str) -
         max_conc = 1  # one trial per GPU, and this machine has one
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
-                                                   max_concurrent_trials=max_conc or None),
+                                                   max_concurrent_trials=max_conc or None,
+                                                   time_budget_s=time_budget_s),
                        run_config=tune.RunConfig(storage_path=storage, name=f"sweep_{arm}", verbose=1))
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -218,7 +220,9 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str) -
                        "stop_reason": res.metrics.get("alto_decision")})
     ray.shutdown()
     finals = [t["final_eval_loss"] for t in trials if t["final_eval_loss"] is not None and math.isfinite(t["final_eval_loss"])]
-    return {"arm": arm, "indices": indices, "wall_s": wall, "gpu_seconds": wall * max(gpus, 1) if gpus else None,
+    complete = all(t["error"] is None and (t["steps"] >= MAX_STEPS or t["stop_reason"] or arm == "asha")
+                   for t in trials) and not (time_budget_s and wall >= time_budget_s)
+    return {"arm": arm, "indices": indices, "wall_s": wall, "complete": complete, "gpu_seconds": wall * max(gpus, 1) if gpus else None,
             "tokens": sum(t["tokens"] for t in trials), "best_eval_loss": min(finals) if finals else None,
             "trials": trials}
 
@@ -250,6 +254,10 @@ def summarize(paths: List[str], summary_path: Optional[str]) -> Dict[str, Any]:
         a["commands"].append(r["command"])
         if r["best_eval_loss"] is not None:
             a["best_eval_loss"] = min(a["best_eval_loss"], r["best_eval_loss"])
+    for p in paths:
+        with open(p) as f:
+            if not json.load(f).get("complete", True):
+                raise SystemExit(f"{p}: the arm did not complete (time budget or trial errors)")
     for name, a in arms.items():
         if sorted(a["indices"]) != list(range(NUM_CONFIGS)):
             raise SystemExit(f"arm {name} covers configs {sorted(a['indices'])}, not all {NUM_CONFIGS}")
@@ -277,6 +285,8 @@ def main() -> None:
     ap.add_argument("--summarize", nargs="*")
     ap.add_argument("--summary")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks the plumbing on a CPU")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="stop the arm after this many seconds (a guard; the result is then marked incomplete)")
     args = ap.parse_args()
     if args.summarize:
         print(json.dumps(summarize(args.summarize, args.summary), indent=2, default=str))
@@ -285,7 +295,8 @@ def main() -> None:
     if args.smoke:
         MAX_STEPS, EVAL_EVERY, SEQ_LEN = 6, 3, 64
     paths = build_workdir(args.workdir, n_records=100 if args.smoke else 600, smoke=args.smoke)
-    result = run_arm(args.arm, parse_indices(args.configs), paths, os.path.join(args.workdir, "ray_results"))
+    result = run_arm(args.arm, parse_indices(args.configs), paths, os.path.join(args.workdir, "ray_results"),
+                     args.time_budget)
     result.update({"device": device_name(), "command": "python " + " ".join(sys.argv),
                    "shape": "Llama-1B (hidden 2048, 16 layers, vocab 128256), bf16 random weights",
                    "max_steps": MAX_STEPS, "seq_len": SEQ_LEN,

@@ -118,3 +118,17 @@ def test_adapters_learn_the_task(trainer_factory):
     after = t.evaluate()
     assert after["fast"] < before["fast"] - 0.25
     assert abs(after["frozen_lr"] - before["frozen_lr"]) < 0.01
+
+
+def test_eval_under_a_small_token_budget_gives_the_same_losses(trainer_factory):
+    """Evaluation split over adapter subsets and smaller example chunks (as after an OOM back-off)
+    must not change any adapter's eval loss."""
+    t = trainer_factory({"a": _cfg(rank=4, seed=1), "b": _cfg(rank=8, seed=2), "c": _cfg(rank=2, seed=3)})
+    for _ in range(2):
+        t.step()
+    whole = t.evaluate()
+    t.eval_token_budget = 40  # forces one adapter per forward and 1-2 examples per chunk
+    split = t.evaluate()
+    assert set(split) == {"a", "b", "c"}
+    for name in whole:
+        assert split[name] == pytest.approx(whole[name], rel=1e-5)

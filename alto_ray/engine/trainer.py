@@ -72,6 +72,7 @@ class GroupedTrainer:
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                  backend: str = "auto", eval_size: int = 64, tokenizer: Any = None,
                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, eval_batch_size: int = 8,
+                 eval_token_budget: int = 16384,
                  attn_implementation: str = "sdpa") -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +97,7 @@ class GroupedTrainer:
         self.dtype = self.model.compute_dtype()
         self.eval_size = int(eval_size)
         self.eval_batch_size = int(eval_batch_size)
+        self.eval_token_budget = int(eval_token_budget)
         self._runs: Dict[str, _AdapterRun] = {}
         self._micro_steps = 0
         model_type = getattr(getattr(backbone, "config", None), "model_type", None)
@@ -207,24 +209,57 @@ class GroupedTrainer:
     # -- evaluation and inference -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-        """Mean token loss on the held-out split (first ``eval_size`` examples) per adapter;
-        all adapters' eval chunks go through one forward per chunk."""
+        """Mean token loss on the held-out split (first ``eval_size`` examples) per adapter.
+
+        Adapters share forwards, but each forward holds at most ``eval_token_budget`` tokens
+        (logits over a 128k vocabulary for every eval token of 16 adapters at once would take
+        tens of GB); on an out-of-memory error the budget halves and the evaluation restarts.
+        """
         names = list(self._runs) if names is None else list(names)
         examples = self.data.eval_examples[:self.eval_size]
         if not names:
             return {}
         if not examples:
             return {n: float("nan") for n in names}
-        sums = torch.zeros(len(names), device=self.device)
-        counts = [0] * len(names)
-        for lo in range(0, len(examples), self.eval_batch_size):
-            chunk = examples[lo:lo + self.eval_batch_size]
-            batch = pack_batch([(n, chunk, self._runs[n].cfg.max_seq_len) for n in names],
-                               self.data.pad_id, self.device)
-            sums += self._token_loss_sums(batch, training=False)
-            counts = [c + k for c, k in zip(counts, batch.label_counts)]
-        values = sums.cpu().tolist()
-        return {n: (v / c if c else float("nan")) for n, v, c in zip(names, values, counts)}
+        while True:
+            try:
+                return self._evaluate(names, examples, self.eval_token_budget)
+            except torch.cuda.OutOfMemoryError:
+                if self.eval_token_budget <= 256:
+                    raise
+                self.eval_token_budget //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _evaluate(self, names: List[str], examples: list, budget: int) -> Dict[str, float]:
+        lens = {n: min(self._runs[n].cfg.max_seq_len, max(len(e[0]) for e in examples)) for n in names}
+        per_chunk = max(1, min(self.eval_batch_size, len(examples)))
+        # Fewest examples per forward first, then as many adapters as the budget allows.
+        while per_chunk > 1 and per_chunk * max(lens.values()) > budget:
+            per_chunk //= 2
+        sums: Dict[str, float] = {n: 0.0 for n in names}
+        counts: Dict[str, int] = {n: 0 for n in names}
+        groups, cur, cur_tokens = [], [], 0
+        for n in names:
+            t = per_chunk * lens[n]
+            if cur and cur_tokens + t > budget:
+                groups.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(n)
+            cur_tokens += t
+        groups.append(cur)
+        for group in groups:
+            acc = torch.zeros(len(group), device=self.device)
+            for lo in range(0, len(examples), per_chunk):
+                chunk = examples[lo:lo + per_chunk]
+                batch = pack_batch([(n, chunk, self._runs[n].cfg.max_seq_len) for n in group],
+                                   self.data.pad_id, self.device)
+                acc += self._token_loss_sums(batch, training=False)
+                for n, k in zip(group, batch.label_counts):
+                    counts[n] += k
+            for n, v in zip(group, acc.cpu().tolist()):
+                sums[n] += v
+        return {n: (sums[n] / counts[n] if counts[n] else float("nan")) for n in names}
 
     @torch.no_grad()
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

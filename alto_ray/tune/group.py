@@ -265,7 +265,12 @@ class AdapterGroup:
             self._steps += 1
             due = [m.trial_id for m in active
                    if m.trial_id in results and self._eval_due(m, results[m.trial_id].step)]
-            evals = await self._run(self.trainer.evaluate, due) if due else {}
+            try:
+                evals = await self._run(self.trainer.evaluate, due) if due else {}
+            except Exception as err:  # the step itself counted; only this step's answers fail
+                for m in active:     # (retrying the same evaluation would spin on the same error)
+                    _fail(m, err)
+                raise
             seconds = time.monotonic() - t0
             for m in active:
                 r = results.get(m.trial_id)
