@@ -48,7 +48,9 @@ for phase in "$@"; do
       run scheduler python benchmarks/scheduler.py --out $R/scheduler.json --summary $S
       run allocator python benchmarks/allocator.py --out $R/allocator.json --summary $S ;;
     sweep-alto|sweep-asha)
-      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json --time-budget 420 ;;
+      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json --time-budget 540 ;;
+    multigpu)  # rank-local vs FSDP; needs a 2-GPU kind (nvidia-h200-x2)
+      run multigpu torchrun --nproc_per_node 2 benchmarks/multigpu.py --out $R/multigpu_h200x2.json --summary $S ;;
     sweep-full-*)
       slice=${phase#sweep-full-}
       run "$phase" python benchmarks/sweep.py --arm full --configs "$slice" --out $R/sweep_full_"${slice/-/_}".json ;;

@@ -122,7 +122,11 @@ def peft_trainable(config: Dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["model"])
     data = TaskData(load_records(DatasetSpec(config["data"], eval_size=EVAL_SIZE)),
                     DatasetSpec(config["data"], eval_size=EVAL_SIZE), tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=dtype).to(device)
+    # Straight onto the GPU when accelerate is there (as alto-ray's loader does): a fair baseline
+    # pays for one load per trial, not for a CPU detour.
+    import importlib.util
+    kw = {"device_map": {"": device}} if device == "cuda" and importlib.util.find_spec("accelerate") else {}
+    model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=dtype, **kw).to(device)
     model = get_peft_model(model, LoraConfig(r=config["rank"], lora_alpha=config["alpha"],
                                              lora_dropout=config["dropout"], target_modules=TARGET_MODULES,
                                              task_type="CAUSAL_LM"))
