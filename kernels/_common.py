@@ -20,17 +20,25 @@ if not INTERPRET and not torch.cuda.is_available():
     # here, before any kernel module is created in the wrong mode (a failed import is not cached).
     raise ImportError("alto_kernels' Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 
-# One chunk-table row (int64): adapter, first/past-last token, rank, row offset of the adapter in
-# the packed rank axis, first token of its segment (dropout offsets are segment-local), Philox
-# seed, the bit patterns of scale and dropout p, and the addresses of A_i and B_i (no packing
-# copy of the weights per call; the table is cached, and optimizer steps update weights in place).
-N_META = 11
+# One chunk-table row (int64): adapter index, first/past-last token, rank, row offset of the
+# adapter in the packed rank axis, first token of its segment (dropout offsets are segment-local),
+# the bit patterns of scale and dropout p, and the addresses of A_i and B_i (no packing copy of
+# the weights per call). Nothing in a row changes from step to step (optimizer steps update the
+# weights in place; the dropout seed is a launch argument), so one table serves a whole run.
+N_META = 10
 META_COLS = tl.constexpr(N_META)
+
+# Per-adapter Philox keys: ``(seed * SEED_MUL + (i + 1) * SEED_ADD) mod 2**31``, computed in the
+# kernels from the launch's ``seed`` and the adapter index (distinct streams per adapter).
+SEED_MUL = 0x9E3779B1
+SEED_ADD = 0x85EBCA6B
+_SEED_MUL = tl.constexpr(SEED_MUL)
+_SEED_ADD = tl.constexpr(SEED_ADD)
 
 # Rows per chunk: the unit of work of every kernel (``lora_bwd_dy`` takes a whole chunk as one
 # row block). Larger chunks mean fewer atomic partial sums for dA/dB; smaller ones more programs.
 # Read at each call, so a benchmark may change it.
-CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "128"))
+CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "64"))
 
 
 def configs(full, interp):
@@ -58,13 +66,39 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def chunk_meta(meta_ptr, pid, w_ref):
-    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr``
+    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr``
     with ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain) and the weight
     pointers typed like ``w_ref`` (every A_i and B_i share one dtype)."""
     m = meta_ptr + pid * META_COLS
-    p = tl.load(m + 8).to(tl.int32).to(tl.float32, bitcast=True)
-    c = tl.load(m + 7).to(tl.int32).to(tl.float32, bitcast=True) / (1.0 - p)
+    p = tl.load(m + 7).to(tl.int32).to(tl.float32, bitcast=True)
+    c = tl.load(m + 6).to(tl.int32).to(tl.float32, bitcast=True) / (1.0 - p)
     wty = tl.pointer_type(w_ref.dtype.element_ty)
     return (tl.load(m + 1).to(tl.int32), tl.load(m + 2).to(tl.int32), tl.load(m + 3).to(tl.int32),
-            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m + 6).to(tl.int32),
-            p, c, tl.load(m + 9).to(wty), tl.load(m + 10).to(wty))
+            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m),
+            p, c, tl.load(m + 8).to(wty), tl.load(m + 9).to(wty))
+
+
+@triton.jit
+def philox_key(seed, adapter):
+    """Adapter ``adapter``'s dropout key for launch seed ``seed`` (see ``SEED_MUL``)."""
+    s = (seed.to(tl.int64) * _SEED_MUL + (adapter.to(tl.int64) + 1) * _SEED_ADD) % 2147483648
+    return s.to(tl.int32)
+
+
+class TunedLauncher:
+    """Autotune a kernel once per key, then launch the chosen config straight through its
+    ``JITFunction``: the autotuner's own dispatch costs tens of µs of host time per launch, which
+    at LoRA sizes is as much as the kernel itself. ``key`` must cover the autotuner's key and
+    every constexpr that changes the best config."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.best: dict = {}
+
+    def __call__(self, grid, key, *args, **kwargs) -> None:
+        cfg = self.best.get(key)
+        if cfg is None:
+            self.kernel[grid](*args, **kwargs)
+            self.best[key] = self.kernel.best_config
+            return
+        self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())

@@ -8,7 +8,7 @@ chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, mma
+from ._common import cfg, chunk_meta, configs, philox_key, mma
 
 BWD_DX_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
@@ -18,14 +18,15 @@ BWD_DX_CONFIGS = configs(
 
 
 @triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, w_ref, K, stride_xm, stride_dxm,
-                       T_HINT, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+                       T_HINT, seed, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
                        COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    key = philox_key(seed, adapter)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -47,13 +48,13 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, w_ref, K, stride_
             if HAS_DROPOUT:
                 # Same offsets as below, written differently: one `keep` shared by the dx store
                 # and the dA dot operand makes Triton 3.6's LLVM lowering assert (R = 16).
-                keep = tl.rand(seed, rows[:, None] * K - seg0 * K + cols[None, :]) >= p
+                keep = tl.rand(key, rows[:, None] * K - seg0 * K + cols[None, :]) >= p
                 dx = tl.where(keep, dx, 0.0)
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
             if HAS_DROPOUT:
-                keep_x = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                keep_x = tl.rand(key, (rows - seg0)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep_x, x, 0.0)
             da = mma(tl.trans(g), x, da, DOT_PREC)
     if COMPUTE_DA:

@@ -28,7 +28,7 @@ def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, w_ref, N, stride_
                        BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
 
     rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi

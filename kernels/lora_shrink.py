@@ -3,7 +3,8 @@
 The first LoRA GEMM is skinny (N = rank ≤ 128) and reads all of X, so it is memory-bound:
 each program owns one chunk of one adapter's tokens and one slice of the input features
 (split-K, partial sums added atomically into the fp32 ``H_s``), streaming X exactly once.
-Dropout is drawn in-kernel with Philox (``tl.rand(seed_i, local_row*K + col)``), so no
+Dropout is drawn in-kernel with Philox (``tl.rand(key_i, local_row*K + col)``, ``key_i`` from the
+launch ``seed`` and the adapter index), so no
 [T, in] mask is ever stored; ``lora_bwd_dx`` and ``dropout_mask`` regenerate the same bits.
 Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A_i
 (read in place through its address in the chunk table) beyond ``r_i`` are masked to zero, so
@@ -12,7 +13,7 @@ Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, mma
+from ._common import cfg, chunk_meta, configs, philox_key, mma
 
 SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
@@ -23,13 +24,14 @@ SHRINK_CONFIGS = configs(
 
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"])
-@triton.jit
-def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, w_ref, K, stride_xm, T_HINT,
+@triton.jit(do_not_specialize=["seed"])
+def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, w_ref, K, stride_xm, T_HINT, seed,
                        R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, seed, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    key = philox_key(seed, adapter)
 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per
@@ -47,7 +49,7 @@ def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, w_ref, K, stride_xm, T_HINT,
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = tl.rand(seed, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                keep = tl.rand(key, (rows - seg0)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep, x, 0.0)
             a = tl.load(a_ptr + rr[None, :] * K + cols[:, None],
                         mask=r_ok[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_K, R] = A_iᵀ tile

@@ -121,6 +121,29 @@ def test_dropout_mask_is_deterministic_per_seed():
     assert not torch.equal(a[0], c[0])
 
 
+def test_repeated_calls_reuse_the_plan_and_follow_in_place_updates():
+    # A training loop: same weights (updated in place by an optimizer), new activations and a new
+    # dropout seed every step. The second call onwards takes the cached plan and launches the
+    # tuned configs directly; the answers must still track the weights and the seed.
+    p = [0.2, 0.0, 0.4]
+    seed, x, base, A, B, offs, scales, dy = make([30, 12, 41], [8, 1, 16], K=40, N=24, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        y = fused.fused_multi_lora(x, base.clone(), A, B, offs, scales, dropout_p=p, training=True, seed=step)
+        masks = fused.dropout_mask(step, offs, p, 40, device=DEVICE)
+        ref = base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=p)
+        leaves = [x, *A, *B]
+        errs = [rel(a, b) for a, b in zip([y, *grads(y, leaves, dy)], [ref, *grads(ref, leaves, dy)])]
+        assert max(errs) < 1e-5, f"seed={seed} step={step}: {errs}"
+        with torch.no_grad():
+            for w in (*A, *B):
+                w.add_(torch.randn(w.shape, generator=g).to(w) * 0.1)
+            x.copy_(torch.randn(x.shape, generator=g).to(x))
+    steps = [fused.dropout_mask(s, offs, p, 40, device=DEVICE)[0] for s in (0, 1)]
+    assert not torch.equal(*steps)                               # a new seed, a new mask
+    assert len(fused._SHRINK.best) >= 1 and len(fused._BWD_DX.best) >= 1
+
+
 def test_no_dropout_unless_training():
     # dropout_p given but training=False: the plain product (masks=None in the reference)
     check([21, 26], [8, 16], K=32, N=32, dtype=torch.float32, dropout_p=[0.5, 0.5], training=False)
