@@ -75,8 +75,10 @@ def test_local_placement_without_gpus(tiny_model_dir: str, tiny_dataset_path: st
 
 
 def test_trainable_asks_for_almost_nothing(tiny_model_dir: str, tiny_dataset_path: str) -> None:
-    cls = lora_trainable(LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path))
-    assert issubclass(cls, LoRATrainable) and cls.__name__ == "LoRATrainable"
+    cls = lora_trainable(LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="qa-v1"))
+    other = lora_trainable(LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="summaries"))
+    assert issubclass(cls, LoRATrainable) and cls.__name__ == "LoRATrainable_qa_v1"
+    assert other.__name__ != cls.__name__  # Tune's registry is keyed by name
     bundles = cls.default_resource_request({}).bundles
     assert bundles == [{"CPU": 0.01}]
 

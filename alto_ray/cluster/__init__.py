@@ -19,7 +19,9 @@ __all__ = [
 _LAZY = {"Coordinator": "coordinator", "GroupGrant": "coordinator", "get_coordinator": "coordinator",
          "COORDINATOR_NAME": "coordinator", "COORDINATOR_NAMESPACE": "coordinator",
          "Tenant": "tenant", "GrantedPlacement": "tenant", "TaskAlreadyFinished": "tenant",
-         "coordinated": "tenant", "run_tenant": "tenant"}
+         "coordinated": "tenant", "run_tenant": "tenant",
+         # torch.distributed / Ray pieces of rank-local adapter parallelism, also imported lazily
+         "RankLocalTrainer": "ranklocal", "RankLocalGroup": "ranklocal_ray", "RankLocalWorker": "ranklocal_ray"}
 
 
 def __getattr__(name: str):

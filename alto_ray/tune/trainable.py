@@ -21,6 +21,8 @@ resume exactly from the checkpoint.
 
 from __future__ import annotations
 
+import re
+
 import logging
 import math
 import os
@@ -222,7 +224,10 @@ def lora_trainable(task: LoRATask) -> Type[LoRATrainable]:
     starts any actor.
     """
     task.validate()
-    return type("LoRATrainable", (LoRATrainable,), {
+    # Tune registers trainables by class name in one global registry: two tasks tuned from one
+    # driver must not share a name, or the second registration would replace the first's class.
+    safe = re.sub(r"\W", "_", task.task_name)
+    return type(f"LoRATrainable_{safe}", (LoRATrainable,), {
         "task": task, "__module__": __name__,
         "__qualname__": f"lora_trainable.<locals>.LoRATrainable[{task.task_name}]"})
 
