@@ -44,11 +44,15 @@ for phase in "$@"; do
       run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)
       run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100.json --summary $S ;;
+    engine-nosink)  # the same with the kernels returning LoRA grads through autograd (A/B of the sink)
+      run engine-nosink env ALTO_GRAD_SINK=0 python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_nosink.json --summary /tmp/nosink_summary.json ;;
     cpu)  # the CPU benchmarks, on the GPU machine's 16 cores
       run scheduler python benchmarks/scheduler.py --out $R/scheduler.json --summary $S
       run allocator python benchmarks/allocator.py --out $R/allocator.json --summary $S ;;
-    sweep-alto|sweep-asha)
-      run "$phase" python benchmarks/sweep.py --arm "${phase#sweep-}" --out $R/"${phase/-/_}".json --time-budget 540 ;;
+    sweep-alto)
+      run "$phase" python benchmarks/sweep.py --arm alto --out $R/sweep_alto.json --time-budget 540 ;;
+    sweep-asha)  # without actor reuse 15 of 16 trials fit in 540 s (about 25 s of start-up per trial)
+      run "$phase" python benchmarks/sweep.py --arm asha --reuse-actors --out $R/sweep_asha.json --time-budget 540 ;;
     multigpu)  # rank-local vs FSDP; needs a 2-GPU kind (nvidia-h200-x2)
       run multigpu torchrun --nproc_per_node 2 benchmarks/multigpu.py --out $R/multigpu_h200x2.json --summary $S ;;
     sweep-full-*)

@@ -81,6 +81,22 @@ def check_shape(ak, K, N, lens, ranks, dropout, tol, gen):
         if not (e <= tol) or not torch.isfinite(a).all():
             ok = False
             print(f"  FAIL {k}: fused {e:.2e} (bf16 reference {e_bf:.2e})")
+    # The engine's path: a prepared plan whose backward adds dA/dB into fp32 gradient sinks.
+    from alto_kernels.fused import apply_multi_lora, prepare_multi_lora
+    Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
+    ga, gb = [torch.zeros(a.shape, device=dev) for a in A], [torch.zeros(b.shape, device=dev) for b in B]
+    xs = x.detach().requires_grad_()
+    plan = prepare_multi_lora(xs, base, Ac, Bc, offs, scales, dropout_p=ps, training=dropout, grad_a=ga, grad_b=gb)
+    ys = apply_multi_lora(plan, xs, base.clone(), seed=1234)
+    ys.backward(dy)
+    for k, a, b in zip(["sink_delta", "sink_dX"] + [f"sink_dA{i}" for i in range(n)] + [f"sink_dB{i}" for i in range(n)],
+                       [ys.detach().float() - base.float(), xs.grad, *ga, *gb], ref):
+        e = rel(a.float(), b)
+        key = k.rstrip("0123456789")
+        worst[key] = max(worst.get(key, 0.0), e)
+        if not (e <= tol) or not torch.isfinite(a).all():
+            ok = False
+            print(f"  FAIL {k}: fused with gradient sink {e:.2e}")
     tag = f"{K}->{N} T={T} ranks={sorted(set(ranks))} dropout={'0.1' if dropout else 'off'}"
     print(f"{'ok  ' if ok else 'FAIL'} {tag}: " + " ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     return ok

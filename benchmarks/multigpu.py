@@ -113,11 +113,15 @@ def only(trainer: RankLocalTrainer, name: str) -> Iterator[None]:
         trainer.trainer._runs = runs
 
 
-def average_grad_hook(world: int) -> Any:
-    """DDP semantics for a replicated LoRA master: its gradient is the mean over ranks."""
-    def hook(p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        p.grad.div_(world)
+def average_grad_hook(world: int, names: List[str]) -> Any:
+    """DDP semantics for a replicated LoRA master: its gradient is the mean over ranks (the
+    engine's grad_hook: on a GPU the fused kernels write master.grad without autograd hooks)."""
+    wanted = set(names)
+
+    def hook(name: str, grad: torch.Tensor) -> None:
+        if name in wanted:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            grad.div_(world)
     return hook
 
 
@@ -170,7 +174,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     names = [f"dp{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         trainer.add_adapter(name, adapter_cfg(args.lora_rank, fsdp_seq, seed=1000 + i))
-        trainer.trainer.model.adapters[name].master.register_post_accumulate_grad_hook(average_grad_hook(world))
+
+    trainer.trainer.grad_hook = average_grad_hook(world, names)
 
     def dp_round() -> None:
         n = 0

@@ -184,7 +184,7 @@ def param_space(paths: Dict[str, str], indices: List[int]) -> Dict[str, Any]:
 
 
 def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
-            time_budget_s: Optional[float] = None) -> Dict[str, Any]:
+            time_budget_s: Optional[float] = None, reuse_actors: bool = False) -> Dict[str, Any]:
     import ray
     import torch
     from ray import tune
@@ -208,7 +208,7 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
                                                    max_concurrent_trials=max_conc or None,
-                                                   time_budget_s=time_budget_s),
+                                                   time_budget_s=time_budget_s, reuse_actors=reuse_actors),
                        run_config=tune.RunConfig(storage_path=storage, name=f"sweep_{arm}", verbose=1))
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -289,6 +289,9 @@ def main() -> None:
     ap.add_argument("--summarize", nargs="*")
     ap.add_argument("--summary")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks the plumbing on a CPU")
+    ap.add_argument("--reuse-actors", action="store_true",
+                    help="baselines: keep each trial's worker process for the next trial (Tune's reuse_actors): "
+                         "saves the imports and CUDA start of every trial, not its model load")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="stop the arm after this many seconds (a guard; the result is then marked incomplete)")
     args = ap.parse_args()
@@ -300,10 +303,10 @@ def main() -> None:
         MAX_STEPS, EVAL_EVERY, SEQ_LEN = 6, 3, 64
     paths = build_workdir(args.workdir, n_records=100 if args.smoke else 600, smoke=args.smoke)
     result = run_arm(args.arm, parse_indices(args.configs), paths, os.path.join(args.workdir, "ray_results"),
-                     args.time_budget)
+                     args.time_budget, args.reuse_actors)
     result.update({"device": device_name(), "command": "python " + " ".join(sys.argv),
                    "shape": "Llama-1B (hidden 2048, 16 layers, vocab 128256), bf16 random weights",
-                   "max_steps": MAX_STEPS, "seq_len": SEQ_LEN,
+                   "max_steps": MAX_STEPS, "seq_len": SEQ_LEN, "reuse_actors": args.reuse_actors,
                    "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()})
     text = json.dumps(result, indent=2, default=str)

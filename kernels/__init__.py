@@ -1,17 +1,20 @@
 """alto_kernels: fused multi-LoRA for training (Triton) and its PyTorch reference.
 
 Import as ``alto_kernels`` (the folder is ``kernels/``). No Ray and no model code here.
-``fused_multi_lora`` and ``dropout_mask`` import Triton on first use (``alto_kernels.fused``).
+``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink) and
+``dropout_mask`` import Triton on first use (``alto_kernels.fused``).
 """
 from .dispatch import multi_lora, resolve_backend, triton_available
 from .reference import check_segments, multi_lora_reference
 
-__all__ = ["check_segments", "dropout_mask", "fused_multi_lora", "multi_lora", "multi_lora_reference",
-           "resolve_backend", "triton_available"]
+__all__ = ["apply_multi_lora", "check_segments", "dropout_mask", "fused_multi_lora", "multi_lora",
+           "multi_lora_reference", "prepare_multi_lora", "resolve_backend", "triton_available"]
+
+_FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "MultiLoRAPlan")
 
 
 def __getattr__(name):
-    if name in ("fused_multi_lora", "dropout_mask"):
+    if name in _FUSED:
         from . import fused
         return getattr(fused, name)
     raise AttributeError(f"module 'alto_kernels' has no attribute {name!r}")

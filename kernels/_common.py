@@ -22,11 +22,14 @@ if not INTERPRET and not torch.cuda.is_available():
 
 # One chunk-table row (int64): adapter index, first/past-last token, rank, row offset of the
 # adapter in the packed rank axis, first token of its segment (dropout offsets are segment-local),
-# the bit patterns of scale and dropout p, and the addresses of A_i and B_i (no packing copy of
-# the weights per call). Nothing in a row changes from step to step (optimizer steps update the
-# weights in place; the dropout seed is a launch argument), so one table serves a whole run.
-N_META = 10
+# and the bit patterns of scale and dropout p. Nothing in a row names a layer or a step, so one
+# table serves every layer of a batch layout. Each layer adds its own *pointer table*
+# ``[n, PTR_COLS]``: the addresses of A_i and B_i (read in place: no packing copy) and, with a
+# gradient sink, of the fp32 buffers that dA_i and dB_i are accumulated into. Both are cached:
+# optimizer steps update weights in place and the dropout seed is a launch argument.
+N_META = 8
 META_COLS = tl.constexpr(N_META)
+PTR_COLS = 4
 
 # Per-adapter Philox keys: ``(seed * SEED_MUL + (i + 1) * SEED_ADD) mod 2**31``, computed in the
 # kernels from the launch's ``seed`` and the adapter index (distinct streams per adapter).
@@ -65,17 +68,29 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def chunk_meta(meta_ptr, pid, w_ref):
-    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr``
-    with ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain) and the weight
-    pointers typed like ``w_ref`` (every A_i and B_i share one dtype)."""
+def chunk_meta(meta_ptr, pid):
+    """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, adapter, p, c`` with
+    ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain)."""
     m = meta_ptr + pid * META_COLS
     p = tl.load(m + 7).to(tl.int32).to(tl.float32, bitcast=True)
     c = tl.load(m + 6).to(tl.int32).to(tl.float32, bitcast=True) / (1.0 - p)
-    wty = tl.pointer_type(w_ref.dtype.element_ty)
     return (tl.load(m + 1).to(tl.int32), tl.load(m + 2).to(tl.int32), tl.load(m + 3).to(tl.int32),
-            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m),
-            p, c, tl.load(m + 8).to(wty), tl.load(m + 9).to(wty))
+            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m), p, c)
+
+
+@triton.jit
+def weight_ptrs(ptrs_ptr, adapter, w_ref):
+    """``A_i``, ``B_i`` of adapter ``adapter``, typed like ``w_ref`` (all weights share a dtype)."""
+    wty = tl.pointer_type(w_ref.dtype.element_ty)
+    row = ptrs_ptr + adapter * 4
+    return tl.load(row).to(wty), tl.load(row + 1).to(wty)
+
+
+@triton.jit
+def grad_sink_ptrs(ptrs_ptr, adapter):
+    """The fp32 buffers that ``dA_i`` and ``dB_i`` are accumulated into (gradient sink)."""
+    row = ptrs_ptr + adapter * 4
+    return tl.load(row + 2).to(tl.pointer_type(tl.float32)), tl.load(row + 3).to(tl.pointer_type(tl.float32))
 
 
 @triton.jit
@@ -94,6 +109,13 @@ class TunedLauncher:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.best: dict = {}
+
+    def is_tuned(self, key) -> bool:
+        return key in self.best
+
+    def adopt(self, key, tuned_key) -> None:
+        """Use ``tuned_key``'s choice for ``key`` (a variant that must not be run repeatedly)."""
+        self.best[key] = self.best[tuned_key]
 
     def __call__(self, grid, key, *args, **kwargs) -> None:
         cfg = self.best.get(key)

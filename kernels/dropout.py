@@ -19,7 +19,7 @@ MASK_CONFIGS = configs(full=[cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stage
 def dropout_mask_kernel(mask_ptr, meta_ptr, K, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, mask_ptr)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
     key = philox_key(seed, adapter)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     for m0 in range(lo, hi, BLOCK_M):

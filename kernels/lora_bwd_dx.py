@@ -8,7 +8,7 @@ chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, philox_key, mma
+from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, philox_key, weight_ptrs
 
 BWD_DX_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
@@ -19,13 +19,14 @@ BWD_DX_CONFIGS = configs(
 
 @triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, w_ref, K, stride_xm, stride_dxm,
+def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, stride_dxm,
                        T_HINT, seed, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-                       COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr,
+                       COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
     key = philox_key(seed, adapter)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -58,5 +59,9 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, w_ref, K, stride_
                 x = tl.where(keep_x, x, 0.0)
             da = mma(tl.trans(g), x, da, DOT_PREC)
     if COMPUTE_DA:
-        tl.atomic_add(da_ptr + a_rows[:, None] * K + cols[None, :], da * c,
-                      mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")
+        if GRAD_SINK:                            # adapter i's own fp32 dA buffer [r_i, in]
+            da_blk, gb_ptr = grad_sink_ptrs(ptrs_ptr, adapter)
+            da_out = da_blk + rr.to(tl.int64)[:, None] * K + cols[None, :]
+        else:                                    # rows roff.. of the packed workspace dA [Σr, in]
+            da_out = da_ptr + a_rows[:, None] * K + cols[None, :]
+        tl.atomic_add(da_out, da * c, mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")

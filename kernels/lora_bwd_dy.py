@@ -12,7 +12,7 @@ no copy). The LoRA scale already sits in ``H_s``; ``lora_bwd_dx`` applies it to 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, mma
+from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, weight_ptrs
 
 BWD_DY_CONFIGS = configs(
     full=[cfg(BLOCK_N=bn, SPLIT_N=sn, num_warps=w, num_stages=s)
@@ -23,12 +23,13 @@ BWD_DY_CONFIGS = configs(
 
 @triton.autotune(configs=BWD_DY_CONFIGS, key=["N", "R", "T_HINT", "BLOCK_M"], reset_to_zero=["g_ptr", "db_ptr"])
 @triton.jit
-def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, w_ref, N, stride_dym, T_HINT,
-                       R: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_dym, T_HINT,
+                       R: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
 
     rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
@@ -37,7 +38,10 @@ def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, w_ref, N, stride_
     r_ok = rr < rank
     h = tl.load(h_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
     h = h.to(dy_ptr.dtype.element_ty)
-    db_blk = db_ptr + roff.to(tl.int64) * N      # adapter i's [out, r_i] block
+    if GRAD_SINK:                                # adapter i's own fp32 dB buffer [out, r_i]
+        ga_ptr, db_blk = grad_sink_ptrs(ptrs_ptr, adapter)
+    else:                                        # adapter i's [out, r_i] block of the workspace
+        db_blk = db_ptr + roff.to(tl.int64) * N
     n_per = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N
     n_lo = pid_n * n_per
     n_hi = tl.minimum(N, n_lo + n_per)

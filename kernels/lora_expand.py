@@ -8,7 +8,7 @@ chunk's row blocks (B_i is read in place, [out, r_i], through its address in the
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, mma
+from ._common import cfg, chunk_meta, configs, weight_ptrs, mma
 
 EXPAND_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -19,12 +19,13 @@ EXPAND_CONFIGS = configs(
 
 @triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"])
 @triton.jit
-def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, w_ref, N, stride_ym, T_HINT,
+def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
                        R: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N

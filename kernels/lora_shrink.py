@@ -13,7 +13,7 @@ Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, philox_key, mma
+from ._common import cfg, chunk_meta, configs, weight_ptrs, philox_key, mma
 
 SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
@@ -25,12 +25,13 @@ SHRINK_CONFIGS = configs(
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, w_ref, K, stride_xm, T_HINT, seed,
+def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed,
                        R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c, a_ptr, b_ptr = chunk_meta(meta_ptr, pid, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
     key = philox_key(seed, adapter)
 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K

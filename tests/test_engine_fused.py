@@ -31,8 +31,13 @@ for backend in ("reference", "triton"):
         for n, w in t.model.adapters.items():
             for e, a, b in w.lora_pairs():
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-            w.master.register_hook(lambda g, n=n: grads.__setitem__(n, g.tolist()))
+    # The gradient each optimizer step sees (before clipping): autograd's on the reference path,
+    # the kernels' gradient sink (master.grad written in place) on the fused path.
+    step_fn = t._optimizer_step
+    t._optimizer_step = lambda run, lr, norm: (grads.__setitem__(run.name, run.weights.master.grad.tolist()),
+                                               step_fn(run, lr, norm))
     steps = [{k: [v.loss, v.finite] for k, v in t.step().items()}]
+    steps.append({k: [v.loss, v.finite] for k, v in t.step().items()})  # the sinks were zeroed in place
     out[backend] = {"steps": steps, "grads": grads}
 # The engine's isolation guarantee rests on the kernel: a NaN/inf adapter must not touch others' rows.
 import alto_kernels

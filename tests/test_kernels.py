@@ -144,6 +144,31 @@ def test_repeated_calls_reuse_the_plan_and_follow_in_place_updates():
     assert len(fused._SHRINK.best) >= 1 and len(fused._BWD_DX.best) >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_sink_accumulates_into_fp32_buffers(dtype):
+    # The engine's path: weights are constants to autograd, backward adds dA_i/dB_i into fp32
+    # buffers. x needs no grad here (like the first layer's input): backward must still run.
+    p = [0.3, 0.0, 0.1]
+    seed, x, base, A, B, offs, scales, dy = make([26, 0, 39], [16, 1, 8], K=40, N=24, dtype=dtype)
+    x = x.detach()
+    Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
+    ga = [torch.zeros(a.shape, device=DEVICE) for a in A]
+    gb = [torch.zeros(b.shape, device=DEVICE) for b in B]
+    plan = fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, p, training=True, grad_a=ga, grad_b=gb)
+    masks = fused.dropout_mask(7, offs, p, 40, device=DEVICE)
+    want = grads(base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=p),
+                 [*A, *B], dy)
+    for call in (1, 2):  # a second call adds the same gradient again (accumulation)
+        y = fused.apply_multi_lora(plan, x, base.detach().clone(), seed=7)
+        assert y.requires_grad
+        y.backward(dy)
+        errs = {f"d{i}": rel(g / call, w) for i, (g, w) in enumerate(zip([*ga, *gb], want))}
+        assert max(errs.values()) <= TOL[dtype], f"seed={seed} call={call}: {errs}"
+    assert all(a.grad is None for a in Ac)
+    with pytest.raises(ValueError, match="grad_a\\[0\\]"):
+        fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, grad_a=[g.half() for g in ga], grad_b=gb)
+
+
 def test_no_dropout_unless_training():
     # dropout_p given but training=False: the plain product (masks=None in the reference)
     check([21, 26], [8, 16], K=32, N=32, dtype=torch.float32, dropout_p=[0.5, 0.5], training=False)

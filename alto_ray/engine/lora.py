@@ -9,6 +9,7 @@ adapters (usually one set: every adapter targets every wrapped module).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -71,18 +72,36 @@ def _make_run(slots: List[int], bounds: List[int]) -> SegmentRun:
 
 
 class LoRARuntime:
-    """Per-step state shared by all wrapped linears of one model (a context, not call args)."""
+    """Per-step state shared by all wrapped linears of one model (a context, not call args).
 
-    def __init__(self, backend: str = "auto") -> None:
+    ``grad_sink`` (default: on wherever the fused kernels run; ``ALTO_GRAD_SINK=0`` turns it
+    off) makes the kernels add LoRA gradients straight into each adapter's fp32 ``master.grad``
+    instead of returning 2 tensors per adapter per layer through autograd.
+    """
+
+    def __init__(self, backend: str = "auto", grad_sink: Optional[bool] = None) -> None:
         self.backend = backend
+        self.grad_sink = grad_sink if grad_sink is not None else os.environ.get("ALTO_GRAD_SINK", "1") != "0"
         self.layout: Optional[BatchLayout] = None
         self.weights: Dict[int, Sequence[torch.Tensor]] = {}  # slot -> [A_0, B_0, A_1, ...] (compute dtype)
+        self.grads: Dict[int, Sequence[torch.Tensor]] = {}    # slot -> fp32 sinks like weights (sink mode)
         self.training = False
         self.seed = 0
+        self._fused_on: Dict[torch.device, bool] = {}
+
+    def use_grad_sink(self, device: torch.device) -> bool:
+        if not self.grad_sink:
+            return False
+        on = self._fused_on.get(device)
+        if on is None:
+            on = self._fused_on[device] = alto_kernels.resolve_backend(
+                torch.empty(0, device=device), self.backend) == "triton"
+        return on
 
     def clear(self) -> None:
         self.layout = None
         self.weights = {}
+        self.grads = {}
 
 
 @dataclass
@@ -135,6 +154,7 @@ class MultiLoRALinear(nn.Module):
         self._present = frozenset(self.slots)
         self._any_dropout = any(info.dropout > 0 for info in self.slots.values())
         self._static: Dict[Tuple[int, ...], tuple] = {}
+        self._plans: Dict[tuple, object] = {}  # fused-kernel plans of this layer (sink mode)
 
     def _run_static(self, slots: Tuple[int, ...]) -> tuple:
         """Per-run constants (piece indices, scales, dropout), cached until membership changes."""
@@ -173,13 +193,17 @@ class MultiLoRALinear(nn.Module):
         cursor = 0
         for run in runs:
             where, scales, drops = self._run_static(run.slots)
-            a_list = [rt.weights[slot][k] for slot, k in where]
-            b_list = [rt.weights[slot][k + 1] for slot, k in where]
             full = run.lo == 0 and run.hi == o2.shape[0]
             if run.lo > cursor:
                 pieces.append(o2[cursor:run.lo])
             xs = x2 if full else x2[run.lo:run.hi]
             base_rows = o2 if full else o2[run.lo:run.hi].clone()  # a slice is a view: see above
+            if rt.grads:
+                pieces.append(self._sink_call(run, where, scales, drops, use_dropout, xs, base_rows, seed))
+                cursor = run.hi
+                continue
+            a_list = [rt.weights[slot][k] for slot, k in where]
+            b_list = [rt.weights[slot][k + 1] for slot, k in where]
             pieces.append(alto_kernels.multi_lora(
                 xs, base_rows, a_list, b_list, list(run.offsets), scales,
                 dropout_p=drops if use_dropout else None, training=use_dropout, seed=seed,
@@ -189,3 +213,19 @@ class MultiLoRALinear(nn.Module):
             pieces.append(o2[cursor:])
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _sink_call(self, run: SegmentRun, where, scales, drops, use_dropout: bool, xs: torch.Tensor,
+                   base_rows: torch.Tensor, seed: int) -> torch.Tensor:
+        """The fused kernels with this layer's cached plan (validation and tables paid once per
+        row layout, not per call) and the adapters' gradient sinks."""
+        key = (run.slots, run.offsets, use_dropout, xs.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            rt = self.runtime
+            if len(self._plans) >= 64:  # row layouts vary with padding width: keep a bounded few
+                self._plans.clear()
+            plan = self._plans[key] = alto_kernels.prepare_multi_lora(
+                xs, base_rows, [rt.weights[s][k] for s, k in where], [rt.weights[s][k + 1] for s, k in where],
+                list(run.offsets), scales, dropout_p=drops if use_dropout else None, training=use_dropout,
+                grad_a=[rt.grads[s][k] for s, k in where], grad_b=[rt.grads[s][k + 1] for s, k in where])
+        return alto_kernels.apply_multi_lora(plan, xs, base_rows, seed)

@@ -99,9 +99,36 @@ class AdapterWeights:
                  blocks: List[LoRABlock], master: nn.Parameter) -> None:
         self.name, self.cfg, self.slot, self.master = name, cfg, slot, master
         self.entries, self.blocks = entries, blocks
+        self._sink: Optional[Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]] = None
         self.block_sizes: List[int] = []
         for blk in blocks:
             self.block_sizes += [math.prod(blk.a_shape), math.prod(blk.b_shape)]
+
+    def sink_pieces(self, dtype: torch.dtype) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """For the fused kernels' gradient sink: ``[A_0, B_0, ...]`` as views of a persistent
+        compute-dtype copy of the master (refreshed in place here, so addresses never change and
+        the kernels' pointer tables stay valid), and the matching views of ``master.grad``
+        (a persistent fp32 buffer the kernels add into; zero it, do not set it to None)."""
+        if self._sink is None or self._sink[0].dtype != dtype:
+            m = self.master
+            compute = m.detach() if m.dtype == dtype else torch.empty(m.shape, dtype=dtype, device=m.device)
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+            self._sink = (compute, self._views(compute), self._views(m.grad))
+        compute, views, grads = self._sink
+        if compute.data_ptr() != self.master.data_ptr():
+            with torch.no_grad():
+                compute.copy_(self.master)
+        if self.master.grad is None or self.master.grad.data_ptr() != grads[0].data_ptr():
+            raise RuntimeError(f"adapter {self.name!r}: its gradient sink was replaced (zero_grad(set_to_none=True)?)")
+        return views, grads
+
+    def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        pieces: List[torch.Tensor] = []
+        for e in self.entries:
+            pieces.append(flat[e.a_offset:e.a_offset + e.rank * e.in_features].view(e.rank, e.in_features))
+            pieces.append(flat[e.b_offset:e.b_offset + e.out_features * e.rank].view(e.out_features, e.rank))
+        return pieces
 
     def compute_pieces(self, dtype: torch.dtype) -> List[torch.Tensor]:
         """Differentiable cast + split: ``[A_0, B_0, A_1, B_1, ...]`` in entry order, 2-D."""
@@ -233,12 +260,20 @@ class MultiLoRAModel(nn.Module):
         """Set the row layout ``[(adapter, lo, hi)]`` and cast weights for one forward(+backward).
 
         Yields the per-adapter pieces (compute dtype) so callers can see what the layers use.
+        With the fused kernels (a GPU) the pieces are constants and the kernels add the LoRA
+        gradients straight into each adapter's ``master.grad`` (its gradient sink); on the
+        reference path they are differentiable views of the master.
         """
         rt = self.runtime
         dtype = self.compute_dtype()
         rt.layout = BatchLayout(slots=tuple(self.adapters[n].slot for n, _, _ in layout),
                                 row_ranges=tuple((lo, hi) for _, lo, hi in layout), total_rows=total_rows)
-        pieces = {n: self.adapters[n].compute_pieces(dtype) for n, _, _ in layout}
+        if rt.use_grad_sink(self.backbone_device()):
+            sinks = {n: self.adapters[n].sink_pieces(dtype) for n, _, _ in layout}
+            pieces = {n: views for n, (views, _) in sinks.items()}
+            rt.grads = {self.adapters[n].slot: g for n, (_, g) in sinks.items()}
+        else:
+            pieces = {n: self.adapters[n].compute_pieces(dtype) for n, _, _ in layout}
         rt.weights = {self.adapters[n].slot: p for n, p in pieces.items()}
         rt.training, rt.seed = training, seed
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,10 @@ class GroupedTrainer:
         self.eval_token_budget = int(eval_token_budget)
         self._runs: Dict[str, _AdapterRun] = {}
         self._micro_steps = 0
+        # Called as ``grad_hook(adapter, master.grad)`` once per step after the last backward,
+        # before clipping: where a data-parallel user all-reduces an adapter's gradient (on a
+        # GPU the kernels write master.grad directly, so autograd's tensor hooks never fire).
+        self.grad_hook: Optional[Callable[[str, torch.Tensor], None]] = None
         model_type = getattr(getattr(backbone, "config", None), "model_type", None)
         self._decoder = backbone.get_decoder() if model_type in _PLAIN_HEAD_MODEL_TYPES else None
         self._head = backbone.get_output_embeddings() if self._decoder is not None else None
@@ -147,6 +151,7 @@ class GroupedTrainer:
         n_micro = max(r.cfg.grad_accum for r in runs)
         loss_acc = torch.zeros(len(runs), device=self.device, dtype=torch.float32)
         tokens = [0] * len(runs)
+        loss_tokens = [0] * len(runs)
         for micro in range(n_micro):
             active = [i for i, r in enumerate(runs) if micro < r.cfg.grad_accum]
             parts = [(runs[i].name, self._take(runs[i]), runs[i].cfg.max_seq_len) for i in active]
@@ -156,8 +161,13 @@ class GroupedTrainer:
             losses = self._token_loss_sums(batch, training=True) / batch.loss_divisor
             (losses * inv_accum).sum().backward()
             loss_acc.index_add_(0, idx, losses.detach() * inv_accum)
-            for i in active:
+            for j, i in enumerate(active):
                 tokens[i] += batch.tokens[runs[i].name]
+                loss_tokens[i] += batch.label_counts[j]
+        if self.grad_hook is not None:
+            for r in runs:
+                if r.weights.master.grad is not None:
+                    self.grad_hook(r.name, r.weights.master.grad)
         norms = torch.stack([_grad_norm(r.weights.master) for r in runs])
         stats = torch.stack([loss_acc, norms]).cpu().tolist()  # the step's one host sync
         results: Dict[str, StepResult] = {}
@@ -165,9 +175,10 @@ class GroupedTrainer:
             loss, norm = stats[0][i], stats[1][i]
             lr = lr_at(run.cfg, run.step)
             finite = math.isfinite(loss) and math.isfinite(norm)
-            if finite:
+            if finite and loss_tokens[i] > 0:  # no loss tokens, no gradient: no step
                 self._optimizer_step(run, lr, norms[i])
-            run.optimizer.zero_grad(set_to_none=True)
+            # In place, not to None: on a GPU master.grad is the fused kernels' gradient sink.
+            run.optimizer.zero_grad(set_to_none=False)
             run.step += 1
             results[run.name] = StepResult(run.step, loss, tokens[i], lr, norm, finite)
         return results
@@ -179,7 +190,7 @@ class GroupedTrainer:
     @staticmethod
     def _optimizer_step(run: _AdapterRun, lr: float, norm: torch.Tensor) -> None:
         grad = run.weights.master.grad
-        if grad is None:  # no loss tokens in this step
+        if grad is None:
             return
         max_norm = run.cfg.max_grad_norm
         if 0 < max_norm < math.inf:  # torch.nn.utils.clip_grad_norm_'s formula, without a sync
