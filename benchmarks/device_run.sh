@@ -19,6 +19,7 @@ fi
 mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/alto_kernels
 export PYTHONPATH=/tmp/site:/tmp/alias:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/device_run.log
+touch /tmp/device_run.start
 R=benchmarks/results
 S=$R/summary.json
 status=0
@@ -46,6 +47,8 @@ for phase in "$@"; do
       run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100.json --summary $S ;;
     engine-nosink)  # the same with the kernels returning LoRA grads through autograd (A/B of the sink)
       run engine-nosink env ALTO_GRAD_SINK=0 python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_nosink.json --summary /tmp/nosink_summary.json ;;
+    gprofile)  # the sweep's grouped step in the engine alone (no Ray): time and cProfile
+      run gprofile python benchmarks/group_profile.py ;;
     cpu)  # the CPU benchmarks, on the GPU machine's 16 cores
       run scheduler python benchmarks/scheduler.py --out $R/scheduler.json --summary $S
       run allocator python benchmarks/allocator.py --out $R/allocator.json --summary $S ;;
@@ -61,5 +64,6 @@ for phase in "$@"; do
     *) echo "unknown phase $phase" | tee -a "$LOG"; status=1 ;;
   esac
 done
-cp $R/*.json "$OUT"/ 2>/dev/null
+# Only what this call wrote: $OUT takes a limited number of files.
+find $R -name '*.json' -newer /tmp/device_run.start -exec cp {} "$OUT"/ \;
 exit $status

@@ -8,7 +8,7 @@ chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, philox_key, weight_ptrs
+from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, philox_key, quick_bench, weight_ptrs
 
 BWD_DX_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
@@ -17,7 +17,8 @@ BWD_DX_CONFIGS = configs(
     interp=cfg(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"])
+@triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"],
+                  do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, stride_dxm,
                        T_HINT, seed, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,

@@ -12,7 +12,7 @@ no copy). The LoRA scale already sits in ``H_s``; ``lora_bwd_dx`` applies it to 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, weight_ptrs
+from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, quick_bench, weight_ptrs
 
 BWD_DY_CONFIGS = configs(
     full=[cfg(BLOCK_N=bn, SPLIT_N=sn, num_warps=w, num_stages=s)
@@ -21,7 +21,8 @@ BWD_DY_CONFIGS = configs(
     interp=cfg(BLOCK_N=16, SPLIT_N=2, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=BWD_DY_CONFIGS, key=["N", "R", "T_HINT", "BLOCK_M"], reset_to_zero=["g_ptr", "db_ptr"])
+@triton.autotune(configs=BWD_DY_CONFIGS, key=["N", "R", "T_HINT", "BLOCK_M"], reset_to_zero=["g_ptr", "db_ptr"],
+                  do_bench=quick_bench)
 @triton.jit
 def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_dym, T_HINT,
                        R: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr, BLOCK_M: tl.constexpr,

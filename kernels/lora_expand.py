@@ -8,7 +8,7 @@ chunk's row blocks (B_i is read in place, [out, r_i], through its address in the
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, weight_ptrs, mma
+from ._common import cfg, chunk_meta, configs, mma, quick_bench, weight_ptrs
 
 EXPAND_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -17,7 +17,8 @@ EXPAND_CONFIGS = configs(
     interp=cfg(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"])
+@triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"],
+                  do_bench=quick_bench)
 @triton.jit
 def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
                        R: tl.constexpr, DOT_PREC: tl.constexpr,

@@ -13,7 +13,7 @@ Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, weight_ptrs, philox_key, mma
+from ._common import cfg, chunk_meta, configs, mma, philox_key, quick_bench, weight_ptrs
 
 SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
@@ -23,7 +23,8 @@ SHRINK_CONFIGS = configs(
     interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"])
+@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
+                  do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed,
                        R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,

@@ -42,7 +42,7 @@ class MultiLoRAPlan:
     ptrs: torch.Tensor      # [n, PTR_COLS] int64 on the device: A_i, B_i, dA sink, dB sink
     chunk: int              # rows per chunk (lora_bwd_dy's BLOCK_M)
     has_dropout: bool
-    t_hint: int             # autotune key: tokens rounded up to a power of two
+    t_hint: int             # autotune key: tokens rounded up to a power of 4 (_common.t_hint)
     tokens: int
     in_features: int
     out_features: int
@@ -183,5 +183,5 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
         extra = dict(weights=(*lora_a, *lora_b), sinks=(*grad_a, *grad_b),
                      sink_token=torch.zeros((), device=x.device, requires_grad=True))
     return MultiLoRAPlan(len(ranks), ranks, roffs, max(16, triton.next_power_of_2(max(ranks))), table, ptrs,
-                         chunk, has_dropout, triton.next_power_of_2(max(x.shape[0], 1)), offs[-1], int(x.shape[1]),
+                         chunk, has_dropout, _common.t_hint(offs[-1]), offs[-1], int(x.shape[1]),
                          int(lora_b[0].shape[0]), x.dtype, x.device, **extra)
