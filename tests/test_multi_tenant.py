@@ -177,7 +177,11 @@ def test_late_tenant_queued_then_granted_across_a_coordinator_restart(env) -> No
     waited = late["tenant"].waits
     assert waited and waited[0]["position"] == 1                                # queued, not refused
     done = _finished(env)
-    assert late["tenant"].granted_at >= done["mt-full"]["finished_at"] - 1.0
+    # Granted once the first tenant's training ended: its group may be released (no adapters
+    # left) a moment before its Tuner returns and reports task_finished, so compare with the last
+    # result (Tune's timestamp is whole seconds).
+    first_trained_until = max(r.metrics["timestamp"] for r in first["grid"])
+    assert first_trained_until - 1.0 <= late["tenant"].granted_at <= done["mt-full"]["finished_at"] + 15.0
     assert set(earlier) <= set(done) and done["mt-earlier"]["results"] == {"best_loss": 1.5}
     assert done["mt-late"]["results"]["num_trials"] == 1 and late["grid"].num_errors == 0
     assert os.path.exists(env["coord"]["state_path"])

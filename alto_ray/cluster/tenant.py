@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -380,13 +379,22 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool, type(None), list, tuple))
 
 
-def named_trainable(trainable: type) -> type:
-    """The trainable under a per-task class name. Tune registers trainables by class name in a
-    per-job registry, so two Tuners of one driver with classes both named `LoRATrainable` would
-    both run whichever registered last."""
-    task = trainable.task
-    name = "LoRATrainable_" + re.sub(r"[^A-Za-z0-9_]", "_", task.task_name)
-    return type(name, (trainable,), {"__module__": trainable.__module__, "__qualname__": name})
+# Ray Tune's trainable registry is not thread-safe: two Tuners of one driver (tenants run in
+# threads) registering at once fail in Ray's flush ("dictionary changed size during iteration").
+_REGISTRY_LOCK = threading.Lock()
+
+
+def registered_trainable(task: LoRATask) -> str:
+    """Register the task's trainable (named per task by `lora_trainable`) under a lock and return
+    its name: a Tuner given the name does not register again, so tenants never race there."""
+    from ray import tune
+
+    from alto_ray.tune.trainable import lora_trainable
+
+    cls = lora_trainable(task)
+    with _REGISTRY_LOCK:
+        tune.register_trainable(cls.__name__, cls)
+    return cls.__name__
 
 
 def run_tenant(task: LoRATask, param_space: dict, tune_config: Any, run_config: Any = None, *,
@@ -396,14 +404,12 @@ def run_tenant(task: LoRATask, param_space: dict, tune_config: Any, run_config: 
     `on_tenant` sees the `Tenant` before it registers (to watch its queue position, grants)."""
     from ray import tune
 
-    from alto_ray.tune.trainable import lora_trainable
-
     tenant = Tenant(task, count_trials(param_space, tune_config.num_samples), param_space=param_space,
                     **tenant_kwargs)
     if on_tenant is not None:
         on_tenant(tenant)
     with tenant:
-        tuner = tune.Tuner(named_trainable(lora_trainable(tenant.task)), param_space=param_space,
+        tuner = tune.Tuner(registered_trainable(tenant.task), param_space=param_space,
                            tune_config=tune_config, run_config=run_config)
         grid = tuner.fit()
         tenant.finish(summarize(grid, tune_config.metric or "loss", tune_config.mode or "min"))
