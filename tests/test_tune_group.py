@@ -1,4 +1,4 @@
-"""The AdapterGroup actor driven directly (no Tune): validation, lock-step, non-finite losses,
+"""The AdapterGroup actor driven directly (no Tune): validation, run-ahead, non-finite losses,
 checkpoint round trip, eviction of silent and dead trials. Real local Ray cluster, CPU."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 import pytest
 import ray
 
+from alto_ray.tune.checkpoint import pending_results, reported_step
 from alto_ray.tune.task import LoRATask
 from alto_ray.tune.trainable import connect
 
@@ -66,6 +67,31 @@ def test_results_state_round_trip_and_eval(group):
     ray.get(handle.leave.remote("a", "stopped"))
 
 
+def test_checkpoint_carries_results_trained_ahead(group):
+    """The group trains ahead of what a trial fetched; its checkpoint keeps those results, and a
+    restore reports them before training on: no step redone, no report skipped."""
+    task, handle = group
+    ahead = task.run_ahead_steps
+    ray.get(handle.join.remote("p", cfg(task)))
+    assert ask(handle, "p")["step"] == 1
+    deadline = time.monotonic() + 30
+    while ray.get(handle.describe.remote())["members"]["p"]["step"] < 1 + ahead:
+        assert time.monotonic() < deadline, "the group did not train ahead"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert ray.get(handle.describe.remote())["members"]["p"]["step"] == 1 + ahead  # and no further
+    files = ray.get(handle.get_state.remote("p"))
+    pending = pending_results(files)
+    assert [r["step"] for r in pending] == list(range(2, 2 + ahead)) and reported_step(files) == 1
+    ray.get(handle.leave.remote("p", "stopped"))
+    ray.get(handle.join.remote("p2", cfg(task), files))
+    replay = ray.get(handle.next_results.remote("p2", ahead + 1), timeout=60)
+    assert [r["step"] for r in replay] == list(range(2, 3 + ahead))
+    assert [r["loss"] for r in replay[:ahead]] == [r["loss"] for r in pending]
+    assert replay[-1]["tokens"] > pending[-1]["tokens"]
+    ray.get(handle.leave.remote("p2", "stopped"))
+
+
 def test_nonfinite_adapter_ends_alone(group):
     task, handle = group
     ray.get(handle.join.remote("good", cfg(task)))
@@ -95,14 +121,20 @@ def test_silent_and_dead_trials_are_evicted(group):
     ray.get(handle.join.remote("dead", cfg(task), None, owner))
     ray.kill(owner)  # its trial actor died without leaving: the ping evicts it
     t0 = time.monotonic()
-    result = ask(handle, "alive")
-    assert result["step"] == 1 and time.monotonic() - t0 < task.lease_timeout_s + 5
+    # The group trains each adapter at most `run_ahead` steps past what its trial fetched, so
+    # "silent" (never fetches) stops it after `run_ahead` steps, and "alive" (which may have
+    # trained that many alone before the others joined) gets at most 2 × run_ahead results
+    # before only the evictions of "silent" and "dead" can free the group.
+    last = 2 * task.run_ahead_steps + 1
+    for step in range(1, last + 1):
+        assert ask(handle, "alive")["step"] == step
+    assert time.monotonic() - t0 < task.lease_timeout_s + 5
     members = ray.get(handle.describe.remote())["members"]
     assert members["silent"]["state"] == "evicted" and "lease" in members["silent"]["reason"]
     assert members["dead"]["state"] == "evicted" and "died" in members["dead"]["reason"]
     with pytest.raises(LookupError, match="evicted|lease"):
         ask(handle, "silent")
-    assert ask(handle, "alive")["step"] == 2
+    assert ask(handle, "alive")["step"] == last + 1
     ray.get(handle.leave.remote("alive", "done"))
 
 

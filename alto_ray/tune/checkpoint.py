@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     adapter_config.json, adapter_model.safetensors   # PeftModel.from_pretrained(base, dir)
     trainer_state.pt                                  # engine adapter_state + alto counters
     alto_checkpoint.json                              # human-readable summary (task, step, config)
+    alto_pending.json                                 # results trained but not yet reported (if any)
 
 The group and the trial may sit on different nodes, so a checkpoint travels through Ray as a
 `{file name: bytes}` dict: the group packs it (`pack_state`, needs torch), the trial only writes
@@ -17,12 +18,17 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "alto_checkpoint.json"
-CHECKPOINT_FILES = ADAPTER_FILES + (STATE_FILE, SUMMARY_FILE)
+# A group trains ahead of what its trials have reported (`LoRATask.run_ahead`): a checkpoint
+# holds the state after its last *trained* step plus the results between the last reported step
+# and that one, which the restored trial reports first. Resuming thus redoes nothing and skips
+# no report.
+PENDING_FILE = "alto_pending.json"
+CHECKPOINT_FILES = ADAPTER_FILES + (STATE_FILE, SUMMARY_FILE, PENDING_FILE)
 FORMAT_VERSION = 1
 
 Files = Dict[str, bytes]
@@ -84,6 +90,36 @@ def unpack_state(files: Optional[Files]) -> Tuple[Optional[Dict[str, Any]], Dict
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         raise ValueError(f"{STATE_FILE}: unknown checkpoint format")
     return blob["engine"], dict(blob.get("alto") or {})
+
+
+def with_pending(files: Files, pending: List[Dict[str, Any]]) -> Files:
+    """`files` plus the results not reported yet (none: `files` as they are)."""
+    if not pending:
+        return {k: v for k, v in files.items() if k != PENDING_FILE}
+    return {**files, PENDING_FILE: json.dumps(list(pending)).encode()}
+
+
+def pending_results(files: Optional[Files]) -> List[Dict[str, Any]]:
+    """The unreported results a checkpoint carries (oldest first)."""
+    if not files or PENDING_FILE not in files:
+        return []
+    pending = json.loads(files[PENDING_FILE])
+    if not isinstance(pending, list):
+        raise ValueError(f"{PENDING_FILE}: expected a list of results")
+    return pending
+
+
+def reported_step(files: Optional[Files]) -> int:
+    """The last step the trial reported before this checkpoint (0 for none / an empty one)."""
+    pending = pending_results(files)
+    if pending:
+        return int(pending[0].get("step", 1)) - 1
+    if not files or SUMMARY_FILE not in files:
+        return 0
+    try:
+        return int(json.loads(files[SUMMARY_FILE]).get("step", 0))
+    except (ValueError, TypeError):
+        return 0
 
 
 def _jsonable(value: Any) -> bool:

@@ -1,15 +1,22 @@
 """`AdapterGroup`: the Ray actor that holds one backbone and trains many trials' adapters.
 
-One group per GPU (per task). Trials join, ask for results in lock-step and leave:
+One group per GPU (per task). Trials join, fetch their results and leave:
 
 * `join(trial_id, config, files)` queues the adapter; admission follows FIFO order while the
   engine's memory estimate fits the device (or `max_adapters_per_group` on CPU).
-* `next_result(trial_id)` parks the trial's request; the group runs one grouped engine step as
-  soon as every admitted adapter has a parked request, then answers all of them. A checkpoint
-  taken between two requests is therefore exactly the state of the last reported result.
+* The group runs grouped engine steps on its own and buffers each adapter's results. It trains
+  ahead of what a trial has fetched by at most `LoRATask.run_ahead` steps (one bounded buffer
+  per trial), so the round trip of a result through the Tune driver overlaps the next steps
+  instead of stalling every adapter of the group; `run_ahead=0` is strict lock-step (a step
+  runs only when every admitted adapter has asked for it).
+* `next_results(trial_id, n)` returns the trial's next `n` results (fewer when it finishes),
+  waiting for them if they are not trained yet.
+* `get_state(trial_id)` packs the adapter as trained so far plus its results not fetched yet
+  (`checkpoint.PENDING_FILE`): a restored trial reports those first, so nothing is redone and
+  no report is skipped.
 * `leave(trial_id, reason)` removes the adapter and admits the next queued trial at once.
 
-The actor is async: parked requests cost nothing, and joins, leaves and checkpoint reads are
+The actor is async: waiting requests cost nothing, and joins, leaves and checkpoint reads are
 served while the (blocking) engine step runs on the group's single worker thread. The group is
 detached (it must outlive the trial that happened to create it) and exits on its own after
 `idle_timeout_s` without members. A trial that vanished without leaving is noticed through
@@ -24,14 +31,15 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import ray
 
 from alto_ray.tune.admission import MemoryBudget, allocated_bytes
-from alto_ray.tune.checkpoint import Files, pack_state, unpack_state
+from alto_ray.tune.checkpoint import Files, pack_state, pending_results, unpack_state, with_pending
 from alto_ray.tune.metrics import GroupMetrics
 from alto_ray.tune.task import GroupSpec, LoRATask
 
@@ -61,7 +69,9 @@ class _Member:
     files: Optional[Files] = None  # restore state, until admitted; final snapshot once finished
     owner: Any = None  # the trial's actor handle (liveness checks)
     state: _State = _State.QUEUED
-    pending: Optional[asyncio.Future] = None
+    pending: Optional[asyncio.Future] = None  # a waiting next_results request ...
+    want: int = 0  # ... for this many results
+    buffer: Deque[Dict[str, Any]] = field(default_factory=deque)  # trained, not fetched yet
     last_seen: float = 0.0
     queue_wait_s: float = 0.0
     tokens: int = 0
@@ -70,6 +80,7 @@ class _Member:
     nonfinite: int = 0
     step: int = 0
     ping: Any = None
+    error: Optional[BaseException] = None  # an engine failure not reported to the trial yet
     reason: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +120,7 @@ class AdapterGroup:
         self._idle_since = time.monotonic()
         self._closing = False
         self._steps = 0
+        self._last_step_end = time.monotonic()
         self.metrics = GroupMetrics(self.task_name, spec.name.rsplit(":", 1)[-1])
 
     def __repr__(self) -> str:  # the name the Ray dashboard shows: task, group, device
@@ -145,29 +157,37 @@ class AdapterGroup:
         if trial_id in self._members:  # a restarted trial whose old self never left
             await self._drop(trial_id, "rejoined")
         now = time.monotonic()
-        self._members[trial_id] = _Member(trial_id, config, now, files=files, owner=owner,
-                                          last_seen=now)
+        member = _Member(trial_id, config, now, files=files, owner=owner, last_seen=now)
+        member.buffer.extend(pending_results(files))  # reported first, even while queued
+        self._members[trial_id] = member
         await self._admit()
         self._wake.set()
         return {"group": self.spec.name, "device": self.device,
                 "state": self._members[trial_id].state.value, **self._load()}
 
-    async def next_result(self, trial_id: str) -> Dict[str, Any]:
-        """Park a request for the trial's next step; answered after the next grouped step."""
+    async def next_results(self, trial_id: str, n: int = 1) -> List[Dict[str, Any]]:
+        """The trial's next `n` results (fewer if it finishes first), oldest first."""
         self._ensure_loop()
         m = self._members.get(trial_id)
         if m is None or m.state is _State.EVICTED:
             why = m.reason if m else "not a member"
             raise LookupError(f"trial {trial_id} is not in {self.spec.name} ({why}); rejoin")
-        if m.state is _State.FINISHED:
+        if m.state is _State.FINISHED and not m.buffer:
             raise RuntimeError(f"trial {trial_id} already finished ({m.reason})")
         if m.pending is not None and not m.pending.done():
             raise RuntimeError(f"trial {trial_id} already has a request in flight")
         m.pending = asyncio.get_running_loop().create_future()
+        m.want = max(1, int(n))
         m.last_seen = time.monotonic()
         m.ping = None
+        fut = m.pending
+        self._deliver(m)
         self._wake.set()
-        return await m.pending
+        return await fut
+
+    async def next_result(self, trial_id: str) -> Dict[str, Any]:
+        """The trial's next result (`next_results` with n=1)."""
+        return (await self.next_results(trial_id, 1))[0]
 
     async def leave(self, trial_id: str, reason: str = "stopped") -> bool:
         """Remove the trial's adapter; the next queued trial is admitted right away."""
@@ -179,18 +199,23 @@ class AdapterGroup:
         return found
 
     async def get_state(self, trial_id: str) -> Files:
-        """The trial's checkpoint as `{file name: bytes}` (consistent with its last result)."""
+        """The trial's checkpoint as `{file name: bytes}`: its adapter as trained so far plus
+        the results it has not fetched yet (which a restore reports first)."""
         self._ensure_loop()
         m = self._members.get(trial_id)
         if m is None or m.state is _State.EVICTED:
             raise LookupError(f"trial {trial_id} is not in {self.spec.name}")
         m.last_seen = time.monotonic()
-        if m.state is not _State.ACTIVE:
-            if m.files is None:
+        async with self._lock:  # the group may be training ahead: read state between steps
+            if self._members.get(trial_id) is not m or m.state is _State.EVICTED:
+                raise LookupError(f"trial {trial_id} left {self.spec.name}")
+            if m.state is _State.ACTIVE:
+                files = await self._run(pack_state, self.trainer, trial_id, self._summary(m))
+            elif m.files is None:
                 raise RuntimeError(f"trial {trial_id} has no state yet (still queued)")
-            return m.files
-        async with self._lock:
-            return await self._run(pack_state, self.trainer, trial_id, self._summary(m))
+            else:
+                files = m.files
+            return with_pending(files, list(m.buffer))
 
     async def load(self) -> Dict[str, Any]:
         """Members by state; trials pick the least-loaded group by `active + queued + reserved`.
@@ -246,28 +271,28 @@ class AdapterGroup:
                 logger.exception("%s: step loop error", self.spec.name)
 
     async def _step(self) -> bool:
-        """One grouped step if every admitted adapter has a parked request; False otherwise."""
+        """One grouped step if every admitted adapter has room in its result buffer."""
         t0 = time.monotonic()
-        answers: Dict[str, Dict[str, Any]] = {}
         step_tokens = 0
-        async with self._lock:  # membership cannot change from here to the answers
+        async with self._lock:  # membership cannot change from here to the buffered results
             active = [m for m in self._members.values() if m.state is _State.ACTIVE]
-            if not active or any(m.pending is None for m in active):
+            if not active or not all(self._has_room(m) for m in active):
                 return False
             try:
                 results = await self._run(self.trainer.step)
-            except Exception as err:  # an engine failure fails this step's requests only
+            except Exception as err:  # an engine failure fails this step's adapters only
                 if "out of memory" in str(err).lower():  # the estimate was too low: learn
                     self.memory.on_oom()
                 for m in active:
                     _fail(m, err)
                 raise
             self._steps += 1
+            idle = t0 - self._last_step_end
             due = [m.trial_id for m in active
                    if m.trial_id in results and self._eval_due(m, results[m.trial_id].step)]
             try:
                 evals = await self._run(self.trainer.evaluate, due) if due else {}
-            except Exception as err:  # the step itself counted; only this step's answers fail
+            except Exception as err:  # the step itself counted; only this step's results fail
                 for m in active:     # (retrying the same evaluation would spin on the same error)
                     _fail(m, err)
                 raise
@@ -277,24 +302,48 @@ class AdapterGroup:
                 if r is None or self._members.get(m.trial_id) is not m:
                     continue  # left while the step ran
                 step_tokens += int(r.tokens)
-                answers[m.trial_id] = self._result(m, r, evals.get(m.trial_id), seconds)
-                reason = answers[m.trial_id].pop("_reason")
+                result = self._result(m, r, evals.get(m.trial_id), seconds)
+                result["group_idle_s"] = idle
+                reason = result.pop("_reason")
+                m.buffer.append(result)
                 if reason:  # snapshot for the final checkpoint, then free the slot at once
                     m.files = await self._run(pack_state, self.trainer, m.trial_id, self._summary(m))
                     await self._run(self.trainer.remove_adapter, m.trial_id)
                     m.state, m.reason = _State.FINISHED, reason
                     self.metrics.on_exit(reason)
-        now = time.monotonic()
+        self._last_step_end = time.monotonic()
         for m in active:
-            if m.trial_id in answers and m.pending is not None and not m.pending.done():
-                m.pending.set_result(answers[m.trial_id])
-            m.pending, m.last_seen = None, now
+            self._deliver(m)
         if any(m.state is _State.FINISHED for m in active):
             await self._admit()
         self.memory.after_step()
         load = self._load()
         self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, allocated_bytes(self.device))
         return True
+
+    def _has_room(self, m: _Member) -> bool:
+        """May the group train `m` once more? Up to `run_ahead` results past what was fetched,
+        and always as many as a waiting request asks for (run_ahead=0: only those)."""
+        asked = m.want if m.pending is not None and not m.pending.done() else 0
+        return len(m.buffer) < max(self.task.run_ahead_steps, asked)
+
+    def _deliver(self, m: _Member) -> None:
+        """Answer `m`'s waiting request if its buffer holds enough (or its last) results."""
+        if m.pending is None or m.pending.done():
+            return
+        if m.error is not None:
+            err, m.error = m.error, None
+            _fail(m, err)
+            return
+        if not m.buffer:
+            return
+        last = next((i + 1 for i, r in enumerate(m.buffer) if r["done"]), None)
+        if len(m.buffer) < m.want and last is None and m.state is not _State.FINISHED:
+            return
+        n = min(m.want, last or m.want, len(m.buffer))
+        out = [m.buffer.popleft() for _ in range(n)]
+        m.pending.set_result(out)
+        m.pending, m.last_seen = None, time.monotonic()
 
     def _eval_due(self, m: _Member, step: int) -> bool:
         return (m.eval_loss is None or step % self.task.eval_every == 0
@@ -366,6 +415,9 @@ class AdapterGroup:
         async with self._lock:
             for m in sorted((m for m in self._members.values() if m.state is _State.QUEUED),
                             key=lambda m: m.joined_at):
+                if m.buffer and m.buffer[-1]["done"]:  # restored after its last step: nothing to train
+                    m.state, m.reason = _State.FINISHED, "done"
+                    continue
                 active = [x.trial_id for x in self._members.values() if x.state is _State.ACTIVE]
                 if not self.memory.admit(m.trial_id, m.config, active):
                     break
@@ -430,8 +482,11 @@ def adapter_config(config: Dict[str, Any]) -> Any:
 
 
 def _fail(m: _Member, err: BaseException) -> None:
+    """Fail `m`'s waiting request, or keep the error for its next one."""
     if m.pending is not None and not m.pending.done():
         m.pending.set_exception(err)
+    else:
+        m.error = err
     m.pending = None
 
 

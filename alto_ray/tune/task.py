@@ -54,6 +54,7 @@ class LoRATask:
     eval_every: int = 25
     checkpoint_every: Optional[int] = None  # engine steps; default: eval_every
     steps_per_report: int = 1  # engine steps per Tune result
+    run_ahead: Optional[int] = None  # steps a group may train past a trial's last request; None → 2 × steps_per_report
     name: Optional[str] = None  # default: derived from model + dataset + settings
     target_modules: Optional[Sequence[str]] = None  # default: engine DEFAULT_TARGET_MODULES
     device: str = "auto"  # "auto" → cuda when the group actor sees a GPU, else cpu
@@ -103,6 +104,8 @@ class LoRATask:
         for name in ("checkpoint_every", "max_adapters_per_group", "num_groups", "max_seq_len"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
+        if self.run_ahead is not None and (not isinstance(self.run_ahead, int) or self.run_ahead < 0):
+            raise ValueError(f"LoRATask.run_ahead: must be an integer >= 0, got {self.run_ahead!r}")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ValueError(f"LoRATask.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         for name in ("lease_timeout_s", "idle_timeout_s"):
@@ -125,6 +128,11 @@ class LoRATask:
         return self
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def run_ahead_steps(self) -> int:
+        """How many undelivered results a group may hold per trial (0: strict lock-step)."""
+        return int(self.run_ahead) if self.run_ahead is not None else 2 * int(self.steps_per_report)
+
     @property
     def checkpoint_interval(self) -> int:
         return int(self.checkpoint_every or self.eval_every)

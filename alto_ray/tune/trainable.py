@@ -9,7 +9,9 @@ Each result (one per `task.steps_per_report` engine steps; `loss` is their mean)
 metric: computed on the first step, every `eval_every` steps and the last one, carried in
 between; `eval_step` says when), `tokens` (cumulative), `lr`, `grad_norm`, `step`, `max_steps`
 (AltoScheduler's planned steps), `done`, and diagnostics `alto_task`, `alto_group`,
-`alto_active`, `alto_queued`, `queue_wait_s`, `group_step_s`. A trial whose loss stays
+`alto_active`, `alto_queued`, `queue_wait_s`, `group_step_s` (the last step's engine time),
+`time_in_group_s` and `group_idle_s` (engine time and the group's idle time before each step,
+summed over the report's steps: idle time means the group waited for a trial). A trial whose loss stays
 non-finite for `task.nonfinite_patience` steps ends itself (for schedulers that do not stop it).
 
 Checkpoints: the trainable asks Tune for one every `task.checkpoint_every` engine steps and at
@@ -34,7 +36,7 @@ import ray
 from ray import tune
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 
-from alto_ray.tune.checkpoint import STATE_FILE, SUMMARY_FILE, read_files, write_files
+from alto_ray.tune.checkpoint import STATE_FILE, SUMMARY_FILE, read_files, reported_step, write_files
 from alto_ray.tune.group import NAMESPACE, AdapterGroup
 from alto_ray.tune.task import GroupSpec, LoRATask
 
@@ -72,11 +74,8 @@ class LoRATrainable(tune.Trainable):
         try:
             if not self._joined:
                 self._join()
-            results: List[Dict[str, Any]] = []
-            for _ in range(self.task.steps_per_report):
-                results.append(self._call(self._group.next_result.remote(self._id)))
-                if results[-1]["done"]:
-                    break
+            results: List[Dict[str, Any]] = self._call(
+                self._group.next_results.remote(self._id, self.task.steps_per_report))
         except BaseException:
             self._exit_reason = self._exit_reason if self._exit_reason == "group_lost" else "error"
             raise
@@ -106,7 +105,7 @@ class LoRATrainable(tune.Trainable):
         if self._joined:  # restored in place (e.g. PBT): swap the adapter's state
             self._leave("restored")
         self._restore = files
-        self._step = _step_of(files)
+        self._step = reported_step(files)
 
     def cleanup(self) -> None:
         self._leave(self._exit_reason)
@@ -241,18 +240,8 @@ def _merge(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         out["loss"] = sum(losses) / len(losses) if all(map(math.isfinite, losses)) else float("nan")
         out["finite"] = all(r["finite"] for r in results)
         out["time_in_group_s"] = sum(r.get("group_step_s", 0.0) for r in results)
+        out["group_idle_s"] = sum(r.get("group_idle_s", 0.0) for r in results)
     return out
-
-
-def _step_of(files: Optional[Dict[str, bytes]]) -> int:
-    import json
-
-    if not files or SUMMARY_FILE not in files:
-        return 0
-    try:
-        return int(json.loads(files[SUMMARY_FILE]).get("step", 0))
-    except (ValueError, TypeError):
-        return 0
 
 
 def _current_actor() -> Any:
