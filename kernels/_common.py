@@ -8,7 +8,12 @@ the whole table is one small host-to-device copy per call.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -118,27 +123,131 @@ def philox_key(seed, adapter):
     return s.to(tl.int32)
 
 
+# How a launch that meets a new key picks its config (``ALTO_AUTOTUNE``):
+#   "auto" (default): the committed table of configs tuned on this GPU model (``tuned/``), else a
+#       config this process already tuned for the same kernel and dtypes, nearest in shape; only
+#       when there is neither does it autotune. A grouped step meets new keys whenever adapters
+#       come and go (the padded rank R and the token count change): compiling and timing every
+#       config again cost ~50 s per new key on an H100, and the nearest tuned config is within a
+#       few percent of the best.
+#   "full": autotune every new key (what ``benchmarks/tune_kernels.py`` runs to make the table).
+AUTOTUNE_MODES = ("auto", "full")
+
+
+def autotune_mode() -> str:
+    mode = os.environ.get("ALTO_AUTOTUNE", "auto").strip().lower()
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"ALTO_AUTOTUNE={mode!r}: expected one of {AUTOTUNE_MODES}")
+    return mode
+
+
+@dataclass(frozen=True)
+class LaunchKey:
+    """What a tuned config depends on. ``exact`` (dtypes, dot precision, fixed tile sizes) must
+    match for a config to be reused;
+    ``flags`` (constexpr switches) and the sizes only make one config a better fit than another:
+    every config is correct for every key (the kernels mask all edges)."""
+
+    exact: Tuple[str, ...]  # x dtype, weight dtype, dot precision (+ fixed tile sizes)
+    flags: Tuple[bool, ...]
+    dim: int  # the feature size the grid spans (K or N)
+    R: int  # padded rank
+    t_hint: int  # token count bucket (``t_hint``)
+
+    def distance(self, other: "LaunchKey") -> Tuple[int, float]:
+        def log_gap(a: int, b: int) -> float:
+            return abs(math.log2(max(a, 1)) - math.log2(max(b, 1)))
+        flags = sum(a != b for a, b in zip(self.flags, other.flags)) + abs(len(self.flags) - len(other.flags))
+        return flags, log_gap(self.dim, other.dim) + log_gap(self.R, other.R) + 0.5 * log_gap(self.t_hint, other.t_hint)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"exact": list(self.exact), "flags": list(self.flags), "dim": self.dim, "R": self.R,
+                "t_hint": self.t_hint}
+
+    @staticmethod
+    def from_json(d: Dict[str, Any]) -> "LaunchKey":
+        return LaunchKey(tuple(d["exact"]), tuple(bool(f) for f in d["flags"]), int(d["dim"]), int(d["R"]),
+                         int(d["t_hint"]))
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def config_to_json(c: "triton.Config") -> Dict[str, Any]:
+    return {"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def config_from_json(d: Dict[str, Any]) -> "triton.Config":
+    return triton.Config(dict(d["kwargs"]), num_warps=int(d["num_warps"]), num_stages=int(d["num_stages"]))
+
+
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+_TABLES: Dict[str, Dict[str, List[Tuple[LaunchKey, Any]]]] = {}
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def tuned_table(device_index: int) -> Dict[str, List[Tuple[LaunchKey, Any]]]:
+    """The committed configs for this GPU model: kernel name -> [(key, config)] (may be empty)."""
+    import torch
+
+    name = device_slug(torch.cuda.get_device_name(device_index)) if torch.cuda.is_available() else "cpu"
+    if name not in _TABLES:
+        table: Dict[str, List[Tuple[LaunchKey, Any]]] = {}
+        path = os.path.join(TUNED_DIR, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                for kernel, rows in json.load(f).get("kernels", {}).items():
+                    table[kernel] = [(LaunchKey.from_json(r["key"]), config_from_json(r["config"])) for r in rows]
+        _TABLES[name] = table
+    return _TABLES[name]
+
+
 class TunedLauncher:
-    """Autotune a kernel once per key, then launch the chosen config straight through its
-    ``JITFunction``: the autotuner's own dispatch costs tens of µs of host time per launch, which
-    at LoRA sizes is as much as the kernel itself. ``key`` must cover the autotuner's key and
-    every constexpr that changes the best config."""
+    """Pick a kernel's config once per key, then launch it straight through its ``JITFunction``:
+    the autotuner's own dispatch costs tens of µs of host time per launch, which at LoRA sizes is
+    as much as the kernel itself. How a new key gets its config: ``ALTO_AUTOTUNE`` above."""
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel, name: str) -> None:
         self.kernel = kernel
-        self.best: dict = {}
+        self.name = name
+        self.best: Dict[LaunchKey, Any] = {}
+        self.tuned: set = set()  # keys whose config this process measured (the rest borrowed)
 
-    def is_tuned(self, key) -> bool:
+    def is_tuned(self, key: LaunchKey) -> bool:
         return key in self.best
 
-    def adopt(self, key, tuned_key) -> None:
+    def adopt(self, key: LaunchKey, tuned_key: LaunchKey) -> None:
         """Use ``tuned_key``'s choice for ``key`` (a variant that must not be run repeatedly)."""
         self.best[key] = self.best[tuned_key]
 
-    def __call__(self, grid, key, *args, **kwargs) -> None:
+    def choice(self, key: LaunchKey, device_index: int = 0) -> Optional[Any]:
+        """The config for ``key`` without timing anything: known, from the table, or borrowed
+        from the nearest key tuned in this process; None when only autotuning can tell."""
         cfg = self.best.get(key)
+        if cfg is not None or autotune_mode() == "full":
+            return cfg
+        pool = [(k, c) for k, c in tuned_table(device_index).get(self.name, []) if k.exact == key.exact]
+        pool += [(k, self.best[k]) for k in self.tuned if k.exact == key.exact]
+        if not pool:
+            return None
+        cfg = min(pool, key=lambda kc: key.distance(kc[0]))[1]
+        self.best[key] = cfg
+        return cfg
+
+    def exported(self) -> List[Dict[str, Any]]:
+        """The configs this process tuned, as table rows (``benchmarks/tune_kernels.py``)."""
+        return [{"key": k.to_json(), "config": config_to_json(self.best[k])}
+                for k in sorted(self.tuned, key=lambda k: (k.exact, k.flags, k.dim, k.R, k.t_hint))]
+
+    def __call__(self, grid, key: LaunchKey, *args, device_index: int = 0, **kwargs) -> None:
+        cfg = self.choice(key, device_index)
         if cfg is None:
             self.kernel[grid](*args, **kwargs)
             self.best[key] = self.kernel.best_config
+            self.tuned.add(key)
             return
         self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())

@@ -32,7 +32,7 @@ import torch
 import triton
 
 from . import _common
-from ._common import TunedLauncher
+from ._common import LaunchKey, TunedLauncher, dtype_name
 from .dropout import dropout_mask_kernel
 from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
@@ -43,10 +43,22 @@ from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, prepare_multi_lora, vali
 __all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_multi_lora", "dropout_mask", "fused_multi_lora",
            "prepare_multi_lora"]
 
-_SHRINK = TunedLauncher(lora_shrink_kernel)
-_EXPAND = TunedLauncher(lora_expand_kernel)
-_BWD_DY = TunedLauncher(lora_bwd_dy_kernel)
-_BWD_DX = TunedLauncher(lora_bwd_dx_kernel)
+_SHRINK = TunedLauncher(lora_shrink_kernel, "lora_shrink")
+_EXPAND = TunedLauncher(lora_expand_kernel, "lora_expand")
+_BWD_DY = TunedLauncher(lora_bwd_dy_kernel, "lora_bwd_dy")
+_BWD_DX = TunedLauncher(lora_bwd_dx_kernel, "lora_bwd_dx")
+LAUNCHERS = (_SHRINK, _EXPAND, _BWD_DY, _BWD_DX)
+
+
+def _key(x_dtype, w_dtype, prec: str, plan: MultiLoRAPlan, dim: int, *flags: bool, exact: tuple = ()) -> LaunchKey:
+    """The launch key, memoised on the plan (this runs on the host-bound path: 4 launches a call)."""
+    memo = (x_dtype, w_dtype, prec, dim, flags, exact)
+    key = plan.launch_keys.get(memo)
+    if key is None:
+        key = plan.launch_keys[memo] = LaunchKey(
+            (dtype_name(x_dtype), dtype_name(w_dtype), prec, *exact), tuple(bool(f) for f in flags),
+            int(dim), int(plan.R), int(plan.t_hint))
+    return key
 
 
 def _dot_prec(dtype):
@@ -66,13 +78,13 @@ class _FusedMultiLoRA(torch.autograd.Function):
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
         h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
         prec = _dot_prec(x.dtype)
-        sig = (x.dtype, w_ref.dtype, plan.R, plan.t_hint, prec)
-        _SHRINK(lambda m: (nc, m["SPLIT_K"]), (sig, K, plan.has_dropout),
+        dev = x.device.index or 0
+        _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
                 x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed,
-                R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec)
-        _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), (sig, N),
+                R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
+        _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), _key(x.dtype, w_ref.dtype, prec, plan, N),
                 h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
-                R=plan.R, DOT_PREC=prec)
+                R=plan.R, DOT_PREC=prec, device_index=dev)
         ctx.mark_dirty(base_out)
         if plan.grad_sink:
             ctx.save_for_backward(x, h)
@@ -101,7 +113,14 @@ class _FusedMultiLoRA(torch.autograd.Function):
         nc = plan.table.shape[0]
         w_ref = plan.weights[0] if sink else weights[0]
         prec = _dot_prec(dt)
-        sig = (dt, w_ref.dtype, plan.R, plan.t_hint, prec)
+        dev = x.device.index or 0
+
+        def dy_key(grad_sink: bool) -> LaunchKey:
+            return _key(dt, w_ref.dtype, prec, plan, N, grad_sink, exact=(f"chunk{plan.chunk}",))
+
+        def dx_key(grad_sink: bool) -> LaunchKey:
+            return _key(dt, w_ref.dtype, prec, plan, K, plan.has_dropout, need_x, need_a, grad_sink)
+
         # One zero-filled fp32 workspace: G [T, R] | dA [Σr, K] | dB blocks [out, r_i] each
         # (only G with a gradient sink).
         sum_r = 0 if sink else sum(plan.ranks)
@@ -112,21 +131,20 @@ class _FusedMultiLoRA(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
 
         def bwd_dy(g, db, grad_sink):
-            _BWD_DY(lambda m: (nc, m["SPLIT_N"]), (sig, N, plan.chunk, grad_sink),
+            _BWD_DY(lambda m: (nc, m["SPLIT_N"]), dy_key(grad_sink),
                     dy, h, g, db if db.numel() else g, plan.table, plan.ptrs, w_ref, N, dy.stride(0),
-                    plan.t_hint, R=plan.R, DOT_PREC=prec, GRAD_SINK=grad_sink, BLOCK_M=plan.chunk)
+                    plan.t_hint, R=plan.R, DOT_PREC=prec, GRAD_SINK=grad_sink, BLOCK_M=plan.chunk,
+                    device_index=dev)
 
         def bwd_dx(g, dx, da, grad_sink):
             dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
             da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
-            _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])),
-                    (sig, K, plan.has_dropout, need_x, need_a, grad_sink),
+            _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
                     x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
                     plan.t_hint, ctx.seed, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
-                    COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink)
+                    COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink, device_index=dev)
 
-        if sink and not (_BWD_DY.is_tuned((sig, N, plan.chunk, True))
-                         and _BWD_DX.is_tuned((sig, K, plan.has_dropout, need_x, need_a, True))):
+        if sink and (_BWD_DY.choice(dy_key(True), dev) is None or _BWD_DX.choice(dx_key(True), dev) is None):
             # Autotuning runs a kernel many times; into the sinks that would add dA/dB many times.
             # Tune the workspace variant on scratch buffers instead and reuse its choice.
             sr = sum(plan.ranks)
@@ -134,9 +152,8 @@ class _FusedMultiLoRA(torch.autograd.Function):
             sg = scratch[:T * plan.R].view(T, plan.R)
             bwd_dy(sg, scratch[T * plan.R + sr * K:], False)
             bwd_dx(sg, torch.empty_like(x) if need_x else None, scratch[T * plan.R:T * plan.R + sr * K], False)
-            _BWD_DY.adopt((sig, N, plan.chunk, True), (sig, N, plan.chunk, False))
-            _BWD_DX.adopt((sig, K, plan.has_dropout, need_x, need_a, True),
-                          (sig, K, plan.has_dropout, need_x, need_a, False))
+            _BWD_DY.adopt(dy_key(True), dy_key(False))
+            _BWD_DX.adopt(dx_key(True), dx_key(False))
         bwd_dy(g, db, sink)
         if need_x or need_a:
             bwd_dx(g, dx, da, sink)

@@ -10,7 +10,7 @@ update weights in place.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,6 +53,7 @@ class MultiLoRAPlan:
     weights: Tuple[torch.Tensor, ...] = ()
     sinks: Tuple[torch.Tensor, ...] = ()
     sink_token: Optional[torch.Tensor] = None
+    launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
 
     @property
     def grad_sink(self) -> bool:

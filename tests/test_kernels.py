@@ -236,3 +236,51 @@ def test_dispatch_triton_backend(monkeypatch):
     monkeypatch.delenv("ALTO_TRITON")
     assert resolve_backend(x.detach().cpu()) == "reference"
     assert alto_kernels.fused_multi_lora is fused.fused_multi_lora
+
+
+def test_new_keys_borrow_the_nearest_tuned_config(monkeypatch):
+    # A grouped step meets new keys whenever adapters come and go; in "auto" mode they reuse the
+    # nearest config tuned for the same kernel and dtypes (or the committed table's), "full"
+    # mode tunes each key, and a key of other dtypes never borrows.
+    from alto_kernels._common import LaunchKey, TunedLauncher, _TABLES, cfg as make_cfg
+
+    launcher = TunedLauncher(fused.lora_shrink_kernel, "lora_shrink")
+    tuned = LaunchKey(("bfloat16", "bfloat16", "tf32"), (True,), 2048, 64, 16384)
+    small = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
+    launcher.best[tuned], launcher.tuned = small, {tuned}
+    monkeypatch.setitem(_TABLES, "cpu", {})
+    fewer_ranks = LaunchKey(("bfloat16", "bfloat16", "tf32"), (True,), 2048, 16, 4096)
+    monkeypatch.setenv("ALTO_AUTOTUNE", "full")
+    assert launcher.choice(fewer_ranks) is None
+    monkeypatch.setenv("ALTO_AUTOTUNE", "auto")
+    assert launcher.choice(fewer_ranks) is small and launcher.is_tuned(fewer_ranks)
+    assert launcher.choice(LaunchKey(("float32", "float32", "ieee"), (True,), 2048, 16, 4096)) is None
+    # the committed table wins over a farther in-process key
+    table_cfg = make_cfg(BLOCK_M=64, BLOCK_K=64, SPLIT_K=8)
+    near = LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 8192, 16, 1024)
+    monkeypatch.setitem(_TABLES, "cpu", {"lora_shrink": [(near, table_cfg)]})
+    assert launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 8192, 32, 1024)) is table_cfg
+    monkeypatch.setenv("ALTO_AUTOTUNE", "bogus")
+    with pytest.raises(ValueError, match="ALTO_AUTOTUNE"):
+        launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 512, 32, 1024))
+
+
+def test_committed_tuned_tables_parse():
+    import glob
+    import json
+    import os
+
+    from alto_kernels import _common
+
+    kernels = {"lora_shrink": fused.lora_shrink_kernel, "lora_expand": fused.lora_expand_kernel,
+               "lora_bwd_dy": fused.lora_bwd_dy_kernel, "lora_bwd_dx": fused.lora_bwd_dx_kernel}
+    for path in glob.glob(os.path.join(_common.TUNED_DIR, "*.json")):
+        with open(path) as f:
+            doc = json.load(f)
+        assert doc.get("command") and doc.get("device"), path
+        for name, rows in doc["kernels"].items():
+            params = set(kernels[name].fn.arg_names)
+            for row in rows:
+                key, config = _common.LaunchKey.from_json(row["key"]), _common.config_from_json(row["config"])
+                assert key.dim > 0 and key.R > 0 and key.t_hint > 0
+                assert set(config.kwargs) <= params, (path, name, config)
