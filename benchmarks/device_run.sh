@@ -36,9 +36,14 @@ run() {  # run <name> <command...>: log it, keep going on failure, remember the 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 for phase in "$@"; do
   case "$phase" in
-    kernels)
+    tune)  # the config table: autotune the kernels over the shapes alto-ray meets; later phases of
+           # this call use it (commit it to kernels/tuned/ from $OUT)
+      slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
+      run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
+      mkdir -p kernels/tuned && cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
+    kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best
       run kernel_check python benchmarks/kernel_check.py
-      run kernels python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
+      run kernels env ALTO_AUTOTUNE=full python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

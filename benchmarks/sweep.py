@@ -225,7 +225,8 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
                        "steps": int(res.metrics.get("step", 0) or 0), "tokens": int(res.metrics.get("tokens", 0) or 0),
                        "final_eval_loss": float(evals.iloc[-1]) if len(evals) else None,
                        "error": str(res.error) if res.error else None,
-                       "stop_reason": res.metrics.get("alto_decision")})
+                       "stop_reason": res.metrics.get("alto_decision"),
+                       "timing": timing_rows(df) if arm == "alto" else None})
     ray.shutdown()
     finals = [t["final_eval_loss"] for t in trials if t["final_eval_loss"] is not None and math.isfinite(t["final_eval_loss"])]
     complete = all(t["error"] is None and (t["steps"] >= MAX_STEPS or t["stop_reason"] or arm == "asha")
@@ -233,6 +234,18 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
     return {"arm": arm, "indices": indices, "wall_s": wall, "complete": complete, "gpu_seconds": wall * max(gpus, 1) if gpus else None,
             "tokens": sum(t["tokens"] for t in trials), "best_eval_loss": min(finals) if finals else None,
             "trials": trials}
+
+
+TIMING_COLUMNS = ("step", "timestamp", "time_this_iter_s", "time_in_group_s", "group_idle_s", "alto_active")
+
+
+def timing_rows(df: Any) -> Optional[List[List[Any]]]:
+    """Per report of a trial: where its time went (engine vs the group waiting for trials)."""
+    if df is None or "step" not in df:
+        return None
+    cols = [c for c in TIMING_COLUMNS if c in df]
+    return [[c for c in cols]] + [[None if v != v else (round(float(v), 4) if isinstance(v, float) else int(v))
+                                    for v in row] for row in df[cols].itertuples(index=False)]
 
 
 def device_name() -> str:
