@@ -253,22 +253,29 @@ class AdapterGroup:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _loop(self) -> None:
+        """Step while every adapter has room, else sleep until a request, join or leave wakes us.
+
+        The event is cleared *before* the state is examined: a wake-up that arrives while a step
+        or the checks run then keeps the event set, so the next wait returns at once. (Clearing
+        it after the wait, as this loop once did, lost wake-ups that raced the wait's return;
+        each loss cost a full `_TICK_S`, which on an H100 was most of a step.)
+        """
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self._check_liveness()
                 if await self._step():
-                    continue
+                    continue  # more may be due right away (run-ahead)
                 if self._idle_exit_due():
                     self._closing = True
                     ray.get_runtime_context().current_actor.__ray_terminate__.remote()
                     return
             except Exception:  # keep serving; the failing trial gets the error
                 logger.exception("%s: step loop error", self.spec.name)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def _step(self) -> bool:
         """One grouped step if every admitted adapter has room in its result buffer."""
