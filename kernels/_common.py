@@ -124,9 +124,10 @@ def philox_key(seed, adapter):
 
 
 # How a launch that meets a new key picks its config (``ALTO_AUTOTUNE``):
-#   "auto" (default): the committed table of configs tuned on this GPU model (``tuned/``), else a
-#       config this process already tuned for the same kernel and dtypes, nearest in shape; only
-#       when there is neither does it autotune. A grouped step meets new keys whenever adapters
+#   "auto" (default): a config this process already launched for the same kernel variant (no
+#       compile), else the committed table of configs tuned on this GPU model (``tuned/``), else a
+#       config this process tuned for the same kernel and dtypes, nearest in shape; only when
+#       there is none does it autotune. A grouped step meets new keys whenever adapters
 #       come and go (the padded rank R and the token count change): compiling and timing every
 #       config again cost ~50 s per new key on an H100, and the nearest tuned config is within a
 #       few percent of the best.
@@ -230,8 +231,14 @@ class TunedLauncher:
         cfg = self.best.get(key)
         if cfg is not None or autotune_mode() == "full":
             return cfg
-        pool = [(k, c) for k, c in tuned_table(device_index).get(self.name, []) if k.exact == key.exact]
-        pool += [(k, self.best[k]) for k in self.tuned if k.exact == key.exact]
+        # A config already launched for this variant (same constexprs: exact, flags, R) is
+        # compiled; another would compile (seconds) for a few percent at best, so the variant
+        # keeps its configs once it has one. Otherwise: the nearest in the table or tuned here.
+        pool = [(k, c) for k, c in self.best.items()
+                if k.exact == key.exact and k.flags == key.flags and k.R == key.R]
+        if not pool:
+            pool = [(k, c) for k, c in tuned_table(device_index).get(self.name, []) if k.exact == key.exact]
+            pool += [(k, self.best[k]) for k in self.tuned if k.exact == key.exact]
         if not pool:
             return None
         cfg = min(pool, key=lambda kc: key.distance(kc[0]))[1]

@@ -37,7 +37,7 @@ class MultiLoRAPlan:
     n: int
     ranks: Tuple[int, ...]
     roffs: Tuple[int, ...]  # offset of adapter i on the packed rank axis (Σr)
-    R: int                  # rank axis of H_s / G: max rank padded to a power of two ≥ 16
+    R: int                  # rank axis of H_s / G: max rank padded to a bucket (padded_rank)
     table: torch.Tensor     # [n_chunks, N_META] int64 on the device
     ptrs: torch.Tensor      # [n, PTR_COLS] int64 on the device: A_i, B_i, dA sink, dB sink
     chunk: int              # rows per chunk (lora_bwd_dy's BLOCK_M)
@@ -71,6 +71,17 @@ class MultiLoRAPlan:
             raise ValueError(f"base_out must be [{self.tokens}, {self.out_features}], got {tuple(base_out.shape)}")
         if self.tokens and base_out.stride(1) != 1:
             raise ValueError("base_out must have unit stride along features (it is written in place)")
+
+
+# The padded rank axis R is a compile-time constant of every kernel: each new R compiles each
+# kernel variant again (seconds apiece). Three buckets instead of every power of two mean a
+# group whose largest adapter leaves rarely meets a new R; the padding is masked, costing only
+# the skinny GEMMs' idle lanes (those kernels are memory-bound).
+RANK_BUCKETS = (16, 64, MAX_RANK)
+
+
+def padded_rank(max_rank: int) -> int:
+    return next(b for b in RANK_BUCKETS if max_rank <= b)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -183,6 +194,6 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
     if sink:
         extra = dict(weights=(*lora_a, *lora_b), sinks=(*grad_a, *grad_b),
                      sink_token=torch.zeros((), device=x.device, requires_grad=True))
-    return MultiLoRAPlan(len(ranks), ranks, roffs, max(16, triton.next_power_of_2(max(ranks))), table, ptrs,
+    return MultiLoRAPlan(len(ranks), ranks, roffs, padded_rank(max(ranks)), table, ptrs,
                          chunk, has_dropout, _common.t_hint(offs[-1]), offs[-1], int(x.shape[1]),
                          int(lora_b[0].shape[0]), x.dtype, x.device, **extra)

@@ -255,11 +255,15 @@ def test_new_keys_borrow_the_nearest_tuned_config(monkeypatch):
     monkeypatch.setenv("ALTO_AUTOTUNE", "auto")
     assert launcher.choice(fewer_ranks) is small and launcher.is_tuned(fewer_ranks)
     assert launcher.choice(LaunchKey(("float32", "float32", "ieee"), (True,), 2048, 16, 4096)) is None
-    # the committed table wins over a farther in-process key
+    # the committed table wins over a farther key tuned in-process
     table_cfg = make_cfg(BLOCK_M=64, BLOCK_K=64, SPLIT_K=8)
     near = LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 8192, 16, 1024)
     monkeypatch.setitem(_TABLES, "cpu", {"lora_shrink": [(near, table_cfg)]})
     assert launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 8192, 32, 1024)) is table_cfg
+    # ... but a variant (same constexprs: flags, R) that has launched keeps its compiled config
+    monkeypatch.setitem(_TABLES, "cpu", {"lora_shrink": [(LaunchKey(("bfloat16", "bfloat16", "tf32"), (True,),
+                                                                    8192, 16, 1024), table_cfg)]})
+    assert launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (True,), 8192, 16, 1024)) is small
     monkeypatch.setenv("ALTO_AUTOTUNE", "bogus")
     with pytest.raises(ValueError, match="ALTO_AUTOTUNE"):
         launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 512, 32, 1024))
