@@ -285,6 +285,7 @@ class AdapterGroup:
             active = [m for m in self._members.values() if m.state is _State.ACTIVE]
             if not active or not all(self._has_room(m) for m in active):
                 return False
+            t_locked = time.monotonic()
             try:
                 results = await self._run(self.trainer.step)
             except Exception as err:  # an engine failure fails this step's adapters only
@@ -294,6 +295,7 @@ class AdapterGroup:
                     _fail(m, err)
                 raise
             self._steps += 1
+            t_stepped = time.monotonic()
             idle = t0 - self._last_step_end
             due = [m.trial_id for m in active
                    if m.trial_id in results and self._eval_due(m, results[m.trial_id].step)]
@@ -303,14 +305,16 @@ class AdapterGroup:
                 for m in active:     # (retrying the same evaluation would spin on the same error)
                     _fail(m, err)
                 raise
-            seconds = time.monotonic() - t0
+            t_done = time.monotonic()
+            seconds = t_done - t0
             for m in active:
                 r = results.get(m.trial_id)
                 if r is None or self._members.get(m.trial_id) is not m:
                     continue  # left while the step ran
                 step_tokens += int(r.tokens)
                 result = self._result(m, r, evals.get(m.trial_id), seconds)
-                result["group_idle_s"] = idle
+                result.update(group_idle_s=idle, group_lock_wait_s=t_locked - t0,
+                              group_engine_s=t_stepped - t_locked, group_eval_s=t_done - t_stepped)
                 reason = result.pop("_reason")
                 m.buffer.append(result)
                 if reason:  # snapshot for the final checkpoint, then free the slot at once

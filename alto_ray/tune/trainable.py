@@ -11,7 +11,9 @@ between; `eval_step` says when), `tokens` (cumulative), `lr`, `grad_norm`, `step
 (AltoScheduler's planned steps), `done`, and diagnostics `alto_task`, `alto_group`,
 `alto_active`, `alto_queued`, `queue_wait_s`, `group_step_s` (the last step's engine time),
 `time_in_group_s` and `group_idle_s` (engine time and the group's idle time before each step,
-summed over the report's steps: idle time means the group waited for a trial). A trial whose loss stays
+summed over the report's steps: idle time means the group waited for a trial), and the split of
+the former into `group_lock_wait_s` (membership changes and checkpoints of other trials),
+`group_engine_s` and `group_eval_s`. A trial whose loss stays
 non-finite for `task.nonfinite_patience` steps ends itself (for schedulers that do not stop it).
 
 Checkpoints: the trainable asks Tune for one every `task.checkpoint_every` engine steps and at
@@ -240,7 +242,8 @@ def _merge(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         out["loss"] = sum(losses) / len(losses) if all(map(math.isfinite, losses)) else float("nan")
         out["finite"] = all(r["finite"] for r in results)
         out["time_in_group_s"] = sum(r.get("group_step_s", 0.0) for r in results)
-        out["group_idle_s"] = sum(r.get("group_idle_s", 0.0) for r in results)
+        for key in ("group_idle_s", "group_lock_wait_s", "group_engine_s", "group_eval_s"):
+            out[key] = sum(r.get(key, 0.0) for r in results)
     return out
 
 
