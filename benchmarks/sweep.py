@@ -213,11 +213,16 @@ def run_arm(arm: str, indices: List[int], paths: Dict[str, str], storage: str,
         scheduler = (ASHAScheduler(time_attr="step", max_t=MAX_STEPS, grace_period=max(1, MAX_STEPS // 8), reduction_factor=3)
                      if arm == "asha" else FIFOScheduler())
         max_conc = 1  # one trial per GPU, and this machine has one
+    # Tune checkpoints every trial it stops (checkpoint_at_end defaults to on for class
+    # trainables), losers included. The baselines keep no checkpoints, so the alto arm turns that
+    # off; its survivors still save their final adapter (the trainable asks for it when done).
+    checkpoint_config = tune.CheckpointConfig(checkpoint_at_end=False) if arm == "alto" else None
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
                                                    max_concurrent_trials=max_conc or None,
                                                    time_budget_s=time_budget_s, reuse_actors=reuse_actors),
-                       run_config=tune.RunConfig(storage_path=storage, name=f"sweep_{arm}", verbose=1))
+                       run_config=tune.RunConfig(storage_path=storage, name=f"sweep_{arm}", verbose=1,
+                                                 checkpoint_config=checkpoint_config))
     t0 = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - t0

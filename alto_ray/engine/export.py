@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,16 +22,39 @@ def peft_state_dict(weights: AdapterWeights) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_peft_adapter(weights: AdapterWeights, path: str, base_model_name_or_path: Optional[str] = None) -> None:
+@dataclass
+class PeftSnapshot:
+    """An adapter's PEFT files as CPU data: taken between steps, written any time later (so a
+    checkpoint holds the training loop only for the device-to-host copies)."""
+
+    tensors: Dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: List[str]
+    base_model_name_or_path: Optional[str] = None
+
+
+def peft_snapshot(weights: AdapterWeights, base_model_name_or_path: Optional[str] = None) -> PeftSnapshot:
+    cfg = weights.cfg
+    # Only the module names this adapter really has (``target_modules`` suffixes as PEFT matches them).
+    suffixes = sorted({e.module_name.rsplit(".", 1)[-1] for e in weights.entries})
+    return PeftSnapshot(peft_state_dict(weights), cfg.rank, cfg.alpha, float(cfg.dropout), suffixes,
+                        base_model_name_or_path)
+
+
+def save_peft_snapshot(snap: PeftSnapshot, path: str) -> None:
     """Write ``adapter_config.json`` (via ``peft.LoraConfig``) and ``adapter_model.safetensors``."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    cfg = weights.cfg
     os.makedirs(path, exist_ok=True)
-    # Only the module names this adapter really has (``target_modules`` suffixes as PEFT matches them).
-    suffixes = sorted({e.module_name.rsplit(".", 1)[-1] for e in weights.entries})
-    LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=float(cfg.dropout), target_modules=suffixes,
-               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+    LoraConfig(r=snap.rank, lora_alpha=snap.alpha, lora_dropout=snap.dropout, target_modules=snap.target_modules,
+               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=snap.base_model_name_or_path,
                ).save_pretrained(path)
-    save_file(peft_state_dict(weights), os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(snap.tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_peft_adapter(weights: AdapterWeights, path: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write ``adapter_config.json`` (via ``peft.LoraConfig``) and ``adapter_model.safetensors``."""
+    save_peft_snapshot(peft_snapshot(weights, base_model_name_or_path), path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -301,10 +301,17 @@ class GroupedTrainer:
 
     def save_adapter(self, name: str, path: str) -> None:
         """A standard PEFT adapter directory for ``name``."""
-        from .export import save_peft_adapter
+        from .export import save_peft_snapshot
+
+        save_peft_snapshot(self.adapter_snapshot(name)[0], path)
+
+    def adapter_snapshot(self, name: str) -> Tuple[Any, Dict[str, Any]]:
+        """``(PeftSnapshot, adapter_state)`` as CPU data: what a checkpoint needs, copied now and
+        serialised later (``export.save_peft_snapshot``) without holding up the next step."""
+        from .export import peft_snapshot
 
         base = getattr(getattr(self.model.backbone, "config", None), "_name_or_path", None)
-        save_peft_adapter(self.model.adapters[name], path, base_model_name_or_path=base)
+        return peft_snapshot(self.model.adapters[name], base), self.adapter_state(name)
 
 
 def _entry_rows(weights: AdapterWeights) -> List[list]:

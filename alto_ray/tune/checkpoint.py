@@ -58,20 +58,56 @@ def read_files(checkpoint_dir: str) -> Files:
     return files
 
 
+def snapshot_state(trainer: Any, adapter: str, meta: Dict[str, Any]) -> Any:
+    """Group side, between two steps: the adapter's checkpoint as CPU data (device-to-host copies
+    only). `files_of` serialises it later, while the group trains on. A trainer without
+    `adapter_snapshot` (e.g. a multi-rank group) is packed right away."""
+    if not hasattr(trainer, "adapter_snapshot"):
+        return pack_state(trainer, adapter, meta)
+    peft, engine = trainer.adapter_snapshot(adapter)
+    return _Snapshot(peft, engine, dict(meta))
+
+
+class _Snapshot:
+    def __init__(self, peft: Any, engine: Dict[str, Any], meta: Dict[str, Any]) -> None:
+        self.peft, self.engine, self.meta = peft, engine, meta
+
+
+def files_of(snapshot: Any) -> Files:
+    """A snapshot (or already packed files) as `{file name: bytes}`."""
+    if not isinstance(snapshot, _Snapshot):
+        return snapshot
+    from alto_ray.engine.export import save_peft_snapshot
+
+    with tempfile.TemporaryDirectory(prefix="alto-ckpt-") as tmp:
+        save_peft_snapshot(snapshot.peft, tmp)
+        files = _read_dir(tmp)
+    return _with_state(files, snapshot.engine, snapshot.meta)
+
+
 def pack_state(trainer: Any, adapter: str, meta: Dict[str, Any]) -> Files:
     """Group side: the adapter's PEFT files + engine state + `meta` (alto counters) as bytes."""
-    import torch
-
-    files: Files = {}
     with tempfile.TemporaryDirectory(prefix="alto-ckpt-") as tmp:
         trainer.save_adapter(adapter, tmp)
-        for name in os.listdir(tmp):
-            full = os.path.join(tmp, name)
-            if os.path.isfile(full):
-                with open(full, "rb") as f:
-                    files[name] = f.read()
+        files = _read_dir(tmp)
+    return _with_state(files, trainer.adapter_state(adapter), meta)
+
+
+def _read_dir(path: str) -> Files:
+    files: Files = {}
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def _with_state(files: Files, engine: Dict[str, Any], meta: Dict[str, Any]) -> Files:
+    import torch
+
     buf = io.BytesIO()
-    torch.save({"format": FORMAT_VERSION, "engine": trainer.adapter_state(adapter), "alto": meta}, buf)
+    torch.save({"format": FORMAT_VERSION, "engine": engine, "alto": meta}, buf)
     files[STATE_FILE] = buf.getvalue()
     summary = {"format": FORMAT_VERSION, **{k: v for k, v in meta.items() if _jsonable(v)}}
     files[SUMMARY_FILE] = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
