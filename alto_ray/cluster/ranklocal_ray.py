@@ -91,8 +91,11 @@ class RankLocalWorker:
             results = self.trainer.step(micro_steps)
         return {"results": results, "collectives": dict(counts)}
 
-    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-        return self.trainer.evaluate(names)
+    def eval_passes(self, names: Optional[Sequence[str]] = None) -> int:
+        return self.trainer.eval_passes(names)
+
+    def evaluate(self, names: Optional[Sequence[str]] = None, passes: Optional[int] = None) -> Dict[str, float]:
+        return self.trainer.evaluate(names, passes)
 
     def adapter_state(self, name: str) -> Dict[str, Any]:
         return self.trainer.adapter_state(name)
@@ -238,10 +241,14 @@ class RankLocalGroup:
         return merged, [out["collectives"] for out in outs]
 
     def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        """Eval loss of ``names`` (default: all); every rank runs the most forwards any rank needs."""
         import ray
 
+        passes = max(ray.get([w.eval_passes.remote(names) for w in self.workers]))
         merged: Dict[str, float] = {}
-        for part in ray.get([w.evaluate.remote(names) for w in self.workers]):
+        if passes == 0:
+            return merged
+        for part in ray.get([w.evaluate.remote(names, passes) for w in self.workers]):
             merged.update(part)
         return merged
 
