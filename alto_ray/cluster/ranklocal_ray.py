@@ -9,6 +9,7 @@ all-gathers stay on one node's NVLink; rank 0's node IP and a free port there ar
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -53,8 +54,13 @@ class RankLocalWorker:
               dataset: Union[DatasetSpec, TaskData], use_gpu: bool, dtype: Optional[torch.dtype],
               trainer_kwargs: Dict[str, Any], dist_backend: Optional[str],
               node_gpus: Optional[List[str]] = None) -> Dict[str, Any]:
+        import ray
+
+        from alto_ray.tune.admission import free_bytes
+
         from .ranklocal import RankLocalTrainer
-        from .ranklocal_model import init_rank_process_group, load_sharded_backbone, local_shard_numel
+        from .ranklocal_model import (gathered_unit_bytes, init_rank_process_group, load_sharded_backbone,
+                                      local_shard_numel)
 
         device = torch.device("cpu")
         if use_gpu:
@@ -73,7 +79,10 @@ class RankLocalWorker:
         if isinstance(model, str):
             kwargs.setdefault("tokenizer", model)
         self.trainer = RankLocalTrainer(backbone, dataset, device=device, dtype=dtype, **kwargs)
-        return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone)}
+        return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone),
+                "node": ray.util.get_node_ip_address(), "free_bytes": free_bytes(device.type),
+                "gather_bytes": gathered_unit_bytes(backbone), "model_config": getattr(backbone, "config", None),
+                "dtype": self.trainer.trainer.dtype}
 
     # Thin pass-throughs (Ray calls methods by name).
     def add_adapter(self, name: str, cfg: AdapterConfig, state: Optional[Dict[str, Any]] = None) -> None:
@@ -100,8 +109,15 @@ class RankLocalWorker:
     def adapter_state(self, name: str) -> Dict[str, Any]:
         return self.trainer.adapter_state(name)
 
-    def save_adapter(self, name: str, path: str) -> None:
-        self.trainer.save_adapter(name, path)
+    def adapter_files(self, name: str) -> Dict[str, bytes]:
+        """The PEFT directory of ``name`` as ``{file name: bytes}`` (the caller may be on another node)."""
+        files: Dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="alto-rank-") as tmp:
+            self.trainer.save_adapter(name, tmp)
+            for fname in os.listdir(tmp):
+                with open(os.path.join(tmp, fname), "rb") as f:
+                    files[fname] = f.read()
+        return files
 
     def info(self) -> Dict[str, Any]:
         from .ranklocal import lora_param_count
@@ -174,6 +190,32 @@ class RankLocalGroup:
         self._owner: Dict[str, int] = {}
         self._configs: Dict[str, AdapterConfig] = {}
 
+    # -- what admission needs: the ranks' memory, the backbone's shape -------------------------------
+    @property
+    def model_config(self) -> Any:
+        return self.rank_info[0].get("model_config")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The ranks' compute dtype (what the engine's memory estimates are taken in)."""
+        return self.rank_info[0]["dtype"]
+
+    def rank_budget_bytes(self) -> float:
+        """Free bytes each rank had once its shard loaded, less the unsharded units it gathers;
+        ranks sharing a node's host memory (CPU ranks) split it. The smallest rank's figure."""
+        per_node: Dict[str, int] = {}
+        for info in self.rank_info:
+            per_node[info["node"]] = per_node.get(info["node"], 0) + 1
+        return min(info["free_bytes"] / (1 if self.use_gpu else per_node[info["node"]]) - info["gather_bytes"]
+                   for info in self.rank_info)
+
+    def memory_budget(self, headroom: float, max_adapters: Optional[int]) -> Any:
+        """The `AdapterGroup`'s admission for this group: per rank, against the rank it routes to."""
+        from alto_ray.tune.admission import RankMemoryBudget
+
+        return RankMemoryBudget(self.model_config, self.dtype, headroom, max_adapters,
+                                self.rank_budget_bytes(), placement=lambda: self.placement, route=self.route)
+
     # -- membership ------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> List[str]:
@@ -205,12 +247,17 @@ class RankLocalGroup:
         if name in self._owner:
             raise ValueError(f"adapter {name!r} is already in this group")
         if rank is None:
-            load = self.rank_load()
-            counts = [sum(1 for r in self._owner.values() if r == k) for k in range(self.num_ranks)]
-            rank = min(range(self.num_ranks), key=lambda k: (load[k], counts[k], k))
+            rank = self.route(cfg)
         ray.get(self.workers[rank].add_adapter.remote(name, cfg, state))
         self._owner[name], self._configs[name] = rank, cfg
         return rank
+
+    def route(self, cfg: AdapterConfig) -> int:
+        """The rank ``add_adapter`` would give ``cfg`` now: the least-loaded one (tokens per step,
+        then adapter count, then index). Admission asks it first, so it charges the right rank."""
+        load = self.rank_load()
+        counts = [sum(1 for r in self._owner.values() if r == k) for k in range(self.num_ranks)]
+        return min(range(self.num_ranks), key=lambda k: (load[k], counts[k], k))
 
     def remove_adapter(self, name: str) -> None:
         import ray
@@ -258,9 +305,14 @@ class RankLocalGroup:
         return ray.get(self.workers[self._rank_of(name)].adapter_state.remote(name))
 
     def save_adapter(self, name: str, path: str) -> None:
-        """PEFT directory written by the owning rank (on its node: STRICT_PACK keeps one node)."""
+        """PEFT directory of ``name`` at ``path`` on the caller's node (the owning rank sends the bytes)."""
         import ray
-        ray.get(self.workers[self._rank_of(name)].save_adapter.remote(name, path))
+
+        files = ray.get(self.workers[self._rank_of(name)].adapter_files.remote(name))
+        os.makedirs(path, exist_ok=True)
+        for fname, data in files.items():
+            with open(os.path.join(path, fname), "wb") as f:
+                f.write(data)
 
     def info(self) -> List[Dict[str, Any]]:
         import ray
