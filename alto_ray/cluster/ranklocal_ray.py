@@ -5,6 +5,10 @@ its backbone is FSDP2-sharded over N actors that form one ``torch.distributed`` 
 and each adapter lives on exactly one rank (``ranklocal.py`` explains why no gradient ever
 crosses ranks). The actors sit in one STRICT_PACK placement group (one bundle per rank), so the
 all-gathers stay on one node's NVLink; rank 0's node IP and a free port there are the rendezvous.
+
+Tune reaches it through ``rank_local_trainer``, the trainer factory that ``LoRATask(gpus_per_group=N)``
+groups name: the ``AdapterGroup`` actor drives a ``RankLocalGroup`` as its trainer, and admits
+adapters against each rank's memory (``memory_budget``).
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ class RankLocalWorker:
             os.environ.setdefault(key, value)
         self.rank, self.world_size = rank, world_size
         self.trainer: Any = None
+
+    def __repr__(self) -> str:  # the Ray dashboard's actor name
+        return f"RankLocalWorker(rank {self.rank} of {self.world_size})"
 
     def gpu_ids(self) -> List[str]:
         """The GPUs Ray gave this actor (before CUDA is initialised here)."""
@@ -337,3 +344,41 @@ class RankLocalGroup:
         if name not in self._owner:
             raise KeyError(f"no adapter {name!r} in this group")
         return self._owner[name]
+
+
+# ---------------------------------------------------------------------- the Tune path
+def rank_local_trainer(task: Any, spec: Any, *, dataset: Union[DatasetSpec, TaskData],
+                       dtype: Optional[torch.dtype] = None, num_ranks: int = 2, use_gpu: Optional[bool] = None,
+                       cpus_per_rank: float = 1.0, placement_group: Any = None,
+                       bundle_indices: Optional[Sequence[int]] = None) -> RankLocalGroup:
+    """``GroupSpec.trainer`` factory for a ``LoRATask`` whose backbone spans ``num_ranks`` GPUs.
+
+    The ``AdapterGroup`` actor (``task``, ``spec``: its own) drives the returned group exactly
+    like a ``GroupedTrainer``; the GPUs belong to the rank workers, placed in ``placement_group``
+    (the coordinator's grant) or, by default, in a STRICT_PACK one the group creates and that
+    goes away with the ``AdapterGroup`` actor. ``spec.trainer_kwargs`` fill the keyword arguments.
+    """
+    from alto_ray.engine import DEFAULT_TARGET_MODULES
+
+    model: BackboneSource = task.model if isinstance(task.model, str) else ShardedFactory(task.model, dtype)
+    return RankLocalGroup(model, dataset, num_ranks=num_ranks, use_gpu=use_gpu, dtype=dtype,
+                          placement_group=placement_group, bundle_indices=bundle_indices,
+                          cpus_per_rank=cpus_per_rank,
+                          trainer_kwargs={"eval_size": task.eval_size,
+                                          "target_modules": tuple(task.target_modules or DEFAULT_TARGET_MODULES)})
+
+
+class ShardedFactory:
+    """A zero-argument model factory (``LoRATask.model``) as a ``BackboneSource``: each rank
+    builds the model on the host, then shards it onto its device (cast to ``dtype`` if given)."""
+
+    def __init__(self, factory: Callable[[], Any], dtype: Optional[torch.dtype] = None) -> None:
+        self.factory, self.dtype = factory, dtype
+
+    def __call__(self, device: torch.device) -> Any:
+        from .ranklocal_model import shard_backbone
+
+        model = self.factory()
+        if self.dtype is not None:
+            model = model.to(self.dtype)
+        return shard_backbone(model, device=device)
