@@ -245,7 +245,8 @@ class Tenant:
                 continue                         # not created yet / idle-exited / busy
             found += 1
             prev = self._last_steps.get(spec.name)
-            self._last_steps[spec.name] = (now, int(info["steps"]))
+            if prev is None or int(info["steps"]) != prev[1]:   # steps slower than polls: measure
+                self._last_steps[spec.name] = (now, int(info["steps"]))  # from the last change seen
             if prev is not None and info["steps"] > prev[1]:
                 times.append((now - prev[0]) / (info["steps"] - prev[1]))
             active += int(info.get("active", 0))
