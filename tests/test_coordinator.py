@@ -10,20 +10,13 @@ ray = pytest.importorskip("ray")
 
 from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
 from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE, get_coordinator  # noqa: E402
+from tune_support import local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, namespace="alto-test", include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    try:
-        ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
-    except ValueError:
-        pass
-    ray.shutdown()
+    with local_ray(namespace="alto-test"):
+        yield
 
 
 def _spec(name: str, backbone_gb: float = 4.0, gpg: int = 2) -> TaskSpec:

@@ -4,7 +4,8 @@
 Covers: bad settings fail on the driver before any group or placement group exists; a Tune sweep
 trains every trial to the losses of the single-process `GroupedTrainer` (dropout 0), spread over
 both ranks; a trial stopped early frees its group slot for the queued one; checkpoints load with
-`PeftModel.from_pretrained`; the idle group gives its ranks' resources back.
+`PeftModel.from_pretrained`; the idle group gives its ranks' resources back; the coordinator's
+two-bundle grant runs a rank-local group inside that placement group.
 """
 from __future__ import annotations
 
@@ -171,3 +172,29 @@ def test_checkpoint_is_a_peft_adapter_and_the_idle_group_frees_its_ranks(sweep, 
     assert _wait_all_cpus_free()
     table = ray.util.placement_group_table()
     assert table[sweep["probe"].info["pg"]]["state"] == "REMOVED"
+
+
+def test_coordinator_grant_of_two_bundles_runs_a_rank_local_group(cluster, tiny_model_dir, tiny_dataset_path,
+                                                                 tmp_path) -> None:
+    from alto_ray.cluster.tenant import run_tenant
+
+    assert _wait_all_cpus_free()
+    task = _task(tiny_model_dir, tiny_dataset_path, "ranklocal-tenant")
+    probe, rec, tenants = _GroupProbe(), Recorder(), []
+    grid = run_tenant(task, {**BASE, "rank": 4, "lr": tune.grid_search(LRS[:2])},
+                      tune.TuneConfig(metric="loss", mode="min"),
+                      tune.RunConfig(name="tenant", storage_path=str(tmp_path), verbose=0, callbacks=[probe, rec]),
+                      on_tenant=tenants.append, poll_s=0.5,
+                      coordinator_options={"state_path": str(tmp_path / "coord.json"), "time_limit_s": 1.0})
+    assert grid.num_errors == 0 and all(r.metrics["step"] == MAX_STEPS for r in grid)
+    (grant,) = tenants[0].grants
+    assert len(grant.bundles) == 2 and grant.bundles[0] == {"CPU": 0.5}
+    pg = grant.placement_group.id.hex()
+    assert probe.info["own_pg"] == pg and probe.info["pg"] == pg      # group and ranks in the granted bundles
+    assert probe.info["trainer"] == "RankLocalGroup" and set().union(*probe.ranks.values()) == {0, 1}
+    ref = reference_losses(task, [{**BASE, "rank": 4, "lr": lr} for lr in LRS[:2]], MAX_STEPS)
+    losses = rec.losses()
+    for i, lr in enumerate(LRS[:2]):
+        (r,) = [r for r in grid if r.config["lr"] == lr]
+        got = losses[r.metrics["trial_id"]]
+        assert all(close(got[s + 1], ref[i][s]) for s in range(MAX_STEPS)), (lr, got, ref[i])
