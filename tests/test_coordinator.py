@@ -10,20 +10,13 @@ ray = pytest.importorskip("ray")
 
 from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
 from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE, get_coordinator  # noqa: E402
+from tune_support import local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, namespace="alto-test", include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    try:
-        ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
-    except ValueError:
-        pass
-    ray.shutdown()
+    with local_ray(namespace="alto-test"):
+        yield
 
 
 def _spec(name: str, backbone_gb: float = 4.0, gpg: int = 2) -> TaskSpec:
@@ -93,3 +86,23 @@ def test_two_tenants_queue_finish_restart_and_infeasible(ray_cluster, tmp_path) 
 
     with pytest.raises(ValueError, match=r"too-big.*GiB"):
         ray.get(coord.register_task.remote(_spec("too-big", backbone_gb=400, gpg=1)))
+
+
+def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> None:
+    """Steps slower than the tenant's polls give reports with step_time 0: they must not swap the
+    running group's planned end for the FLOPs prior (an H100 figure, ~0 s for a tiny model), which
+    granted the next tenant while this one still trained. No Ray: the coordinator's logic alone."""
+    from alto_ray.cluster import NodeSpec
+    from alto_ray.cluster.coordinator import Coordinator, GroupGrant, _Entry
+
+    coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[NodeSpec("n0", 2)])
+    spec = _spec("slow", gpg=2)
+    coord.register_task(spec)
+    now = time.time()
+    grant = GroupGrant("slow", 0, "n0", (0, 1), None, "alto:slow:0", [{"CPU": 1.0}] * 2, "STRICT_PACK",
+                       now, now + 100.0)
+    coord.tasks["slow"] = entry = _Entry(spec, status="running", groups={0: grant})
+    coord.report_progress("slow", 0.0, 20, max_trial_remaining_steps=20)
+    assert coord._remaining(entry) == pytest.approx(100.0, abs=2.0)      # still the plan's end
+    coord.report_progress("slow", 2.0, 20, adapters_in_group=1, max_trial_remaining_steps=20)
+    assert coord._remaining(entry) == pytest.approx(40.0)                 # measured: 20 steps x 2 s

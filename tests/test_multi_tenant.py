@@ -19,23 +19,17 @@ ray = pytest.importorskip("ray")
 
 from ray import tune  # noqa: E402
 
-from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE, get_coordinator  # noqa: E402
+from alto_ray.cluster.coordinator import get_coordinator  # noqa: E402
 from alto_ray.cluster.tenant import Tenant, run_tenant  # noqa: E402
 from alto_ray.tune.group import NAMESPACE  # noqa: E402
 from alto_ray.tune.task import LoRATask  # noqa: E402
+from tune_support import local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    try:
-        ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
-    except ValueError:
-        pass
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +131,7 @@ def test_two_tenants_with_different_backbones_run_in_their_granted_groups(env) -
 
 
 def test_late_tenant_queued_then_granted_across_a_coordinator_restart(env) -> None:
-    """The cluster is full (a 2-slot group), a second tenant queues; the coordinator is killed
+    """The cluster is full (a 2-slot group: 2 gloo ranks), a second tenant queues; the coordinator is killed
     mid-run: the running group keeps training, the tenants re-create it and re-register, the
     queued one is granted once the first finishes, and every finished result survives."""
     first, late = {}, {}

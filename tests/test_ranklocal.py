@@ -78,6 +78,13 @@ def test_ray_group_routes_steps_and_pads_empty_rank(reference: Dict[str, Any], t
             # The trained weights equal the single-process ones: an averaged gradient would differ.
             torch.testing.assert_close(group.adapter_state(name)["lora"], reference["lora"][name], **TOL)
         assert group.evaluate() == pytest.approx(reference["eval"], rel=1e-4)
+        # Adapters that do not fit one eval forward together (a small token budget): rank 0 (a, c)
+        # then runs twice rank 1's forwards, and rank 1 pads to that count (or the gathers hang).
+        ray.get([w.__ray_call__.remote(lambda w: setattr(w.trainer.trainer, "eval_token_budget", 1))
+                 for w in group.workers])
+        passes = ray.get([w.eval_passes.remote(None) for w in group.workers])
+        assert passes[0] == 2 * passes[1] > 0
+        assert group.evaluate() == pytest.approx(reference["eval"], rel=1e-4)
         # Each adapter's weights exist only on its rank; rank 1 (no grad_accum=2 adapter) padded
         # one micro-step per step to keep the all-gathers in lock-step.
         info = group.info()

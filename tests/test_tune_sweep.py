@@ -18,7 +18,7 @@ from alto_ray.tune.metrics import TrialExitMetrics
 from alto_ray.tune.scheduler import AltoDecisionCallback, AltoScheduler
 from alto_ray.tune.task import LoRATask
 from alto_ray.tune.trainable import lora_trainable
-from tune_support import Recorder, close, reference_losses
+from tune_support import Recorder, close, load_peft_checkpoint, reference_losses
 
 GOOD = [3e-3, 1e-2, 3e-2]
 NAN_LR, HIGH_LR, TINY_LR, INVALID_LR = 1e20, 30.0, 1e-7, 5e-3  # INVALID_LR marks the rank-0 trial
@@ -93,15 +93,5 @@ def test_best_config_is_found_and_its_checkpoint_is_a_peft_adapter(sweep, tiny_m
     with open(os.path.join(path, "alto_checkpoint.json")) as f:
         assert json.load(f)["step"] == MAX_STEPS
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = torch.tensor([[2, 10, 11, 12, 13]])
-    with torch.no_grad():
-        before = base(ids).logits
-        model = PeftModel.from_pretrained(base, path)
-        after = model(ids).logits
-    assert model.peft_config["default"].r == 4
-    assert not torch.allclose(before, after)  # the trained adapter changes the model
+    rank, changes = load_peft_checkpoint(tiny_model_dir, path)
+    assert rank == 4 and changes  # the trained adapter changes the model

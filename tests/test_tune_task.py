@@ -126,3 +126,36 @@ def test_memory_budget_admits_by_estimate_and_cap(tiny_model_dir: str) -> None:
     assert mem.admit("lone", cfg, [])  # a lone adapter always gets a try
     capped = MemoryBudget("cpu", None, None, 0.1, max_adapters=1)
     assert capped.admit("a", cfg, []) and not capped.admit("b", cfg, ["a"])
+
+
+def test_rank_budget_charges_the_rank_an_adapter_is_routed_to(tiny_model_dir: str) -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from alto_ray.engine import AdapterConfig
+    from alto_ray.tune.admission import RankMemoryBudget
+
+    cfg = AdapterConfig(rank=8, batch_size=4, max_seq_len=64)
+    where: dict = {}  # adapter -> rank, as RankLocalGroup.placement reports it
+    route = {"rank": 0}  # where RankLocalGroup.route would send the next adapter
+    mem = RankMemoryBudget(AutoConfig.from_pretrained(tiny_model_dir), torch.float32, 0.1, None, free=-1.0,
+                           placement=lambda: dict(where), route=lambda c: route["rank"])
+    assert mem.budget == 0.0  # a negative figure (gathered units bigger than free memory): lone adapters only
+    need = mem.estimate(cfg)
+    mem.budget = 2.5 * need  # two adapters per rank
+
+    def add(name: str, rank: int) -> bool:
+        route["rank"] = rank
+        ok = mem.admit(name, cfg, list(where))
+        if ok:
+            where[name] = rank
+        return ok
+
+    assert add("a", 0) and add("b", 0)
+    assert not add("c", 0)  # rank 0 is full...
+    assert add("c", 1) and add("d", 1)  # ...rank 1 is not: 4 adapters, twice one device's budget
+    assert not add("e", 1) and not add("e", 0)
+    del where["a"]  # left: its rank has room again
+    assert add("e", 0)
+    mem.on_oom()  # the fullest rank's charge proved too much
+    assert mem.budget < 2 * need and not add("f", 1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ray import tune
 
@@ -79,3 +80,38 @@ def contiguous_resume(steps: List[int], every: int) -> bool:
         if not (cur <= prev and (cur - 1) % every == 0):
             return False
     return True
+
+
+@contextmanager
+def local_ray(**init_kwargs: Any) -> Iterator[None]:
+    """A fresh 2-CPU local Ray for a test module; the coordinator (if a tenant made one) dies with it."""
+    import ray
+
+    from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **init_kwargs)
+    try:
+        yield
+    finally:
+        try:
+            ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
+        except ValueError:
+            pass
+        ray.shutdown()
+
+
+def load_peft_checkpoint(model_dir: str, path: str) -> Tuple[int, bool]:
+    """`PeftModel.from_pretrained(base, path)`: (the adapter's r, whether it changes the logits)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        before = base(ids).logits
+        model = PeftModel.from_pretrained(base, path)
+        after = model(ids).logits
+    return model.peft_config["default"].r, not torch.allclose(before, after)

@@ -14,6 +14,7 @@ __all__ = [
     "NodeSpec", "Plan", "PlanError", "RunningGroup", "TaskSpec", "plan", "plan_fcfs",
     "Coordinator", "GroupGrant", "get_coordinator", "COORDINATOR_NAME", "COORDINATOR_NAMESPACE",
     "Tenant", "GrantedPlacement", "TaskAlreadyFinished", "coordinated", "run_tenant",
+    "RankLocalTrainer", "RankLocalGroup", "RankLocalWorker", "rank_local_trainer",
 ]
 
 _LAZY = {"Coordinator": "coordinator", "GroupGrant": "coordinator", "get_coordinator": "coordinator",
@@ -21,7 +22,8 @@ _LAZY = {"Coordinator": "coordinator", "GroupGrant": "coordinator", "get_coordin
          "Tenant": "tenant", "GrantedPlacement": "tenant", "TaskAlreadyFinished": "tenant",
          "coordinated": "tenant", "run_tenant": "tenant",
          # torch.distributed / Ray pieces of rank-local adapter parallelism, also imported lazily
-         "RankLocalTrainer": "ranklocal", "RankLocalGroup": "ranklocal_ray", "RankLocalWorker": "ranklocal_ray"}
+         "RankLocalTrainer": "ranklocal", "RankLocalGroup": "ranklocal_ray", "RankLocalWorker": "ranklocal_ray",
+         "rank_local_trainer": "ranklocal_ray"}
 
 
 def __getattr__(name: str):

@@ -127,7 +127,7 @@ class Coordinator:
         self.predictor.observe_step(task_id, step_time, tokens_per_step=tokens_per_step,
                                     adapters_in_group=adapters_in_group)
         self.predictor.set_remaining(task_id, remaining_adapter_steps, max_trial_remaining_steps)
-        entry.progress = True
+        entry.progress = entry.progress or step_time > 0    # measured: the predictor has a step time
         after = self._remaining(entry)
         if entry.measured_at is None and step_time > 0:
             entry.measured_at = (time.time(), after)

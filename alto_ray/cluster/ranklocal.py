@@ -14,7 +14,8 @@ cooperate to materialise the frozen weights layer by layer (all-gathers), so:
   forwards (and backwards) through every FSDP unit. ``RankLocalTrainer`` guarantees it:
   a step runs ``micro_steps`` = the group-wide maximum of the adapters' ``grad_accum``
   on every rank; a rank with fewer (or no adapters at all) runs cheap padding micro-steps
-  (one short pad sequence, no LoRA) through the same units. Evaluation pads the same way.
+  (one short pad sequence, no LoRA) through the same units. Evaluation pads the same way, to
+  the group-wide maximum of forward passes (the engine may split many adapters over several).
   The embedding output is made to require grad during training so that backward reaches every
   layer on every rank whatever ``target_modules`` the local adapters have (otherwise a rank whose
   adapters skip the first layers would skip those layers' backward all-gathers and hang).
@@ -114,21 +115,32 @@ class RankLocalTrainer:
             self._pad_pass(training=True)
         return results
 
-    def eval_passes(self) -> int:
-        """Forward passes of ``evaluate`` (same on every rank: the eval split is shared)."""
-        n = len(self.trainer.data.eval_examples[:self.trainer.eval_size])
-        return math.ceil(n / self.trainer.eval_batch_size)
+    def eval_passes(self, names: Optional[Sequence[str]] = None) -> int:
+        """Forward passes of this rank's ``evaluate(names)``: 0 when none of ``names`` lives here;
+        more than one per example chunk when the engine splits the adapters over several forwards."""
+        return self.trainer.eval_forward_count(self._local(names))
 
-    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-        """Eval loss of local adapters (all, or those of ``names`` that live here), lock-stepped."""
-        local = self.trainer.adapter_names
-        names = local if names is None else [n for n in names if n in local]
-        if names:
-            return self.trainer.evaluate(names)
+    def evaluate(self, names: Optional[Sequence[str]] = None, passes: Optional[int] = None) -> Dict[str, float]:
+        """Eval loss of local adapters (all, or those of ``names`` that live here), lock-stepped:
+        every rank runs ``passes`` forwards (default: the group-wide max, one tiny all-reduce),
+        padding what its own adapters do not need."""
+        local = self._local(names)
+        mine = self.trainer.eval_forward_count(local)
+        if passes is None:
+            t = torch.tensor([mine], device=self.device, dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            passes = int(t.item())
+        if passes < mine:
+            raise ValueError(f"passes={passes} < this rank's {mine} evaluation forwards")
+        results = self.trainer.evaluate(local) if local else {}
         with torch.no_grad():
-            for _ in range(self.eval_passes()):
+            for _ in range(passes - mine):
                 self._pad_pass(training=False)
-        return {}
+        return results
+
+    def _local(self, names: Optional[Sequence[str]]) -> List[str]:
+        local = self.trainer.adapter_names
+        return local if names is None else [n for n in names if n in local]
 
     def _pad_pass(self, training: bool) -> None:
         """One pass through every FSDP unit in the order the engine uses (decoder, then head),

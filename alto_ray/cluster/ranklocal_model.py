@@ -183,3 +183,14 @@ def local_shard_numel(backbone: nn.Module) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel()
     return total
+
+
+def gathered_unit_bytes(backbone: nn.Module) -> int:
+    """Most bytes of unsharded weights a rank holds beside its shard: the root and head units
+    (embeddings, final norm, an untied head) plus two decoder layers (the running one and the one
+    prefetched). Admission reserves them on every rank before counting adapters."""
+    def full(module: nn.Module) -> int:  # a DTensor reports its global (unsharded) size
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    layers = [full(layer) for layer in decoder_layers(backbone)]
+    return full(backbone) - sum(layers) + 2 * max(layers, default=0)

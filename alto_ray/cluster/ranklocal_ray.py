@@ -5,10 +5,15 @@ its backbone is FSDP2-sharded over N actors that form one ``torch.distributed`` 
 and each adapter lives on exactly one rank (``ranklocal.py`` explains why no gradient ever
 crosses ranks). The actors sit in one STRICT_PACK placement group (one bundle per rank), so the
 all-gathers stay on one node's NVLink; rank 0's node IP and a free port there are the rendezvous.
+
+Tune reaches it through ``rank_local_trainer``, the trainer factory that ``LoRATask(gpus_per_group=N)``
+groups name: the ``AdapterGroup`` actor drives a ``RankLocalGroup`` as its trainer, and admits
+adapters against each rank's memory (``memory_budget``).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -32,6 +37,9 @@ class RankLocalWorker:
         self.rank, self.world_size = rank, world_size
         self.trainer: Any = None
 
+    def __repr__(self) -> str:  # the Ray dashboard's actor name
+        return f"RankLocalWorker(rank {self.rank} of {self.world_size})"
+
     def gpu_ids(self) -> List[str]:
         """The GPUs Ray gave this actor (before CUDA is initialised here)."""
         import ray
@@ -53,8 +61,13 @@ class RankLocalWorker:
               dataset: Union[DatasetSpec, TaskData], use_gpu: bool, dtype: Optional[torch.dtype],
               trainer_kwargs: Dict[str, Any], dist_backend: Optional[str],
               node_gpus: Optional[List[str]] = None) -> Dict[str, Any]:
+        import ray
+
+        from alto_ray.tune.admission import free_bytes
+
         from .ranklocal import RankLocalTrainer
-        from .ranklocal_model import init_rank_process_group, load_sharded_backbone, local_shard_numel
+        from .ranklocal_model import (gathered_unit_bytes, init_rank_process_group, load_sharded_backbone,
+                                      local_shard_numel)
 
         device = torch.device("cpu")
         if use_gpu:
@@ -73,7 +86,10 @@ class RankLocalWorker:
         if isinstance(model, str):
             kwargs.setdefault("tokenizer", model)
         self.trainer = RankLocalTrainer(backbone, dataset, device=device, dtype=dtype, **kwargs)
-        return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone)}
+        return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone),
+                "node": ray.util.get_node_ip_address(), "free_bytes": free_bytes(device.type),
+                "gather_bytes": gathered_unit_bytes(backbone), "model_config": getattr(backbone, "config", None),
+                "dtype": self.trainer.trainer.dtype}
 
     # Thin pass-throughs (Ray calls methods by name).
     def add_adapter(self, name: str, cfg: AdapterConfig, state: Optional[Dict[str, Any]] = None) -> None:
@@ -91,14 +107,24 @@ class RankLocalWorker:
             results = self.trainer.step(micro_steps)
         return {"results": results, "collectives": dict(counts)}
 
-    def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-        return self.trainer.evaluate(names)
+    def eval_passes(self, names: Optional[Sequence[str]] = None) -> int:
+        return self.trainer.eval_passes(names)
+
+    def evaluate(self, names: Optional[Sequence[str]] = None, passes: Optional[int] = None) -> Dict[str, float]:
+        return self.trainer.evaluate(names, passes)
 
     def adapter_state(self, name: str) -> Dict[str, Any]:
         return self.trainer.adapter_state(name)
 
-    def save_adapter(self, name: str, path: str) -> None:
-        self.trainer.save_adapter(name, path)
+    def adapter_files(self, name: str) -> Dict[str, bytes]:
+        """The PEFT directory of ``name`` as ``{file name: bytes}`` (the caller may be on another node)."""
+        files: Dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="alto-rank-") as tmp:
+            self.trainer.save_adapter(name, tmp)
+            for fname in os.listdir(tmp):
+                with open(os.path.join(tmp, fname), "rb") as f:
+                    files[fname] = f.read()
+        return files
 
     def info(self) -> Dict[str, Any]:
         from .ranklocal import lora_param_count
@@ -171,6 +197,32 @@ class RankLocalGroup:
         self._owner: Dict[str, int] = {}
         self._configs: Dict[str, AdapterConfig] = {}
 
+    # -- what admission needs: the ranks' memory, the backbone's shape -------------------------------
+    @property
+    def model_config(self) -> Any:
+        return self.rank_info[0].get("model_config")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The ranks' compute dtype (what the engine's memory estimates are taken in)."""
+        return self.rank_info[0]["dtype"]
+
+    def rank_budget_bytes(self) -> float:
+        """Free bytes each rank had once its shard loaded, less the unsharded units it gathers;
+        ranks sharing a node's host memory (CPU ranks) split it. The smallest rank's figure."""
+        per_node: Dict[str, int] = {}
+        for info in self.rank_info:
+            per_node[info["node"]] = per_node.get(info["node"], 0) + 1
+        return min(info["free_bytes"] / (1 if self.use_gpu else per_node[info["node"]]) - info["gather_bytes"]
+                   for info in self.rank_info)
+
+    def memory_budget(self, headroom: float, max_adapters: Optional[int]) -> Any:
+        """The `AdapterGroup`'s admission for this group: per rank, against the rank it routes to."""
+        from alto_ray.tune.admission import RankMemoryBudget
+
+        return RankMemoryBudget(self.model_config, self.dtype, headroom, max_adapters,
+                                self.rank_budget_bytes(), placement=lambda: self.placement, route=self.route)
+
     # -- membership ------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> List[str]:
@@ -202,12 +254,17 @@ class RankLocalGroup:
         if name in self._owner:
             raise ValueError(f"adapter {name!r} is already in this group")
         if rank is None:
-            load = self.rank_load()
-            counts = [sum(1 for r in self._owner.values() if r == k) for k in range(self.num_ranks)]
-            rank = min(range(self.num_ranks), key=lambda k: (load[k], counts[k], k))
+            rank = self.route(cfg)
         ray.get(self.workers[rank].add_adapter.remote(name, cfg, state))
         self._owner[name], self._configs[name] = rank, cfg
         return rank
+
+    def route(self, cfg: AdapterConfig) -> int:
+        """The rank ``add_adapter`` would give ``cfg`` now: the least-loaded one (tokens per step,
+        then adapter count, then index). Admission asks it first, so it charges the right rank."""
+        load = self.rank_load()
+        counts = [sum(1 for r in self._owner.values() if r == k) for k in range(self.num_ranks)]
+        return min(range(self.num_ranks), key=lambda k: (load[k], counts[k], k))
 
     def remove_adapter(self, name: str) -> None:
         import ray
@@ -238,10 +295,14 @@ class RankLocalGroup:
         return merged, [out["collectives"] for out in outs]
 
     def evaluate(self, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        """Eval loss of ``names`` (default: all); every rank runs the most forwards any rank needs."""
         import ray
 
+        passes = max(ray.get([w.eval_passes.remote(names) for w in self.workers]))
         merged: Dict[str, float] = {}
-        for part in ray.get([w.evaluate.remote(names) for w in self.workers]):
+        if passes == 0:
+            return merged
+        for part in ray.get([w.evaluate.remote(names, passes) for w in self.workers]):
             merged.update(part)
         return merged
 
@@ -251,9 +312,14 @@ class RankLocalGroup:
         return ray.get(self.workers[self._rank_of(name)].adapter_state.remote(name))
 
     def save_adapter(self, name: str, path: str) -> None:
-        """PEFT directory written by the owning rank (on its node: STRICT_PACK keeps one node)."""
+        """PEFT directory of ``name`` at ``path`` on the caller's node (the owning rank sends the bytes)."""
         import ray
-        ray.get(self.workers[self._rank_of(name)].save_adapter.remote(name, path))
+
+        files = ray.get(self.workers[self._rank_of(name)].adapter_files.remote(name))
+        os.makedirs(path, exist_ok=True)
+        for fname, data in files.items():
+            with open(os.path.join(path, fname), "wb") as f:
+                f.write(data)
 
     def info(self) -> List[Dict[str, Any]]:
         import ray
@@ -278,3 +344,41 @@ class RankLocalGroup:
         if name not in self._owner:
             raise KeyError(f"no adapter {name!r} in this group")
         return self._owner[name]
+
+
+# ---------------------------------------------------------------------- the Tune path
+def rank_local_trainer(task: Any, spec: Any, *, dataset: Union[DatasetSpec, TaskData],
+                       dtype: Optional[torch.dtype] = None, num_ranks: int = 2, use_gpu: Optional[bool] = None,
+                       cpus_per_rank: float = 1.0, placement_group: Any = None,
+                       bundle_indices: Optional[Sequence[int]] = None) -> RankLocalGroup:
+    """``GroupSpec.trainer`` factory for a ``LoRATask`` whose backbone spans ``num_ranks`` GPUs.
+
+    The ``AdapterGroup`` actor (``task``, ``spec``: its own) drives the returned group exactly
+    like a ``GroupedTrainer``; the GPUs belong to the rank workers, placed in ``placement_group``
+    (the coordinator's grant) or, by default, in a STRICT_PACK one the group creates and that
+    goes away with the ``AdapterGroup`` actor. ``spec.trainer_kwargs`` fill the keyword arguments.
+    """
+    from alto_ray.engine import DEFAULT_TARGET_MODULES
+
+    model: BackboneSource = task.model if isinstance(task.model, str) else ShardedFactory(task.model, dtype)
+    return RankLocalGroup(model, dataset, num_ranks=num_ranks, use_gpu=use_gpu, dtype=dtype,
+                          placement_group=placement_group, bundle_indices=bundle_indices,
+                          cpus_per_rank=cpus_per_rank,
+                          trainer_kwargs={"eval_size": task.eval_size,
+                                          "target_modules": tuple(task.target_modules or DEFAULT_TARGET_MODULES)})
+
+
+class ShardedFactory:
+    """A zero-argument model factory (``LoRATask.model``) as a ``BackboneSource``: each rank
+    builds the model on the host, then shards it onto its device (cast to ``dtype`` if given)."""
+
+    def __init__(self, factory: Callable[[], Any], dtype: Optional[torch.dtype] = None) -> None:
+        self.factory, self.dtype = factory, dtype
+
+    def __call__(self, device: torch.device) -> Any:
+        from .ranklocal_model import shard_backbone
+
+        model = self.factory()
+        if self.dtype is not None:
+            model = model.to(self.dtype)
+        return shard_backbone(model, device=device)

@@ -32,7 +32,7 @@ from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
 from alto_ray.cluster.plan import TaskSpec
 from alto_ray.tune.group import NAMESPACE
-from alto_ray.tune.task import GroupSpec, LoRATask
+from alto_ray.tune.task import RANK_LOCAL_TRAINER, GroupSpec, LoRATask
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Tenant:
     """Driver-side session of one task with the coordinator: register → acquire → report → finish."""
 
     def __init__(self, task: LoRATask, num_samples: int, *, param_space: Optional[dict] = None,
-                 gpus_per_group: int = 1, max_groups: Optional[int] = None, weight: float = 1.0,
+                 gpus_per_group: Optional[int] = None, max_groups: Optional[int] = None, weight: float = 1.0,
                  model_config: Any = None, backbone_bytes: Optional[int] = None,
                  adapter_bytes: Optional[int] = None, coordinator_options: Optional[dict] = None,
                  poll_s: float = 2.0, max_wait_s: Optional[float] = None) -> None:
@@ -177,7 +177,7 @@ class Tenant:
                         raise TimeoutError(f"task {self.name!r}: placement group {g.pg_name} {g.bundles} "
                                            f"not placeable after {waited:.0f}s (cluster changed?)") from None
                     logger.info("alto tenant %s: waiting for placement group %s", self.name, g.pg_name)
-        specs = [group_spec(self.name, g) for g in self.grants]
+        specs = [group_spec(self.name, g, self.base_task.device) for g in self.grants]
         self.task = self.base_task.replace(placement=GrantedPlacement(specs, self))
         logger.info("alto tenant %s: granted %d group(s): %s", self.name, len(specs),
                     ", ".join(f"{g.pg_name}@{g.node}" for g in self.grants))
@@ -245,7 +245,8 @@ class Tenant:
                 continue                         # not created yet / idle-exited / busy
             found += 1
             prev = self._last_steps.get(spec.name)
-            self._last_steps[spec.name] = (now, int(info["steps"]))
+            if prev is None or int(info["steps"]) != prev[1]:   # steps slower than polls: measure
+                self._last_steps[spec.name] = (now, int(info["steps"]))  # from the last change seen
             if prev is not None and info["steps"] > prev[1]:
                 times.append((now - prev[0]) / (info["steps"] - prev[1]))
             active += int(info.get("active", 0))
@@ -272,11 +273,14 @@ class Tenant:
 
 
 # -- building blocks ----------------------------------------------------------------------------------------
-def task_spec(task: LoRATask, num_samples: int, *, param_space: Optional[dict] = None, gpus_per_group: int = 1,
-              max_groups: Optional[int] = None, weight: float = 1.0, model_config: Any = None,
-              backbone_bytes: Optional[int] = None, adapter_bytes: Optional[int] = None) -> TaskSpec:
+def task_spec(task: LoRATask, num_samples: int, *, param_space: Optional[dict] = None,
+              gpus_per_group: Optional[int] = None, max_groups: Optional[int] = None, weight: float = 1.0,
+              model_config: Any = None, backbone_bytes: Optional[int] = None,
+              adapter_bytes: Optional[int] = None) -> TaskSpec:
     """The coordinator's view of a task: sizes from the engine's estimates (config only, no
-    weights; the largest adapter the search space can draw), work from the duration prior."""
+    weights; the largest adapter the search space can draw), work from the duration prior.
+    `gpus_per_group` (default: the task's) > 1 plans rank-local groups: the backbone is sharded
+    over them, so each GPU holds 1/N of it plus its own adapters."""
     import torch
 
     from alto_ray.engine import AdapterConfig, estimate_adapter_bytes, estimate_backbone_bytes
@@ -292,7 +296,8 @@ def task_spec(task: LoRATask, num_samples: int, *, param_space: Optional[dict] =
         name=task.task_name,
         backbone_bytes=int(backbone_bytes if backbone_bytes is not None else estimate_backbone_bytes(cfg, dtype)),
         adapter_bytes=int(adapter_bytes if adapter_bytes is not None else estimate_adapter_bytes(cfg, adapter, dtype)),
-        num_adapters=int(num_samples), gpus_per_group=gpus_per_group, max_groups=max_groups, weight=weight,
+        num_adapters=int(num_samples), gpus_per_group=int(gpus_per_group or task.gpus_per_group),
+        max_groups=max_groups, weight=weight,
         params=p_bytes / 4.0, tokens_per_adapter_step=adapter.batch_size * adapter.max_seq_len * adapter.grad_accum,
         steps_per_adapter=task.max_steps)
 
@@ -336,12 +341,25 @@ def _model_config(task: LoRATask) -> Any:
     return AutoConfig.from_pretrained(task.model)
 
 
-def group_spec(task_name: str, g: GroupGrant) -> GroupSpec:
-    """The `AdapterGroup` of one grant: bundle 0's resources, scheduled into that bundle."""
+def group_spec(task_name: str, g: GroupGrant, device: str = "auto") -> GroupSpec:
+    """The `AdapterGroup` of one grant, scheduled into its bundle 0.
+
+    One bundle: the group takes it (its GPU, its CPUs). Several: a rank-local group, one rank
+    worker per bundle (each takes its bundle's GPU and CPUs); the group's own process sits beside
+    rank 0 taking nothing, so the grant's resources are exactly its ranks'.
+    """
     strategy = PlacementGroupSchedulingStrategy(placement_group=g.placement_group,
                                                 placement_group_bundle_index=0)
-    return GroupSpec(name=f"alto:{task_name}:g{g.group_index}", index=g.group_index,
-                     resources=dict(g.bundles[0]), options={"scheduling_strategy": strategy})
+    name = f"alto:{task_name}:g{g.group_index}"
+    if len(g.bundles) == 1:
+        return GroupSpec(name=name, index=g.group_index, resources=dict(g.bundles[0]),
+                         options={"scheduling_strategy": strategy})
+    bundle = g.bundles[0]
+    kwargs = {"num_ranks": len(g.bundles), "use_gpu": bundle.get("GPU", 0) > 0 and device != "cpu",
+              "cpus_per_rank": float(bundle.get("CPU", 0.0)), "placement_group": g.placement_group,
+              "bundle_indices": tuple(range(len(g.bundles)))}
+    return GroupSpec(name=name, index=g.group_index, resources={"CPU": 0.0},
+                     options={"scheduling_strategy": strategy}, trainer=RANK_LOCAL_TRAINER, trainer_kwargs=kwargs)
 
 
 def _default_options(options: dict) -> dict:

@@ -242,14 +242,23 @@ class GroupedTrainer:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def _evaluate(self, names: List[str], examples: list, budget: int) -> Dict[str, float]:
+    def eval_forward_count(self, names: Optional[Sequence[str]] = None) -> int:
+        """Forward passes ``evaluate(names)`` will run: a rank-local group pads every other rank
+        to the same number (its all-gathers are collectives)."""
+        names = list(self._runs) if names is None else list(names)
+        examples = self.data.eval_examples[:self.eval_size]
+        if not names or not examples:
+            return 0
+        per_chunk, groups = self._eval_plan(names, examples, self.eval_token_budget)
+        return len(groups) * math.ceil(len(examples) / per_chunk)
+
+    def _eval_plan(self, names: List[str], examples: list, budget: int) -> tuple:
+        """(examples per forward, adapter subsets): fewest examples per forward first, then as
+        many adapters per forward as ``budget`` tokens allow."""
         lens = {n: min(self._runs[n].cfg.max_seq_len, max(len(e[0]) for e in examples)) for n in names}
         per_chunk = max(1, min(self.eval_batch_size, len(examples)))
-        # Fewest examples per forward first, then as many adapters as the budget allows.
         while per_chunk > 1 and per_chunk * max(lens.values()) > budget:
             per_chunk //= 2
-        sums: Dict[str, float] = {n: 0.0 for n in names}
-        counts: Dict[str, int] = {n: 0 for n in names}
         groups, cur, cur_tokens = [], [], 0
         for n in names:
             t = per_chunk * lens[n]
@@ -259,6 +268,12 @@ class GroupedTrainer:
             cur.append(n)
             cur_tokens += t
         groups.append(cur)
+        return per_chunk, groups
+
+    def _evaluate(self, names: List[str], examples: list, budget: int) -> Dict[str, float]:
+        per_chunk, groups = self._eval_plan(names, examples, budget)
+        sums: Dict[str, float] = {n: 0.0 for n in names}
+        counts: Dict[str, int] = {n: 0 for n in names}
         for group in groups:
             acc = torch.zeros(len(group), device=self.device)
             for lo in range(0, len(examples), per_chunk):

@@ -5,12 +5,15 @@ charged against a budget taken once, right after the backbone loaded: free memor
 after an adapter's first step, so re-measuring it per admission would over-admit. The estimates
 are deliberate over-estimates; on a GPU each step's measured peak corrects them (with a margin),
 and an out-of-memory step shrinks the budget to below what was charged when it happened.
+
+A rank-local group (adapters on N rank processes, backbone sharded over them) is admitted by
+`RankMemoryBudget`: per rank, against the memory its ranks reported (`memory_budget` picks it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +25,10 @@ class MemoryBudget:
     """Count cap + estimated bytes against free device memory (host memory on a CPU)."""
 
     def __init__(self, device: str, model_config: Any, dtype: Any, headroom: float,
-                 max_adapters: Optional[int]) -> None:
+                 max_adapters: Optional[int], free: Optional[float] = None) -> None:
         self.device, self.model_config, self.dtype = device, model_config, dtype
         self.max_adapters = max_adapters
-        self.budget = free_bytes(device) * (1.0 - headroom)
+        self.budget = (free_bytes(device) if free is None else float(free)) * (1.0 - headroom)
         self.scale = 1.0  # measured / estimated
         self.charged: Dict[str, int] = {}
         self._base = allocated_bytes(device) or 0
@@ -38,10 +41,14 @@ class MemoryBudget:
         if active:
             if self.max_adapters is not None and len(active) >= self.max_adapters:
                 return False
-            if self.scale * (sum(self.charged.values()) + need) > self.budget:
+            if self.scale * (self._load_for(cfg) + need) > self.budget:
                 return False
         self.charged[name] = need
         return True
+
+    def _load_for(self, cfg: Any) -> int:
+        """Bytes already charged where `cfg` would go (one device: all of them)."""
+        return sum(self.charged.values())
 
     def estimate(self, cfg: Any) -> int:
         if self.model_config is None:
@@ -67,9 +74,53 @@ class MemoryBudget:
             self.scale = min(1.0, max(_MIN_SCALE, _MARGIN * peak / charged))
 
     def on_oom(self) -> None:
-        self.budget = 0.9 * self.scale * sum(self.charged.values())
+        self.budget = 0.9 * self.scale * self._peak_load()
         logger.error("out of memory with %d adapters; admission budget now %.2f GB",
                      len(self.charged), self.budget / 1e9)
+
+    def _peak_load(self) -> int:
+        return sum(self.charged.values())
+
+
+class RankMemoryBudget(MemoryBudget):
+    """Admission of a rank-local group: each adapter lives on one rank, so the budget is per rank.
+
+    The group's own process holds no device memory: the ranks report their free memory once, after
+    the sharded backbone loaded (less the unsharded units they gather), and `free` is the smallest
+    figure. An adapter is charged to the rank the trainer will route it to (`route(cfg)`, asked just
+    before `add_adapter`), so the check is exact per rank. No per-step correction: the estimates
+    are over-estimates, so this errs on the safe side.
+    """
+
+    def __init__(self, model_config: Any, dtype: Any, headroom: float, max_adapters: Optional[int],
+                 free: float, placement: Callable[[], Dict[str, int]], route: Callable[[Any], int]) -> None:
+        super().__init__("ranks", model_config, dtype, headroom, max_adapters, free=max(0.0, free))
+        self.placement, self.route = placement, route
+
+    def _rank_loads(self) -> Dict[int, int]:
+        where = self.placement()
+        loads: Dict[int, int] = {}
+        for t, b in self.charged.items():
+            rank = where.get(t, -1)
+            loads[rank] = loads.get(rank, 0) + b
+        return loads
+
+    def _load_for(self, cfg: Any) -> int:
+        loads = self._rank_loads()
+        return loads.get(self.route(cfg), 0) + loads.get(-1, 0)  # -1: charged, not placed (yet)
+
+    def _peak_load(self) -> int:
+        return max(self._rank_loads().values(), default=0)
+
+
+def memory_budget(trainer: Any, device: str, headroom: float, max_adapters: Optional[int]) -> MemoryBudget:
+    """The group's admission: the trainer's own (`memory_budget(headroom, max_adapters)`, e.g. a
+    rank-local group whose memory is on other processes) or one over this process's `device`."""
+    own = getattr(trainer, "memory_budget", None)
+    if callable(own):
+        return own(headroom, max_adapters)
+    backbone = getattr(getattr(trainer, "model", None), "backbone", None)
+    return MemoryBudget(device, getattr(backbone, "config", None), trainer.dtype, headroom, max_adapters)
 
 
 def free_bytes(device: str) -> float:

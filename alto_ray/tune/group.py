@@ -38,7 +38,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import ray
 
-from alto_ray.tune.admission import MemoryBudget, allocated_bytes
+from alto_ray.tune.admission import allocated_bytes, memory_budget
 from alto_ray.tune.checkpoint import Files, files_of, pending_results, snapshot_state, unpack_state, with_pending
 from alto_ray.tune.metrics import GroupMetrics
 from alto_ray.tune.task import GroupSpec, LoRATask
@@ -96,21 +96,15 @@ class AdapterGroup:
     def __init__(self, task: LoRATask, spec: GroupSpec) -> None:
         import torch  # heavy imports: only in the group process, never in trials
 
-        from alto_ray.engine import DEFAULT_TARGET_MODULES, GroupedTrainer
-
         self.task = task
         self.spec = spec
         self.task_name = task.task_name
-        self.device = _resolve_device(task.device)
+        # With a trainer factory the devices are its workers'; this process has one only if asked.
+        self.device = _resolve_device("auto" if spec.trainer else task.device)
         torch.set_num_threads(max(1, int(spec.resources.get("CPU", 1) or 1)))
         self.gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if self.device == "cuda" else ""
-        model = task.model if isinstance(task.model, str) else task.model()
-        self.trainer = GroupedTrainer(
-            model=model, dataset=_dataset_spec(task), device=self.device, dtype=_torch_dtype(task.dtype),
-            eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
-        backbone = getattr(self.trainer.model, "backbone", None)
-        self.memory = MemoryBudget(self.device, getattr(backbone, "config", None), self.trainer.dtype,
-                                   task.memory_headroom, task.max_adapters_per_group)
+        self.trainer = _make_trainer(task, spec, self.device, _torch_dtype(task.dtype))
+        self.memory = memory_budget(self.trainer, self.device, task.memory_headroom, task.max_adapters_per_group)
         self._members: Dict[str, _Member] = {}
         self._reserved: Dict[str, float] = {}  # trial id -> when; checked, not joined yet
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
@@ -496,6 +490,19 @@ def adapter_config(config: Dict[str, Any]) -> Any:
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid trial config: {err}") from err
     return cfg
+
+
+def _make_trainer(task: LoRATask, spec: GroupSpec, device: str, dtype: Any) -> Any:
+    """The group's trainer: `spec.trainer`'s factory when set (a rank-local group whose backbone
+    spans several GPUs), else one `GroupedTrainer` on this process's `device`."""
+    factory = spec.trainer_factory()
+    if factory is not None:
+        return factory(task, spec, dataset=_dataset_spec(task), dtype=dtype, **spec.trainer_kwargs)
+    from alto_ray.engine import DEFAULT_TARGET_MODULES, GroupedTrainer
+
+    model = task.model if isinstance(task.model, str) else task.model()
+    return GroupedTrainer(model=model, dataset=_dataset_spec(task), device=device, dtype=dtype,
+                          eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
 
 
 def _fail(m: _Member, err: BaseException) -> None:

@@ -13,11 +13,16 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _DTYPES = (None, "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 _DEVICES = ("auto", "cpu", "cuda")
+# The trainer factory of a group spanning several GPUs. A string, resolved inside the group
+# process: this layer never imports the cluster layer.
+RANK_LOCAL_TRAINER = "alto_ray.cluster.ranklocal_ray:rank_local_trainer"
+CPU_RANK_CPUS = 0.5  # CPU-only cluster: a rank takes half a CPU, leaving room for trials
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,34 @@ class GroupSpec:
     `GroupSpec`s for a task; the trial joins the least-loaded live one. `options` are passed
     to `AdapterGroup.options(...)` as they are (e.g. `scheduling_strategy` with a placement
     group and bundle index); `resources` are the actor's resources.
+
+    `trainer` names a trainer factory ("module:function", imported in the group process) called
+    as `factory(task, spec, dataset=..., dtype=..., **trainer_kwargs)`; it returns an object with
+    `GroupedTrainer`'s API that the group drives instead of building a `GroupedTrainer` on its own
+    device. `RANK_LOCAL_TRAINER` is the one for groups spanning several GPUs: its rank workers
+    hold the GPUs (`trainer_kwargs`: `num_ranks`, `use_gpu`, `cpus_per_rank`, and optionally
+    `placement_group` + `bundle_indices`), the group's own process needs no device.
     """
 
     name: str  # Ray actor name, unique within the "alto" namespace
     index: int  # position of the group within its task (dashboard, metric tags)
     resources: Dict[str, float]  # {"CPU": 1, "GPU": 1} style
     options: Dict[str, Any] = field(default_factory=dict)
+    trainer: Optional[str] = None  # "module:function" trainer factory; None: a GroupedTrainer
+    trainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.trainer is not None and not _FACTORY.match(self.trainer):
+            raise ValueError(f"GroupSpec.trainer: expected 'module:function', got {self.trainer!r}")
+
+    def trainer_factory(self) -> Optional[Callable[..., Any]]:
+        """`trainer` imported (in the group process); None for the default `GroupedTrainer`."""
+        if self.trainer is None:
+            return None
+        import importlib
+
+        module, _, func = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), func)
 
 
 PlacementFn = Callable[["LoRATask"], List[GroupSpec]]
@@ -66,6 +93,9 @@ class LoRATask:
     max_adapters_per_group: Optional[int] = None  # None → bounded by memory only
     num_groups: Optional[int] = None  # None → number of GPUs Ray sees (at least 1)
     group_resources: Optional[Dict[str, float]] = None  # None → {"CPU": 1} (+ {"GPU": 1})
+    # > 1: each group is a rank-local group over this many GPUs of one node (backbone sharded,
+    # each adapter on one rank); `group_resources` are then each rank's. On CPU: gloo ranks.
+    gpus_per_group: int = 1
     placement: Optional[PlacementFn] = None  # None → `local_placement`
     lease_timeout_s: float = 300.0  # evict an adapter whose trial went silent this long
     idle_timeout_s: float = 60.0  # a group with no members exits after this long
@@ -99,7 +129,7 @@ class LoRATask:
         elif self.dataset is None:
             raise ValueError("LoRATask.dataset: required (a .jsonl path or a DatasetSpec)")
         for name in ("max_steps", "eval_every", "steps_per_report", "eval_size",
-                     "nonfinite_patience"):
+                     "nonfinite_patience", "gpus_per_group"):
             _positive_int(self, name)
         for name in ("checkpoint_every", "max_adapters_per_group", "num_groups", "max_seq_len"):
             if getattr(self, name) is not None:
@@ -125,6 +155,8 @@ class LoRATask:
             raise ValueError("LoRATask.group_resources: expected a dict such as {'CPU': 1, 'GPU': 1}")
         if self.placement is not None and not callable(self.placement):
             raise ValueError("LoRATask.placement: expected a callable task -> list[GroupSpec]")
+        if self.gpus_per_group > 1 and self.placement is None:
+            rank_local_layout(self)  # ranks and resources; capacity too when Ray is connected
         return self
 
     # ------------------------------------------------------------------ derived values
@@ -158,6 +190,8 @@ class LoRATask:
             "max_seq_len": self.max_seq_len, "warmup_steps": self.warmup_steps,
             "adapter_defaults": {k: repr(v) for k, v in sorted(self.adapter_defaults.items())},
         }
+        if self.gpus_per_group != 1:  # another kind of group: never join a 1-GPU group's name
+            ident["gpus_per_group"] = self.gpus_per_group
         return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def adapter_dict(self, config: Dict[str, Any]) -> Dict[str, Any]:
@@ -181,7 +215,15 @@ class LoRATask:
 
 
 def local_placement(task: LoRATask) -> List[GroupSpec]:
-    """Default placement: one group per GPU Ray sees (one CPU group when there is none)."""
+    """Default placement: one group per GPU Ray sees (one CPU group when there is none); with
+    `gpus_per_group` > 1, one rank-local group per that many GPUs of one node (see
+    `rank_local_layout`), each making its own STRICT_PACK placement group for its ranks."""
+    if task.gpus_per_group > 1:
+        n, per_rank = rank_local_layout(task)
+        kwargs = {"num_ranks": task.gpus_per_group, "use_gpu": per_rank.get("GPU", 0) > 0,
+                  "cpus_per_rank": per_rank.get("CPU", 0.0)}
+        return [GroupSpec(name=f"alto:{task.task_name}:g{i}", index=i, resources={"CPU": 0.0},
+                          trainer=RANK_LOCAL_TRAINER, trainer_kwargs=dict(kwargs)) for i in range(n)]
     gpus = _cluster_gpus()
     n = task.num_groups or max(1, gpus)
     if task.group_resources is not None:
@@ -192,6 +234,61 @@ def local_placement(task: LoRATask) -> List[GroupSpec]:
             res["GPU"] = 1.0
     name = task.task_name
     return [GroupSpec(name=f"alto:{name}:g{i}", index=i, resources=res) for i in range(n)]
+
+
+def rank_local_layout(task: LoRATask) -> Tuple[int, Dict[str, float]]:
+    """(groups, one rank's resources) of a task with `gpus_per_group` > 1 under local placement.
+
+    A rank takes `group_resources` ({"CPU": c} plus {"GPU": 1} or none), by default one GPU and a
+    CPU, or half a CPU on a cluster without GPUs (`device` "cpu" too). The ranks of one group must
+    fit one node (STRICT_PACK). Raises ValueError naming the field before any actor or GPU is
+    taken; with Ray not connected only the resource shape is checked (trials check it again).
+    """
+    nodes = _cluster_nodes()
+    gpus = sum(n.get("GPU", 0.0) for n in nodes or [])
+    if task.group_resources is not None:
+        per_rank = {k: float(v) for k, v in task.group_resources.items()}
+    elif task.device == "cuda" or (task.device == "auto" and gpus > 0):
+        per_rank = {"CPU": 1.0, "GPU": 1.0}
+    else:
+        per_rank = {"CPU": CPU_RANK_CPUS}
+    if set(per_rank) - {"CPU", "GPU"} or per_rank.get("GPU", 0.0) not in (0.0, 1.0) or per_rank.get("CPU", 0.0) < 0:
+        raise ValueError(f"LoRATask.group_resources: with gpus_per_group > 1 these are each rank's, "
+                         f"{{'CPU': c}} plus {{'GPU': 1}} or none; got {task.group_resources!r}")
+    if per_rank.get("GPU") and task.device == "cpu":
+        raise ValueError("LoRATask.group_resources: a GPU per rank, but LoRATask.device is 'cpu'")
+    if nodes is None:
+        return task.num_groups or 1, per_rank
+    ranks = task.gpus_per_group
+    fits = sum(_groups_on(node, per_rank, ranks) for node in nodes)
+    if fits == 0:
+        big = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+        largest = {k: big.get(k, 0.0) for k in ("CPU", "GPU")}
+        raise ValueError(f"LoRATask.gpus_per_group: one group is {ranks} ranks of {per_rank} on one node "
+                         f"(STRICT_PACK); no node of this cluster holds that (largest: {largest})")
+    n = task.num_groups or (fits if per_rank.get("GPU") else 1)
+    if n > fits:
+        raise ValueError(f"LoRATask.num_groups: {n} groups of {ranks} ranks of {per_rank}; "
+                         f"this cluster holds {fits} at once")
+    return n, per_rank
+
+
+def _groups_on(node: Dict[str, float], per_rank: Dict[str, float], ranks: int) -> int:
+    """How many groups of `ranks` x `per_rank` one node holds."""
+    counts = [int(node.get(k, 0.0) / (v * ranks) + 1e-9) for k, v in per_rank.items() if v > 0]
+    return min(counts) if counts else 1
+
+
+def _cluster_nodes() -> Optional[List[Dict[str, float]]]:
+    """Total resources of each alive node; None when Ray is not connected."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # pragma: no cover - Ray not importable / not connected
+        pass
+    return None
 
 
 def _cluster_gpus() -> int:
