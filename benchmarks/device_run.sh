@@ -63,6 +63,8 @@ for phase in "$@"; do
       run "$phase" python benchmarks/sweep.py --arm asha --reuse-actors --out $R/sweep_asha.json --time-budget 540 ;;
     multigpu)  # rank-local vs FSDP; needs a 2-GPU kind (nvidia-h200-x2)
       run multigpu torchrun --nproc_per_node 2 benchmarks/multigpu.py --out $R/multigpu_h200x2.json --summary $S ;;
+    ranklocal-tune)  # a gpus_per_group=2 task through Ray Tune vs one GPU; needs nvidia-h200-x2
+      run ranklocal-tune python benchmarks/ranklocal_tune.py --out $R/ranklocal_tune_h200x2.json ;;
     sweep-full-*)
       slice=${phase#sweep-full-}
       run "$phase" python benchmarks/sweep.py --arm full --configs "$slice" --out $R/sweep_full_"${slice/-/_}".json ;;
