@@ -87,6 +87,7 @@ class _GroupProbe(tune.Callback):
         actor = ray.get_actor(result["alto_group"], namespace=NAMESPACE)
         placement, info = ray.get(actor.__ray_call__.remote(lambda self: (self.trainer.placement, {
             "trainer": type(self.trainer).__name__, "device": self.device, "gpu_ids": ray.get_gpu_ids(),
+            "where": self._where(),
             "pg": self.trainer.placement_group.id.hex(), "ranks": self.trainer.num_ranks,
             "own_pg": ray.get_runtime_context().get_placement_group_id(),
             "shards": [r["shard_numel"] for r in self.trainer.rank_info]})))
@@ -133,6 +134,7 @@ def test_sweep_matches_the_single_process_reference_on_both_ranks(sweep) -> None
     grid, rec, probe = sweep["grid"], sweep["rec"], sweep["probe"]
     assert grid.num_errors == 0 and len(grid) == 3
     assert probe.info["trainer"] == "RankLocalGroup" and probe.info["ranks"] == 2
+    assert probe.info["where"] == "2 ranks: cpu cpu"  # what the dashboard's actor name shows
     assert probe.info["device"] == "cpu" and probe.info["gpu_ids"] == []      # the group process holds no device
     shards = probe.info["shards"]
     assert max(shards) < 0.6 * sum(shards)                                    # the backbone really is sharded

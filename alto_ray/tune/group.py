@@ -1,6 +1,7 @@
 """`AdapterGroup`: the Ray actor that holds one backbone and trains many trials' adapters.
 
-One group per GPU (per task). Trials join, fetch their results and leave:
+One group per GPU of a task (or per N GPUs, when `LoRATask.gpus_per_group=N` makes its trainer
+a rank-local group). Trials join, fetch their results and leave:
 
 * `join(trial_id, config, files)` queues the adapter; admission follows FIFO order while the
   engine's memory estimate fits the device (or `max_adapters_per_group` on CPU).
@@ -121,8 +122,14 @@ class AdapterGroup:
         spec, device = getattr(self, "spec", None), getattr(self, "device", None)
         if spec is None:  # the actor class itself
             return "AdapterGroup"
-        where = f"cuda:{self.gpu}" if device == "cuda" else "cpu"
-        return f"AdapterGroup({self.task_name}, {spec.name.rsplit(':', 1)[-1]}, {where})"
+        return f"AdapterGroup({self.task_name}, {spec.name.rsplit(':', 1)[-1]}, {self._where()})"
+
+    def _where(self) -> str:
+        """The group's devices: its GPU, or a rank-local group's ranks (each on its own device)."""
+        ranks = getattr(getattr(self, "trainer", None), "rank_info", None)
+        if ranks:
+            return f"{len(ranks)} ranks: " + " ".join(str(r.get("device", "?")) for r in ranks)
+        return f"cuda:{self.gpu}" if self.device == "cuda" else "cpu"
 
     # ------------------------------------------------------------------ trial API
     def check(self, config: Dict[str, Any], reserve_for: Optional[str] = None) -> Optional[str]:
@@ -237,7 +244,7 @@ class AdapterGroup:
 
     def describe(self) -> Dict[str, Any]:
         return {"group": self.spec.name, "task": self.task_name, "device": self.device,
-                "gpu": self.gpu, "steps": self._steps, "members": {
+                "gpu": self.gpu, "where": self._where(), "steps": self._steps, "members": {
                     t: {"state": m.state.value, "step": m.step, "reason": m.reason}
                     for t, m in self._members.items()}, **self._load()}
 
