@@ -27,17 +27,27 @@ if not INTERPRET and not torch.cuda.is_available():
 
 # One chunk-table row (int64): adapter index, first/past-last token, rank, row offset of the
 # adapter in the packed rank axis, first token of its segment (dropout offsets are segment-local),
-# and the bit patterns of scale and dropout p. Nothing in a row names a layer or a step, so one
-# table serves every layer of a batch layout. Each layer adds its own *pointer table*
-# ``[n, PTR_COLS]``: the addresses of A_i and B_i (read in place: no packing copy) and, with a
-# gradient sink, of the fp32 buffers that dA_i and dB_i are accumulated into. Both are cached:
-# optimizer steps update weights in place and the dropout seed is a launch argument.
-N_META = 8
+# the bit patterns of scale and dropout p, and the adapter's sequence stride (dropout positions,
+# below). Nothing in a row names a layer or a step, so one table serves every layer of a batch
+# layout. Each layer adds its own *pointer table* ``[n, PTR_COLS]``: the addresses of A_i and
+# B_i (read in place: no packing copy), with a gradient sink those of the fp32 buffers that dA_i
+# and dB_i are accumulated into, and the index of adapter i's entry in the launch's dropout
+# *stream table*. Both are cached: optimizer steps update weights in place, and the dropout seed
+# and stream table are launch arguments.
+N_META = 9
+FLAT_WIDTH = 2 ** 30  # the ``width`` launch argument of callers without sequence structure
 META_COLS = tl.constexpr(N_META)
-PTR_COLS = 4
+PTR_COLS = 5
+_PTR_COLS = tl.constexpr(PTR_COLS)
 
-# Per-adapter Philox keys: ``(seed * SEED_MUL + (i + 1) * SEED_ADD) mod 2**31``, computed in the
-# kernels from the launch's ``seed`` and the adapter index (distinct streams per adapter).
+# Per-adapter Philox keys: ``(seed * SEED_MUL + (stream_i + 1) * SEED_ADD) mod 2**31``, computed
+# in the kernels from the launch's ``seed`` and adapter i's entry of the launch's stream table
+# (by default its position: distinct streams per adapter). Mask element (row, col) of adapter i
+# is ``tl.rand(key_i, pos * in + col)`` with ``pos`` its segment-local row; a caller that packs
+# sequences of ``width`` rows (``width`` a launch argument) gets ``pos = j * stride_i + t`` for
+# row t of sequence j instead, so that a mask does not depend on how wide other adapters'
+# sequences made the batch. The engine sets stream_i from the adapter's own seed and micro-step:
+# its masks are then the same whichever adapters share its group.
 SEED_MUL = 0x9E3779B1
 SEED_ADD = 0x85EBCA6B
 _SEED_MUL = tl.constexpr(SEED_MUL)
@@ -105,22 +115,41 @@ def chunk_meta(meta_ptr, pid):
 def weight_ptrs(ptrs_ptr, adapter, w_ref):
     """``A_i``, ``B_i`` of adapter ``adapter``, typed like ``w_ref`` (all weights share a dtype)."""
     wty = tl.pointer_type(w_ref.dtype.element_ty)
-    row = ptrs_ptr + adapter * 4
+    row = ptrs_ptr + adapter * _PTR_COLS
     return tl.load(row).to(wty), tl.load(row + 1).to(wty)
 
 
 @triton.jit
 def grad_sink_ptrs(ptrs_ptr, adapter):
     """The fp32 buffers that ``dA_i`` and ``dB_i`` are accumulated into (gradient sink)."""
-    row = ptrs_ptr + adapter * 4
+    row = ptrs_ptr + adapter * _PTR_COLS
     return tl.load(row + 2).to(tl.pointer_type(tl.float32)), tl.load(row + 3).to(tl.pointer_type(tl.float32))
 
 
 @triton.jit
-def philox_key(seed, adapter):
-    """Adapter ``adapter``'s dropout key for launch seed ``seed`` (see ``SEED_MUL``)."""
-    s = (seed.to(tl.int64) * _SEED_MUL + (adapter.to(tl.int64) + 1) * _SEED_ADD) % 2147483648
+def philox_key(seed, stream):
+    """The dropout key of stream ``stream`` for launch seed ``seed`` (see ``SEED_MUL``)."""
+    s = (seed.to(tl.int64) * _SEED_MUL + (stream.to(tl.int64) + 1) * _SEED_ADD) % 2147483648
     return s.to(tl.int32)
+
+
+@triton.jit
+def dropout_key(seed, streams_ptr, ptrs_ptr, adapter):
+    """Adapter ``adapter``'s key: its entry of the launch's stream table (pointer-table column 4)."""
+    return philox_key(seed, tl.load(streams_ptr + tl.load(ptrs_ptr + adapter * _PTR_COLS + 4)))
+
+
+@triton.jit
+def seq_stride(meta_ptr, pid):
+    """Column 8 of chunk row ``pid``: the adapter's sequence stride for dropout positions."""
+    return tl.load(meta_ptr + pid * META_COLS + 8).to(tl.int32)
+
+
+@triton.jit
+def dropout_pos(local_rows, width, stride):
+    """Dropout position of segment-local rows: ``j * stride + t`` for row t of sequence j (rows
+    of ``width`` per sequence); a flat caller passes a huge ``width`` and gets the row itself."""
+    return (local_rows // width) * stride + local_rows % width
 
 
 # How a launch that meets a new key picks its config (``ALTO_AUTOTUNE``):

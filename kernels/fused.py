@@ -38,7 +38,7 @@ from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
 from .lora_expand import lora_expand_kernel
 from .lora_shrink import lora_shrink_kernel
-from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, prepare_multi_lora, validate
+from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, validate
 
 __all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_multi_lora", "dropout_mask", "fused_multi_lora",
            "prepare_multi_lora"]
@@ -66,11 +66,12 @@ def _dot_prec(dtype):
 
 
 class _FusedMultiLoRA(torch.autograd.Function):
-    """Inputs: ``x, base_out, plan, seed`` then either the 2n weights (workspace mode: their
-    grads are returned) or the plan's sink token (sink mode: grads go to the plan's buffers)."""
+    """Inputs: ``x, base_out, plan, seed, (streams, width)`` then either the 2n weights
+    (workspace mode: their grads are returned) or the plan's sink token (sink mode: grads go to
+    the plan's buffers)."""
 
     @staticmethod
-    def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, *weights):
+    def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, drop: tuple, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         T, K = x.shape
         N = base_out.shape[1]
@@ -80,7 +81,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
         prec = _dot_prec(x.dtype)
         dev = x.device.index or 0
         _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
-                x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed,
+                x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
                 R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
         _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), _key(x.dtype, w_ref.dtype, prec, plan, N),
                 h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
@@ -90,7 +91,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
             ctx.save_for_backward(x, h)
         else:
             ctx.save_for_backward(x, h, *weights)  # the pointer table holds their addresses
-        ctx.plan, ctx.seed = plan, seed
+        ctx.plan, ctx.seed, ctx.drop = plan, seed, drop
         return base_out
 
     @staticmethod
@@ -100,12 +101,12 @@ class _FusedMultiLoRA(torch.autograd.Function):
         n, dt, sink = plan.n, x.dtype, plan.grad_sink
         need = ctx.needs_input_grad
         need_x = need[0]
-        need_a = sink or any(need[4:4 + n])
-        need_b = sink or any(need[4 + n:])
+        need_a = sink or any(need[5:5 + n])
+        need_b = sink or any(need[5 + n:])
         d_base = dy if need[1] else None
         n_in = 1 if sink else 2 * n
         if not (need_x or need_a or need_b):
-            return (None, d_base, None, None) + (None,) * n_in
+            return (None, d_base, None, None, None) + (None,) * n_in
         dy = dy.to(dt)
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
         T, K = x.shape
@@ -141,7 +142,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
             da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
             _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
                     x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
-                    plan.t_hint, ctx.seed, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
+                    plan.t_hint, ctx.seed, *ctx.drop, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
                     COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink, device_index=dev)
 
         if sink and (_BWD_DY.choice(dy_key(True), dev) is None or _BWD_DX.choice(dx_key(True), dev) is None):
@@ -158,31 +159,40 @@ class _FusedMultiLoRA(torch.autograd.Function):
         if need_x or need_a:
             bwd_dx(g, dx, da, sink)
         if sink:
-            return (dx, d_base, None, None, None)
+            return (dx, d_base, None, None, None, None)
         wdt = w_ref.dtype                       # one conversion for all adapters, then views
         da = da.to(wdt) if need_a else None
         db = db.to(wdt) if need_b else None
-        grads_a = [da[ro * K:(ro + r) * K].view(r, K) if need[4 + i] else None
+        grads_a = [da[ro * K:(ro + r) * K].view(r, K) if need[5 + i] else None
                    for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
-        grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[4 + n + i] else None
+        grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[5 + n + i] else None
                    for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
-        return (dx, d_base, None, None, *grads_a, *grads_b)
+        return (dx, d_base, None, None, None, *grads_a, *grads_b)
 
 
 def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, seed: int = 0,
-                     weights: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                     weights: Sequence[torch.Tensor] = (), streams: Optional[torch.Tensor] = None,
+                     width: Optional[int] = None) -> torch.Tensor:
     """``base_out += Σ_i scale_i · dropout(x_i) A_iᵀ B_iᵀ`` with a prepared plan (in place).
 
     A plan with a gradient sink needs no ``weights``; otherwise pass ``[*lora_a, *lora_b]`` (the
-    tensors the plan was prepared with) so that autograd returns their gradients.
+    tensors the plan was prepared with) so that autograd returns their gradients. Dropout: the
+    ``streams`` table (int64 on the device, indexed by the plan's ``stream_index``; default:
+    adapter i draws stream i) and the sequence ``width`` of the rows (default: none) place each
+    adapter's mask (``_common``).
     """
     plan.check_call(x, base_out)
     if plan.tokens == 0:
         return base_out
     seed = int(seed) % 2 ** 31
+    if streams is None:
+        streams = position_streams(plan.n_streams, x.device)
+    elif streams.numel() < plan.n_streams or streams.device != x.device:
+        raise ValueError(f"streams: need >= {plan.n_streams} entries on {x.device}")
+    drop = (streams, int(width) if width else _common.FLAT_WIDTH)
     if plan.grad_sink:
-        return _FusedMultiLoRA.apply(x, base_out, plan, seed, plan.sink_token)
-    return _FusedMultiLoRA.apply(x, base_out, plan, seed, *weights)
+        return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, plan.sink_token)
+    return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, *weights)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees
@@ -203,7 +213,8 @@ def _plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training) -> tu
 def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[torch.Tensor],
                      lora_b: Sequence[torch.Tensor], seg_offsets: Sequence[int], scales: Sequence[float],
                      dropout_p: Optional[Sequence[float]] = None, training: bool = False,
-                     seed: int = 0) -> torch.Tensor:
+                     seed: int = 0, streams: Optional[Sequence[int]] = None, width: Optional[int] = None,
+                     seq_strides: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Add ``scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for every adapter segment into ``base_out`` in place.
 
     Returns ``base_out``; differentiable w.r.t. ``x``, ``base_out`` and every ``A_i``, ``B_i``.
@@ -220,20 +231,28 @@ def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[t
         # (a copy per call; the gradients flow back through .to() to the originals).
         lora_a = [a.to(x.dtype).contiguous() for a in lora_a]
         lora_b = [b.to(x.dtype).contiguous() for b in lora_b]
-    key = _plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training)
+    strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else None
+    key = (_plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training), strides)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = prepare_multi_lora(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training)
+        plan = prepare_multi_lora(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training,
+                                  seq_strides=strides)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
-    return apply_multi_lora(plan, x, base_out, seed, (*lora_a, *lora_b))
+    table = None
+    if streams is not None:  # one small upload per call: the engine's sink path shares one per step
+        table = torch.tensor([int(v) % 2 ** 31 for v in streams], dtype=torch.int64).to(x.device)
+    return apply_multi_lora(plan, x, base_out, seed, (*lora_a, *lora_b), streams=table, width=width)
 
 
 def dropout_mask(seed: int, seg_offsets: Sequence[int], dropout_p: Sequence[float], in_features: int,
-                 device="cuda") -> list:
+                 device="cuda", streams: Optional[Sequence[int]] = None, width: Optional[int] = None,
+                 seq_strides: Optional[Sequence[int]] = None) -> list:
     """The keep-masks ``fused_multi_lora(..., training=True, seed=seed)`` draws: one bool
-    ``[T_i, in_features]`` tensor per adapter (all True where ``p_i = 0``)."""
+    ``[T_i, in_features]`` tensor per adapter (all True where ``p_i = 0``). ``streams`` (adapter
+    i's stream number), ``width`` and ``seq_strides`` give those of ``apply_multi_lora`` with a
+    stream table and a sequence width (``_common``)."""
     offs = tuple(int(o) for o in seg_offsets)
     n = len(offs) - 1
     if len(dropout_p) != n:
@@ -242,9 +261,14 @@ def dropout_mask(seed: int, seg_offsets: Sequence[int], dropout_p: Sequence[floa
     device = torch.device(device)
     mask = torch.empty(T, in_features, dtype=torch.int8, device=device)
     if T:
+        strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else (0,) * n
         table = chunk_table(offs, (0,) * n, (0,) * n, (1.0,) * n, tuple(float(p) for p in dropout_p),
-                            _common.CHUNK_ROWS, device)
+                            _common.CHUNK_ROWS, device, strides)
+        stream_values = torch.tensor(list(streams) if streams is not None else list(range(n)),
+                                     dtype=torch.int64, device=device)
+        ptrs = pointer_table(tuple((0, 0, 0, 0, i) for i in range(n)), device)
         dropout_mask_kernel[lambda m: (table.shape[0], triton.cdiv(in_features, m["BLOCK_K"]))](
-            mask, table, in_features, int(seed) % 2 ** 31)
+            mask, table, ptrs, in_features, int(seed) % 2 ** 31, stream_values,
+            int(width) if width else _common.FLAT_WIDTH)
     mask = mask.bool()
     return [mask[offs[i]:offs[i + 1]] for i in range(n)]

@@ -8,7 +8,8 @@ chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, grad_sink_ptrs, mma, philox_key, quick_bench, weight_ptrs
+from ._common import (cfg, chunk_meta, configs, dropout_key, dropout_pos, grad_sink_ptrs, mma, quick_bench,
+                      seq_stride, weight_ptrs)
 
 BWD_DX_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
@@ -19,16 +20,17 @@ BWD_DX_CONFIGS = configs(
 
 @triton.autotune(configs=BWD_DX_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["da_ptr"],
                   do_bench=quick_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "width"])
 def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, stride_dxm,
-                       T_HINT, seed, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+                       T_HINT, seed, streams_ptr, width, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
                        COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
     a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
-    key = philox_key(seed, adapter)
+    key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
+    stride = seq_stride(meta_ptr, pid)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -50,13 +52,15 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, 
             if HAS_DROPOUT:
                 # Same offsets as below, written differently: one `keep` shared by the dx store
                 # and the dA dot operand makes Triton 3.6's LLVM lowering assert (R = 16).
-                keep = tl.rand(key, rows[:, None] * K - seg0 * K + cols[None, :]) >= p
+                local = rows - seg0
+                pos = (local // width) * stride
+                keep = tl.rand(key, pos[:, None] * K + (local % width)[:, None] * K + cols[None, :]) >= p
                 dx = tl.where(keep, dx, 0.0)
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
             if HAS_DROPOUT:
-                keep_x = tl.rand(key, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                keep_x = tl.rand(key, dropout_pos(rows - seg0, width, stride)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep_x, x, 0.0)
             da = mma(tl.trans(g), x, da, DOT_PREC)
     if COMPUTE_DA:

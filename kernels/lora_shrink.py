@@ -3,8 +3,9 @@
 The first LoRA GEMM is skinny (N = rank ≤ 128) and reads all of X, so it is memory-bound:
 each program owns one chunk of one adapter's tokens and one slice of the input features
 (split-K, partial sums added atomically into the fp32 ``H_s``), streaming X exactly once.
-Dropout is drawn in-kernel with Philox (``tl.rand(key_i, local_row*K + col)``, ``key_i`` from the
-launch ``seed`` and the adapter index), so no
+Dropout is drawn in-kernel with Philox (``tl.rand(key_i, pos*K + col)``, ``key_i`` from the
+launch ``seed`` and the adapter's entry of the stream table, ``pos`` its dropout position:
+``_common``), so no
 [T, in] mask is ever stored; ``lora_bwd_dx`` and ``dropout_mask`` regenerate the same bits.
 Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A_i
 (read in place through its address in the chunk table) beyond ``r_i`` are masked to zero, so
@@ -13,7 +14,7 @@ Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and 
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, mma, philox_key, quick_bench, weight_ptrs
+from ._common import cfg, chunk_meta, configs, dropout_key, dropout_pos, mma, quick_bench, seq_stride, weight_ptrs
 
 SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
@@ -25,15 +26,16 @@ SHRINK_CONFIGS = configs(
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
                   do_bench=quick_bench)
-@triton.jit(do_not_specialize=["seed"])
-def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed,
+@triton.jit(do_not_specialize=["seed", "width"])
+def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed, streams_ptr, width,
                        R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
     a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
-    key = philox_key(seed, adapter)
+    key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
+    stride = seq_stride(meta_ptr, pid)
 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per
@@ -51,7 +53,7 @@ def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = tl.rand(key, (rows - seg0)[:, None] * K + cols[None, :]) >= p
+                keep = tl.rand(key, dropout_pos(rows - seg0, width, stride)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep, x, 0.0)
             a = tl.load(a_ptr + rr[None, :] * K + cols[:, None],
                         mask=r_ok[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_K, R] = A_iᵀ tile

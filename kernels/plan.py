@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class MultiLoRAPlan:
     roffs: Tuple[int, ...]  # offset of adapter i on the packed rank axis (Σr)
     R: int                  # rank axis of H_s / G: max rank padded to a bucket (padded_rank)
     table: torch.Tensor     # [n_chunks, N_META] int64 on the device
-    ptrs: torch.Tensor      # [n, PTR_COLS] int64 on the device: A_i, B_i, dA sink, dB sink
+    ptrs: torch.Tensor      # [n, PTR_COLS] int64 on the device: A_i, B_i, dA sink, dB sink, stream index
     chunk: int              # rows per chunk (lora_bwd_dy's BLOCK_M)
     has_dropout: bool
     t_hint: int             # autotune key: tokens rounded up to a power of 4 (_common.t_hint)
@@ -53,6 +53,7 @@ class MultiLoRAPlan:
     weights: Tuple[torch.Tensor, ...] = ()
     sinks: Tuple[torch.Tensor, ...] = ()
     sink_token: Optional[torch.Tensor] = None
+    n_streams: int = 0      # the stream table must have more entries than the largest stream index
     launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
 
     @property
@@ -94,21 +95,34 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=512)
 def chunk_table(offs: Tuple[int, ...], ranks: Tuple[int, ...], roffs: Tuple[int, ...], scales: Tuple[float, ...],
-                ps: Tuple[float, ...], chunk: int, device: torch.device) -> torch.Tensor:
+                ps: Tuple[float, ...], chunk: int, device: torch.device,
+                strides: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
     """One row per run of ≤ ``chunk`` tokens of one adapter (see ``_common.N_META``)."""
     f32 = np.array(list(scales) + list(ps), dtype=np.float32).view(np.int32).astype(np.int64)
     n = len(ranks)
+    strides = strides or (0,) * n
     rows = []
     for i in range(n):
         lo, hi = offs[i], offs[i + 1]
         for c in range(lo, hi, chunk):
-            rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, f32[i], f32[n + i]))
+            rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, f32[i], f32[n + i], strides[i]))
     return _upload(torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, N_META)), device)
 
 
 @functools.lru_cache(maxsize=4096)
-def pointer_table(ptrs: Tuple[Tuple[int, int, int, int], ...], device: torch.device) -> torch.Tensor:
+def pointer_table(ptrs: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
     return _upload(torch.tensor(ptrs, dtype=torch.int64).reshape(-1, PTR_COLS), device)
+
+
+_POSITIONS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
+def position_streams(n: int, device: torch.device) -> torch.Tensor:
+    """The default stream table: adapter i draws stream i (int64 ``[n]``, cached per device)."""
+    t = _POSITIONS.get((n, device))
+    if t is None:
+        t = _POSITIONS[(n, device)] = torch.arange(n, dtype=torch.int64, device=device)
+    return t
 
 
 def validate(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p) -> None:
@@ -161,8 +175,14 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
                        lora_b: Sequence[torch.Tensor], seg_offsets: Sequence[int], scales: Sequence[float],
                        dropout_p: Optional[Sequence[float]] = None, training: bool = False,
                        grad_a: Optional[Sequence[torch.Tensor]] = None,
-                       grad_b: Optional[Sequence[torch.Tensor]] = None) -> MultiLoRAPlan:
+                       grad_b: Optional[Sequence[torch.Tensor]] = None,
+                       stream_index: Optional[Sequence[int]] = None,
+                       seq_strides: Optional[Sequence[int]] = None) -> MultiLoRAPlan:
     """Validate once and build the tables for calls shaped like ``x``/``base_out``.
+
+    Dropout identity (``_common``): adapter i's key comes from entry ``stream_index[i]`` (default
+    i) of the stream table passed to ``apply_multi_lora``, and with a sequence ``width`` there its
+    mask positions use ``seq_strides[i]`` (its longest sequence) as the stride between sequences.
 
     ``grad_a``/``grad_b`` (fp32, one per adapter, shaped like A_i/B_i) turn on the gradient
     sink: backward *adds* into them; zeroing them between optimizer steps is the caller's job.
@@ -184,11 +204,16 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
         longest = max(hi - lo for lo, hi in zip(offs, offs[1:]))
         if longest * x.shape[1] >= 2 ** 31:
             raise ValueError("a segment of more than 2**31 elements cannot use in-kernel dropout")
+    n = len(ranks)
+    streams = tuple(int(i) for i in stream_index) if stream_index is not None else tuple(range(n))
+    strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else (0,) * n
+    if len(streams) != n or len(strides) != n or min(streams) < 0 or min(strides) < 0:
+        raise ValueError(f"stream_index and seq_strides need {n} non-negative entries each")
     chunk = _common.CHUNK_ROWS
-    table = chunk_table(offs, ranks, roffs, tuple(float(s) for s in scales), ps, chunk, x.device)
-    ga = [g.data_ptr() for g in grad_a] if sink else [0] * len(ranks)
-    gb = [g.data_ptr() for g in grad_b] if sink else [0] * len(ranks)
-    ptrs = pointer_table(tuple(zip((a.data_ptr() for a in lora_a), (b.data_ptr() for b in lora_b), ga, gb)),
+    table = chunk_table(offs, ranks, roffs, tuple(float(s) for s in scales), ps, chunk, x.device, strides)
+    ga = [g.data_ptr() for g in grad_a] if sink else [0] * n
+    gb = [g.data_ptr() for g in grad_b] if sink else [0] * n
+    ptrs = pointer_table(tuple(zip((a.data_ptr() for a in lora_a), (b.data_ptr() for b in lora_b), ga, gb, streams)),
                          x.device)
     extra = {}
     if sink:
@@ -196,4 +221,4 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
                      sink_token=torch.zeros((), device=x.device, requires_grad=True))
     return MultiLoRAPlan(len(ranks), ranks, roffs, padded_rank(max(ranks)), table, ptrs,
                          chunk, has_dropout, _common.t_hint(offs[-1]), offs[-1], int(x.shape[1]),
-                         int(lora_b[0].shape[0]), x.dtype, x.device, **extra)
+                         int(lora_b[0].shape[0]), x.dtype, x.device, **extra, n_streams=max(streams) + 1)

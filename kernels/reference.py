@@ -81,3 +81,35 @@ def multi_lora_reference(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b
     if cursor < x.shape[0]:
         chunks.append(x.new_zeros(x.shape[0] - cursor, out_features))
     return torch.cat(chunks, dim=0)
+
+
+def stream_dropout_masks(seed: int, seg_offsets: Sequence[int], dropout_p: Sequence[float], in_features: int,
+                         streams: Sequence[int], width: Optional[int] = None,
+                         seq_strides: Optional[Sequence[int]] = None, device=None) -> list:
+    """Keep-masks for the reference path that depend only on each adapter's own stream (and
+    ``seed``), like the kernels' with a stream table: adapter i's bits come from a generator seeded
+    by its stream, and with ``width`` rows per packed sequence, row t of sequence j reads element
+    ``[j, t]`` of a ``[n_seq, stride_i, in]`` draw, so the width others set changes nothing (rows
+    past the adapter's stride are its padding and keep everything). Not the kernels' bits."""
+    offs = [int(o) for o in seg_offsets]
+    masks = []
+    for i in range(len(offs) - 1):
+        rows, p = offs[i + 1] - offs[i], float(dropout_p[i])
+        if rows == 0 or p <= 0.0:
+            masks.append(None)
+            continue
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(streams[i])) % 2 ** 62)
+        stride = int(seq_strides[i]) if seq_strides is not None else 0
+        if width and stride:
+            n_seq = rows // int(width)
+            keep = torch.rand(n_seq, stride, in_features, generator=gen) >= p
+            w = int(width)
+            if w <= stride:
+                keep = keep[:, :w]
+            else:
+                keep = torch.cat([keep, keep.new_ones(n_seq, w - stride, in_features)], dim=1)
+            keep = keep.reshape(rows, in_features)
+        else:
+            keep = torch.rand(rows, in_features, generator=gen) >= p
+        masks.append(keep.to(device) if device is not None else keep)
+    return masks

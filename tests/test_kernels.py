@@ -288,3 +288,31 @@ def test_committed_tuned_tables_parse():
                 key, config = _common.LaunchKey.from_json(row["key"]), _common.config_from_json(row["config"])
                 assert key.dim > 0 and key.R > 0 and key.t_hint > 0
                 assert set(config.kwargs) <= params, (path, name, config)
+
+
+def test_dropout_masks_follow_the_adapters_stream_not_its_neighbours():
+    # An adapter's mask must not depend on which adapters share the batch: not on its position
+    # (its key comes from its stream), not on the padding width others' sequences set (positions
+    # are sequence j, row t with the adapter's own stride).
+    K, L, p, seed = 40, 6, [0.3, 0.3], 11
+    x_seq = 2  # the adapter's sequences
+    first = fused.dropout_mask(seed, [0, x_seq * 4, x_seq * 4 + 3 * 4], p, K, device=DEVICE,
+                               streams=[7, 3], width=4, seq_strides=[L, L])[0]
+    later = fused.dropout_mask(seed, [0, 5 * 6, 5 * 6 + x_seq * 6], p, K, device=DEVICE,
+                               streams=[5, 7], width=6, seq_strides=[L, L])[1]
+    assert torch.equal(first.view(x_seq, 4, K), later.view(x_seq, 6, K)[:, :4])
+    other = fused.dropout_mask(seed, [0, x_seq * 4], p[:1], K, device=DEVICE, streams=[8], width=4,
+                               seq_strides=[L])[0]
+    assert not torch.equal(first, other)
+    # the kernels draw exactly those masks through a plan's stream index and a stream table
+    seed_, x, base, A, B, offs, scales, dy = make([x_seq * 4, 3 * 4], [8, 16], K=K, N=24, dtype=torch.float32)
+    plan = fused.prepare_multi_lora(x, base, A, B, offs, scales, p, training=True, stream_index=[1, 0],
+                                    seq_strides=[L, L])
+    table = torch.tensor([3, 7], dtype=torch.int64, device=DEVICE)
+    y = fused.apply_multi_lora(plan, x, base.clone(), seed=seed, weights=[*A, *B], streams=table, width=4)
+    masks = fused.dropout_mask(seed, offs, p, K, device=DEVICE, streams=[7, 3], width=4, seq_strides=[L, L])
+    assert torch.equal(masks[0], first)
+    ref = base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=p)
+    leaves = [x, *A, *B]
+    errs = [rel(a, b) for a, b in zip([y, *grads(y, leaves, dy)], [ref, *grads(ref, leaves, dy)])]
+    assert max(errs) < 1e-5, errs

@@ -87,6 +87,12 @@ class LoRARuntime:
         self.grads: Dict[int, Sequence[torch.Tensor]] = {}    # slot -> fp32 sinks like weights (sink mode)
         self.training = False
         self.seed = 0
+        # Dropout identity (fused kernels): a device int64 table indexed by slot whose entries
+        # come from each adapter's own seed and micro-step, and the rows per packed sequence.
+        # With them an adapter's masks do not depend on which adapters share its batch.
+        self.streams: Optional[torch.Tensor] = None
+        self.stream_values: Optional[Dict[int, int]] = None  # the same, on the host (other paths)
+        self.width: Optional[int] = None
         self._fused_on: Dict[torch.device, bool] = {}
 
     def use_grad_sink(self, device: torch.device) -> bool:
@@ -102,6 +108,9 @@ class LoRARuntime:
         self.layout = None
         self.weights = {}
         self.grads = {}
+        self.streams = None
+        self.stream_values = None
+        self.width = None
 
 
 @dataclass
@@ -113,6 +122,7 @@ class LoRASlot:
     scale: float
     dropout: float
     piece: int  # the adapter's entry index: A is pieces[2 * piece], B is pieces[2 * piece + 1]
+    seq_stride: int = 0  # the adapter's longest sequence: the stride of its dropout positions
 
 
 class MultiLoRALinear(nn.Module):
@@ -188,7 +198,10 @@ class MultiLoRALinear(nn.Module):
         # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
         # cached segment table across layers and steps.
         use_dropout = rt.training and self._any_dropout
-        seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
+        if rt.stream_values is not None:  # per-adapter streams carry the step: the seed names the layer
+            seed = (self.layer_index * 1009 + 1) if use_dropout else 0
+        else:
+            seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
         pieces: List[torch.Tensor] = []
         cursor = 0
         for run in runs:
@@ -204,10 +217,14 @@ class MultiLoRALinear(nn.Module):
                 continue
             a_list = [rt.weights[slot][k] for slot, k in where]
             b_list = [rt.weights[slot][k + 1] for slot, k in where]
+            own = {}
+            if use_dropout and rt.stream_values is not None:
+                own = dict(streams=[rt.stream_values[slot] for slot, _ in where], width=rt.width,
+                           seq_strides=[self.slots[slot].seq_stride for slot, _ in where])
             pieces.append(alto_kernels.multi_lora(
                 xs, base_rows, a_list, b_list, list(run.offsets), scales,
                 dropout_p=drops if use_dropout else None, training=use_dropout, seed=seed,
-                backend=rt.backend))
+                backend=rt.backend, **own))
             cursor = run.hi
         if cursor < o2.shape[0]:
             pieces.append(o2[cursor:])
@@ -227,5 +244,9 @@ class MultiLoRALinear(nn.Module):
             plan = self._plans[key] = alto_kernels.prepare_multi_lora(
                 xs, base_rows, [rt.weights[s][k] for s, k in where], [rt.weights[s][k + 1] for s, k in where],
                 list(run.offsets), scales, dropout_p=drops if use_dropout else None, training=use_dropout,
-                grad_a=[rt.grads[s][k] for s, k in where], grad_b=[rt.grads[s][k + 1] for s, k in where])
+                grad_a=[rt.grads[s][k] for s, k in where], grad_b=[rt.grads[s][k + 1] for s, k in where],
+                stream_index=[s for s, _ in where], seq_strides=[self.slots[s].seq_stride for s, _ in where])
+        rt = self.runtime
+        if use_dropout and rt.streams is not None:
+            return alto_kernels.apply_multi_lora(plan, xs, base_rows, seed, streams=rt.streams, width=rt.width)
         return alto_kernels.apply_multi_lora(plan, xs, base_rows, seed)

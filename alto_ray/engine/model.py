@@ -237,7 +237,8 @@ class MultiLoRAModel(nn.Module):
         slot = self.free_slot()
         weights = AdapterWeights(name, cfg, slot, entries, blocks, master)
         for i, (mname, m) in enumerate(modules):
-            m.add_slot(slot, LoRASlot(name, cfg.rank, cfg.scale, float(cfg.dropout), piece=i))
+            m.add_slot(slot, LoRASlot(name, cfg.rank, cfg.scale, float(cfg.dropout), piece=i,
+                                      seq_stride=int(cfg.max_seq_len)))
         self.adapters[name] = weights
         return weights
 
@@ -256,8 +257,13 @@ class MultiLoRAModel(nn.Module):
     # -- per-step context ----------------------------------------------------------------------
     @contextmanager
     def batch(self, layout: Sequence[Tuple[str, int, int]], total_rows: int, training: bool,
-              seed: int = 0) -> Iterator[Dict[str, List[torch.Tensor]]]:
+              seed: int = 0, streams: Optional[Dict[str, int]] = None,
+              width: Optional[int] = None) -> Iterator[Dict[str, List[torch.Tensor]]]:
         """Set the row layout ``[(adapter, lo, hi)]`` and cast weights for one forward(+backward).
+
+        Dropout: with ``streams`` (adapter -> its own stream number, e.g. from its seed and
+        micro-step) and ``width`` (rows per packed sequence), an adapter's masks depend on
+        nothing else in the batch; otherwise they come from ``seed`` and the batch layout.
 
         Yields the per-adapter pieces (compute dtype) so callers can see what the layers use.
         With the fused kernels (a GPU) the pieces are constants and the kernels add the LoRA
@@ -276,6 +282,14 @@ class MultiLoRAModel(nn.Module):
             pieces = {n: self.adapters[n].compute_pieces(dtype) for n, _, _ in layout}
         rt.weights = {self.adapters[n].slot: p for n, p in pieces.items()}
         rt.training, rt.seed = training, seed
+        if streams is not None and training:
+            table = torch.zeros(max(self.adapters[n].slot for n, _, _ in layout) + 1, dtype=torch.int64)
+            for n, _, _ in layout:
+                table[self.adapters[n].slot] = int(streams[n]) % 2 ** 31
+            device = self.backbone_device()
+            rt.streams = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+            rt.stream_values = {self.adapters[n].slot: int(streams[n]) % 2 ** 31 for n, _, _ in layout}
+            rt.width = width
         try:
             yield pieces
         finally:

@@ -59,6 +59,14 @@ class _AdapterRun:
         self.optimizer = torch.optim.AdamW([weights.master], lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay, eps=1e-8, **extra)
         self.step = 0
+        self.micro_steps = 0  # micro-batches trained: with the seed, names its dropout masks
+
+    def dropout_stream(self) -> int:
+        """This micro-batch's dropout stream: from the adapter's own seed and micro-step only, so
+        its masks are the same whichever adapters share the group (or joined before it)."""
+        z = (int(self.cfg.seed) * 0x9E3779B97F4A7C15 + (self.micro_steps + 1) * 0xBF58476D1CE4E5B9) % 2 ** 64
+        z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) % 2 ** 64
+        return (z ^ (z >> 31)) % 2 ** 31
 
 
 class GroupedTrainer:
@@ -158,7 +166,10 @@ class GroupedTrainer:
             batch = pack_batch(parts, self.data.pad_id, self.device)
             inv_accum = to_device(torch.tensor([1.0 / runs[i].cfg.grad_accum for i in active]), self.device)
             idx = to_device(torch.tensor(active), self.device)
-            losses = self._token_loss_sums(batch, training=True) / batch.loss_divisor
+            streams = {runs[i].name: runs[i].dropout_stream() for i in active}
+            for i in active:
+                runs[i].micro_steps += 1
+            losses = self._token_loss_sums(batch, training=True, streams=streams) / batch.loss_divisor
             (losses * inv_accum).sum().backward()
             loss_acc.index_add_(0, idx, losses.detach() * inv_accum)
             for j, i in enumerate(active):
@@ -199,11 +210,13 @@ class GroupedTrainer:
             group["lr"] = lr
         run.optimizer.step()
 
-    def _token_loss_sums(self, batch: PackedBatch, training: bool) -> torch.Tensor:
+    def _token_loss_sums(self, batch: PackedBatch, training: bool,
+                         streams: Optional[Dict[str, int]] = None) -> torch.Tensor:
         """Σ token losses per adapter (row_layout order), logits only where a label is."""
         n_rows, width = batch.input_ids.shape
         self._micro_steps += 1
-        with self.model.batch(batch.row_layout, n_rows * width, training, seed=self._micro_steps):
+        with self.model.batch(batch.row_layout, n_rows * width, training, seed=self._micro_steps,
+                              streams=streams, width=width):
             if self._decoder is not None:
                 hidden = self._decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        use_cache=False).last_hidden_state
@@ -309,9 +322,9 @@ class GroupedTrainer:
             "optimizer": _to_cpu(run.optimizer.state_dict()),
             "step": run.step,
             "stream": run.stream.state_dict(),
-            # Dropout masks come from the group's micro-step counter (kernel seed) or torch's RNG
-            # (reference backend); with dropout 0 a resume is exact.
-            "rng": {"group_micro_step": self._micro_steps},
+            # Dropout masks come from the adapter's seed and its own micro-step count: a resume
+            # draws the masks it would have drawn, in any group.
+            "rng": {"micro_steps": run.micro_steps},
         }
 
     def save_adapter(self, name: str, path: str) -> None:
@@ -360,6 +373,7 @@ def _load_run_state(run: _AdapterRun, state: Dict[str, Any]) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.stream.load_state_dict(state["stream"])
     run.step = int(state["step"])
+    run.micro_steps = int((state.get("rng") or {}).get("micro_steps", 0))
 
 
 def _tokenizer_source(model: Union[str, nn.Module]) -> str:
