@@ -61,3 +61,20 @@ def tiny_dataset_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     from alto_ray.engine.testing import write_arithmetic_jsonl
 
     return write_arithmetic_jsonl(str(tmp_path_factory.mktemp("data") / "arith.jsonl"), n=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def interpreted_triton_env() -> dict:
+    """Environment for a subprocess that runs the engine through the fused Triton kernels under
+    TRITON_INTERPRET (it must be set before triton is first imported); skips without Triton."""
+    import subprocess
+    import sys
+
+    import alto_kernels
+
+    env = dict(os.environ, ALTO_TRITON="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    probe = subprocess.run([sys.executable, "-c", "import alto_kernels, sys; sys.exit(0 if alto_kernels.triton_available() else 3)"],
+                           env=env, capture_output=True)
+    if probe.returncode == 3 or not hasattr(alto_kernels, "multi_lora"):
+        pytest.skip("the fused Triton kernel is not available here")
+    return env

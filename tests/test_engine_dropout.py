@@ -66,12 +66,5 @@ def test_reference_path_dropout_is_the_adapters_own(tiny_model_dir, tiny_dataset
     _check(res["reference"])
 
 
-def test_fused_path_dropout_is_the_adapters_own(tiny_model_dir, tiny_dataset_path):
-    import alto_kernels
-
-    env = dict(os.environ, ALTO_TRITON="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    probe = subprocess.run([sys.executable, "-c", "import alto_kernels, sys; sys.exit(0 if alto_kernels.triton_available() else 3)"],
-                           env=env, capture_output=True)
-    if probe.returncode == 3 or not hasattr(alto_kernels, "multi_lora"):
-        pytest.skip("the fused Triton kernel is not available here")
-    _check(_run(tiny_model_dir, tiny_dataset_path, "triton", env)["triton"])
+def test_fused_path_dropout_is_the_adapters_own(tiny_model_dir, tiny_dataset_path, interpreted_triton_env):
+    _check(_run(tiny_model_dir, tiny_dataset_path, "triton", interpreted_triton_env)["triton"])

@@ -5,7 +5,6 @@ Runs in a subprocess: TRITON_INTERPRET must be set before triton is first import
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -55,15 +54,8 @@ print(json.dumps(out))
 """
 
 
-def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path):
-    import alto_kernels
-
-    env = dict(os.environ, ALTO_TRITON="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    probe = subprocess.run([sys.executable, "-c", "import alto_kernels, sys; sys.exit(0 if alto_kernels.triton_available() else 3)"],
-                           env=env, capture_output=True)
-    if probe.returncode == 3 or not hasattr(alto_kernels, "multi_lora"):
-        pytest.skip("the fused Triton kernel is not available here")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_model_dir, tiny_dataset_path], env=env,
+def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path, interpreted_triton_env):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_model_dir, tiny_dataset_path], env=interpreted_triton_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
