@@ -5,7 +5,8 @@ Covers: bad settings fail on the driver before any group or placement group exis
 trains every trial to the losses of the single-process `GroupedTrainer` (dropout 0), spread over
 both ranks; a trial stopped early frees its group slot for the queued one; checkpoints load with
 `PeftModel.from_pretrained`; the idle group gives its ranks' resources back; the coordinator's
-two-bundle grant runs a rank-local group inside that placement group.
+two-bundle grant runs a rank-local group inside that placement group; a rank lost mid-run ends its
+group at once and the trials resume from their checkpoints on a new one.
 """
 from __future__ import annotations
 
@@ -202,3 +203,41 @@ def test_coordinator_grant_of_two_bundles_runs_a_rank_local_group(cluster, tiny_
         (r,) = [r for r in grid if r.config["lr"] == lr]
         got = losses[r.metrics["trial_id"]]
         assert all(close(got[s + 1], ref[i][s]) for s in range(MAX_STEPS)), (lr, got, ref[i])
+
+
+def test_a_lost_rank_ends_the_group_and_its_trials_resume_from_checkpoints(cluster, tiny_model_dir,
+                                                                           tiny_dataset_path, tmp_path) -> None:
+    # A rank that dies mid-run (OOM-killed, node lost) leaves the other ranks in a collective it
+    # will never join: the group must not wait for the process group's timeout. It kills its
+    # ranks and exits; Tune retries the trials, which resume from their checkpoints on a new group.
+    from tune_support import contiguous_resume
+
+    assert _wait_all_cpus_free()
+    task = _task(tiny_model_dir, tiny_dataset_path, "ranklocal-lost", checkpoint_every=2)
+    killed: list = []
+
+    def kill_rank_1(trial: Any, result: Dict[str, Any]) -> None:
+        if not killed and result["step"] == 3:
+            group = ray.get_actor(result["alto_group"], namespace=NAMESPACE)
+            worker = ray.get(group.__ray_call__.remote(lambda self: self.trainer.workers[1]))
+            ray.kill(worker)
+            killed.append(time.time())
+
+    rec = Recorder(on_result=kill_rank_1)
+    lrs = LRS[:2]
+    t0 = time.time()
+    grid = tune.Tuner(
+        lora_trainable(task), param_space={**BASE, "rank": 4, "lr": tune.grid_search(lrs)},
+        tune_config=tune.TuneConfig(metric="loss", mode="min"),
+        run_config=tune.RunConfig(name="lost", storage_path=str(tmp_path), verbose=0, callbacks=[rec],
+                                  failure_config=tune.FailureConfig(max_failures=2))).fit()
+    assert killed, "no trial reached step 3"
+    assert time.time() - t0 < 240  # not the process group's 600 s timeout
+    assert grid.num_errors == 0 and all(r.metrics["step"] == MAX_STEPS for r in grid)
+    assert rec.recovered  # Tune restarted the trials of the lost group
+    ref = reference_losses(task, [{**BASE, "rank": 4, "lr": lr} for lr in lrs], MAX_STEPS)
+    losses, steps = rec.losses(), rec.steps()
+    for i, r in enumerate(sorted(grid, key=lambda r: lrs.index(r.config["lr"]))):
+        tid = r.metrics["trial_id"]
+        assert contiguous_resume(steps[tid], task.checkpoint_interval), steps[tid]
+        assert all(close(losses[tid][s + 1], ref[i][s]) for s in range(MAX_STEPS)), (losses[tid], ref[i])

@@ -138,6 +138,10 @@ class RankLocalWorker:
             dist.destroy_process_group()
 
 
+class RankFailure(RuntimeError):
+    """A rank of a rank-local group failed (out of memory, process lost): the group is gone."""
+
+
 class RankLocalGroup:
     """N ranks, one sharded backbone, adapters spread over the ranks; the API of one group.
 
@@ -194,6 +198,7 @@ class RankLocalGroup:
         except Exception:
             self.shutdown()
             raise
+        self.broken: Optional[str] = None  # why the group can no longer step (see _gather)
         self._owner: Dict[str, int] = {}
         self._configs: Dict[str, AdapterConfig] = {}
 
@@ -288,7 +293,7 @@ class RankLocalGroup:
 
         if not self._owner:
             return {}, [None] * self.num_ranks
-        outs = ray.get([w.step.remote(self.micro_steps(), count_collectives) for w in self.workers])
+        outs = self._gather([w.step.remote(self.micro_steps(), count_collectives) for w in self.workers], "step")
         merged: Dict[str, StepResult] = {}
         for out in outs:
             merged.update(out["results"])
@@ -298,11 +303,11 @@ class RankLocalGroup:
         """Eval loss of ``names`` (default: all); every rank runs the most forwards any rank needs."""
         import ray
 
-        passes = max(ray.get([w.eval_passes.remote(names) for w in self.workers]))
+        passes = max(self._gather([w.eval_passes.remote(names) for w in self.workers], "evaluate"))
         merged: Dict[str, float] = {}
         if passes == 0:
             return merged
-        for part in ray.get([w.evaluate.remote(names, passes) for w in self.workers]):
+        for part in self._gather([w.evaluate.remote(names, passes) for w in self.workers], "evaluate"):
             merged.update(part)
         return merged
 
@@ -325,15 +330,37 @@ class RankLocalGroup:
         import ray
         return ray.get([w.info.remote() for w in self.workers])
 
-    def shutdown(self) -> None:
+    def _gather(self, refs: List[Any], what: str) -> List[Any]:
+        """All ranks' answers to one collective call, or ``RankFailure`` as soon as one rank fails.
+
+        The other ranks are then blocked in a collective the failed rank will never join (until
+        the process group's timeout, minutes): the group kills them all and is ``broken``; its
+        owner drops it and its trials resume from their checkpoints on a new one.
+        """
+        import ray
+
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as err:
+                rank = refs.index(done[0])
+                self.broken = f"rank {rank} failed in {what}: {type(err).__name__}: {err}"
+                self.shutdown(graceful=False)  # the others cannot leave a collective to shut down
+                raise RankFailure(self.broken) from err
+        return ray.get(refs)
+
+    def shutdown(self, graceful: bool = True) -> None:
         """Leave the process group, end the actors, free the bundles (if this group made them)."""
         import ray
 
         workers, self.workers = getattr(self, "workers", []), []
-        try:
-            ray.get([w.shutdown.remote() for w in workers], timeout=60)
-        except Exception:
-            pass
+        if graceful:
+            try:
+                ray.get([w.shutdown.remote() for w in workers], timeout=60)
+            except Exception:
+                pass
         for w in workers:
             ray.kill(w)
         if self._owns_pg and getattr(self, "placement_group", None) is not None:

@@ -300,6 +300,7 @@ class AdapterGroup:
                     self.memory.on_oom()
                 for m in active:
                     _fail(m, err)
+                self._exit_if_broken()
                 raise
             self._steps += 1
             t_stepped = time.monotonic()
@@ -311,6 +312,7 @@ class AdapterGroup:
             except Exception as err:  # the step itself counted; only this step's results fail
                 for m in active:     # (retrying the same evaluation would spin on the same error)
                     _fail(m, err)
+                self._exit_if_broken()
                 raise
             t_done = time.monotonic()
             seconds = t_done - t0
@@ -338,6 +340,15 @@ class AdapterGroup:
         load = self._load()
         self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, allocated_bytes(self.device))
         return True
+
+    def _exit_if_broken(self) -> None:
+        """A trainer that cannot step again (a rank-local group that lost a rank) ends the group:
+        its trials see it gone and resume from their checkpoints on a new one (`connect`)."""
+        broken = getattr(self.trainer, "broken", None)
+        if broken and not self._closing:
+            logger.error("%s: %s; the group exits", self.spec.name, broken)
+            self._closing = True
+            ray.get_runtime_context().current_actor.__ray_terminate__.remote()
 
     def _has_room(self, m: _Member) -> bool:
         """May the group train `m` once more? Up to `run_ahead` results past what was fetched,
