@@ -57,6 +57,23 @@ def test_nan_adapter_is_isolated(trainer_factory):
     assert poisoned.adapter_state("y")["optimizer"]["state"] == {}
 
 
+def test_an_overflowing_optimizer_step_hurts_only_its_adapter(trainer_factory):
+    # lr 1e38: y's gradients are finite but its first real update overflows its weights to
+    # inf/NaN; from then on only y's results are non-finite, and x and z train bit for bit as
+    # in a group where y is sane.
+    clean = trainer_factory()
+    wild = trainer_factory({**THREE, "y": _cfg(rank=8, lr=1e38, batch_size=3, seed=2)})
+    seen_bad = False
+    for _ in range(4):
+        rc, rw = clean.step(), wild.step()
+        seen_bad |= not rw["y"].finite
+        for name in ("x", "z"):
+            assert rw[name].finite and rw[name].loss == rc[name].loss
+    assert seen_bad, "lr=1e38 never made y non-finite"
+    mc, mw = _masters(clean), _masters(wild)
+    assert all(torch.equal(mc[n], mw[n]) for n in ("x", "z"))
+
+
 def test_step_results_are_per_adapter(trainer_factory):
     t = trainer_factory()
     results = t.step()

@@ -11,6 +11,7 @@ always one optimizer step of every adapter, the same as a PEFT loop with that ad
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,6 +24,8 @@ from .config import DEFAULT_TARGET_MODULES, AdapterConfig, lr_at
 from .data import (AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch,
                    to_device)
 from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "alto-ray/adapter-state/1"
 # Architectures whose logits are exactly lm_head(final hidden): the loss can skip positions
@@ -187,7 +190,12 @@ class GroupedTrainer:
             lr = lr_at(run.cfg, run.step)
             finite = math.isfinite(loss) and math.isfinite(norm)
             if finite and loss_tokens[i] > 0:  # no loss tokens, no gradient: no step
-                self._optimizer_step(run, lr, norms[i])
+                try:
+                    self._optimizer_step(run, lr, norms[i])
+                except (RuntimeError, OverflowError) as err:  # e.g. an lr whose update overflows
+                    logger.warning("adapter %s: optimizer step failed (%s); step reported non-finite",
+                                   run.name, err)
+                    finite = False  # this adapter's problem only: the others' steps go on
             # In place, not to None: on a GPU master.grad is the fused kernels' gradient sink.
             run.optimizer.zero_grad(set_to_none=False)
             run.step += 1

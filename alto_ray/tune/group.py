@@ -338,7 +338,8 @@ class AdapterGroup:
             await self._admit()
         self.memory.after_step()
         load = self._load()
-        self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, allocated_bytes(self.device))
+        self.metrics.on_step(load["active"], load["queued"], step_tokens, seconds, allocated_bytes(self.device),
+                             idle_seconds=idle)
         return True
 
     def _exit_if_broken(self) -> None:

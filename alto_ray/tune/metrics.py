@@ -31,6 +31,10 @@ class GroupMetrics:
             self.gpu_bytes = Gauge("alto_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", _TAGS)
             self.steps = Counter("alto_group_steps_total", "Grouped optimizer steps", _TAGS)
             self.tokens = Counter("alto_tokens_total", "Training tokens processed", _TAGS)
+            # Where a group's wall time goes: training vs waiting for its trials to fetch results
+            # (a full run-ahead buffer: the Tune driver is the bottleneck) or for work to arrive.
+            self.busy_s = Counter("alto_group_busy_seconds_total", "Seconds spent in grouped steps", _TAGS)
+            self.idle_s = Counter("alto_group_idle_seconds_total", "Seconds between steps", _TAGS)
             self.exits = Counter("alto_trial_exits_total", "Adapters that left, by reason",
                                  _TAGS + ("reason",))
             self._ok = True
@@ -38,13 +42,17 @@ class GroupMetrics:
             logger.debug("alto metrics disabled: %s", err)
 
     def on_step(self, active: int, queued: int, tokens: int, seconds: float,
-                gpu_bytes: Optional[int]) -> None:
+                gpu_bytes: Optional[int], idle_seconds: float = 0.0) -> None:
         if not self._ok:
             return
         try:
             self.active.set(active, tags=self._tags)
             self.queued.set(queued, tags=self._tags)
             self.steps.inc(1, tags=self._tags)
+            if seconds > 0:
+                self.busy_s.inc(seconds, tags=self._tags)
+            if idle_seconds > 0:
+                self.idle_s.inc(idle_seconds, tags=self._tags)
             if tokens > 0:
                 self.tokens.inc(tokens, tags=self._tags)
             if seconds > 0:
