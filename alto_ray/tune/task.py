@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from alto_ray.tune.capacity import alive_nodes, gpus_possible, launchable_node_types
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _DTYPES = (None, "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -230,7 +232,9 @@ def local_placement(task: LoRATask) -> List[GroupSpec]:
         res = dict(task.group_resources)
     else:
         res = {"CPU": 1.0}
-        if gpus > 0 and task.device != "cpu":
+        # No GPU up yet but the autoscaler can start one: a GPU group whose actor waits for it
+        # (it pends and asks for the node), not a CPU group.
+        if task.device != "cpu" and (gpus > 0 or (_ray_connected() and gpus_possible([], launchable_node_types()))):
             res["GPU"] = 1.0
     name = task.task_name
     return [GroupSpec(name=f"alto:{name}:g{i}", index=i, resources=res) for i in range(n)]
@@ -244,11 +248,11 @@ def rank_local_layout(task: LoRATask) -> Tuple[int, Dict[str, float]]:
     fit one node (STRICT_PACK). Raises ValueError naming the field before any actor or GPU is
     taken; with Ray not connected only the resource shape is checked (trials check it again).
     """
-    nodes = _cluster_nodes()
-    gpus = sum(n.get("GPU", 0.0) for n in nodes or [])
+    nodes = alive_nodes()
+    launchable = launchable_node_types() if nodes is not None else []
     if task.group_resources is not None:
         per_rank = {k: float(v) for k, v in task.group_resources.items()}
-    elif task.device == "cuda" or (task.device == "auto" and gpus > 0):
+    elif task.device == "cuda" or (task.device == "auto" and gpus_possible(nodes, launchable)):
         per_rank = {"CPU": 1.0, "GPU": 1.0}
     else:
         per_rank = {"CPU": CPU_RANK_CPUS}
@@ -261,13 +265,15 @@ def rank_local_layout(task: LoRATask) -> Tuple[int, Dict[str, float]]:
         return task.num_groups or 1, per_rank
     ranks = task.gpus_per_group
     fits = sum(_groups_on(node, per_rank, ranks) for node in nodes)
-    if fits == 0:
+    can_launch = any(_groups_on(t, per_rank, ranks) for t in launchable)
+    if fits == 0 and not can_launch:
         big = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
         largest = {k: big.get(k, 0.0) for k in ("CPU", "GPU")}
         raise ValueError(f"LoRATask.gpus_per_group: one group is {ranks} ranks of {per_rank} on one node "
-                         f"(STRICT_PACK); no node of this cluster holds that (largest: {largest})")
-    n = task.num_groups or (fits if per_rank.get("GPU") else 1)
-    if n > fits:
+                         f"(STRICT_PACK); no node of this cluster holds that (largest: {largest}), nor "
+                         f"any node type its autoscaler can start ({len(launchable)} known: capacity.py)")
+    n = task.num_groups or (max(fits, 1) if per_rank.get("GPU") else 1)
+    if n > fits and not can_launch:  # an autoscaler can add nodes: those groups wait for them
         raise ValueError(f"LoRATask.num_groups: {n} groups of {ranks} ranks of {per_rank}; "
                          f"this cluster holds {fits} at once")
     return n, per_rank
@@ -279,16 +285,13 @@ def _groups_on(node: Dict[str, float], per_rank: Dict[str, float], ranks: int) -
     return min(counts) if counts else 1
 
 
-def _cluster_nodes() -> Optional[List[Dict[str, float]]]:
-    """Total resources of each alive node; None when Ray is not connected."""
+def _ray_connected() -> bool:
     try:
         import ray
 
-        if ray.is_initialized():
-            return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    except Exception:  # pragma: no cover - Ray not importable / not connected
-        pass
-    return None
+        return bool(ray.is_initialized())
+    except Exception:  # pragma: no cover
+        return False
 
 
 def _cluster_gpus() -> int:
