@@ -155,3 +155,23 @@ def test_idle_group_exits_and_a_new_one_takes_its_name(group, tiny_model_dir, ti
     again, _ = connect(task, "t_00001")
     assert ray.get(again.load.remote())["active"] == 0
     ray.kill(again)
+
+
+def test_an_out_of_memory_cap_outlives_the_group(group, tiny_model_dir, tiny_dataset_path):
+    # A group that ran out of memory with 3 adapters leaves a cap of 2 for its task; a new group
+    # of that task admits 2 and queues the third. The cap only ever goes down.
+    from alto_ray.tune.admission import clear_oom_cap, oom_cap, record_oom
+
+    name = "oom-cap-test"
+    assert oom_cap(name) is None
+    assert record_oom(name, 3) == 2 and record_oom(name, 5) == 2 and oom_cap(name) == 2
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=5, eval_size=8, name=name)
+    handle, _ = connect(task, "t_00000")
+    states = [ray.get(handle.join.remote(t, cfg(task)))["state"] for t in ("a", "b", "c")]
+    assert states == ["active", "active", "queued"]
+    for t in ("a", "b", "c"):
+        ray.get(handle.leave.remote(t, "stopped"))
+    ray.kill(handle)
+    clear_oom_cap(name)
+    assert oom_cap(name) is None
+

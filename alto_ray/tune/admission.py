@@ -123,6 +123,60 @@ def memory_budget(trainer: Any, device: str, headroom: float, max_adapters: Opti
     return MemoryBudget(device, getattr(backbone, "config", None), trainer.dtype, headroom, max_adapters)
 
 
+# A group that ran out of memory learns a lower budget for itself (`MemoryBudget.on_oom`); a
+# rank-local group cannot go on after one (its ranks are killed) and a restarted group would
+# start from the same estimates. So the group also leaves a per-task cap on adapters in Ray's
+# key-value store, which every later group of the task starts from.
+_OOM_NAMESPACE = "alto"
+
+
+def _oom_key(task_name: str) -> str:
+    return f"oom_cap:{task_name}"
+
+
+def oom_cap(task_name: str) -> Optional[int]:
+    """The most adapters a group of this task may hold after an earlier one ran out of memory."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        if not _internal_kv_initialized():
+            return None
+        raw = _internal_kv_get(_oom_key(task_name), namespace=_OOM_NAMESPACE)
+        return int(raw) if raw else None
+    except Exception as err:  # pragma: no cover - no Ray / no store: no cap
+        logger.debug("oom cap of %s: %s", task_name, err)
+        return None
+
+
+def record_oom(task_name: str, adapters: int) -> int:
+    """A group of `task_name` ran out of memory holding `adapters`: cap later groups below that."""
+    cap = max(1, int(adapters) - 1)
+    known = oom_cap(task_name)
+    cap = min(cap, known) if known else cap
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(_oom_key(task_name), str(cap), overwrite=True, namespace=_OOM_NAMESPACE)
+    except Exception as err:  # pragma: no cover
+        logger.warning("could not record the out-of-memory cap of %s: %s", task_name, err)
+    logger.error("task %s: out of memory with %d adapters in a group; its groups now hold at most %d",
+                 task_name, adapters, cap)
+    return cap
+
+
+def clear_oom_cap(task_name: str) -> None:
+    """Forget the cap (it lives as long as the Ray cluster), e.g. before a sweep of smaller adapters."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_oom_key(task_name), namespace=_OOM_NAMESPACE)
+
+
+def capped(max_adapters: Optional[int], cap: Optional[int]) -> Optional[int]:
+    if cap is None:
+        return max_adapters
+    return cap if max_adapters is None else min(max_adapters, cap)
+
+
 def free_bytes(device: str) -> float:
     if device == "cuda":
         import torch

@@ -39,7 +39,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import ray
 
-from alto_ray.tune.admission import allocated_bytes, memory_budget
+from alto_ray.tune.admission import allocated_bytes, capped, memory_budget, oom_cap, record_oom
 from alto_ray.tune.checkpoint import Files, files_of, pending_results, snapshot_state, unpack_state, with_pending
 from alto_ray.tune.metrics import GroupMetrics
 from alto_ray.tune.task import GroupSpec, LoRATask
@@ -105,7 +105,8 @@ class AdapterGroup:
         torch.set_num_threads(max(1, int(spec.resources.get("CPU", 1) or 1)))
         self.gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if self.device == "cuda" else ""
         self.trainer = _make_trainer(task, spec, self.device, _torch_dtype(task.dtype))
-        self.memory = memory_budget(self.trainer, self.device, task.memory_headroom, task.max_adapters_per_group)
+        self.memory = memory_budget(self.trainer, self.device, task.memory_headroom,
+                                    capped(task.max_adapters_per_group, oom_cap(self.task_name)))
         self._members: Dict[str, _Member] = {}
         self._reserved: Dict[str, float] = {}  # trial id -> when; checked, not joined yet
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alto-engine")
@@ -298,6 +299,7 @@ class AdapterGroup:
             except Exception as err:  # an engine failure fails this step's adapters only
                 if "out of memory" in str(err).lower():  # the estimate was too low: learn
                     self.memory.on_oom()
+                    record_oom(self.task_name, len(active))  # and so do later groups of the task
                 for m in active:
                     _fail(m, err)
                 self._exit_if_broken()
