@@ -59,8 +59,10 @@ def check_shape(ak, K, N, lens, ranks, dropout, tol, gen):
     A, B = make_weights(ranks, K, N, dt, dev, gen)
     base = torch.randn(T, N, device=dev, generator=gen).to(dt)
     dy = torch.randn(T, N, device=dev, generator=gen).to(dt)
-    y = fused_multi_lora(x, base.clone(), A, B, offs, scales, dropout_p=ps, training=dropout, seed=1234)
-    got = [y.float() - base.float()] + list(torch.autograd.grad(y, [x, *A, *B], dy))
+    runs = []  # twice: the first launch of a variant goes through Triton, the second is direct
+    for _ in range(2):
+        y = fused_multi_lora(x, base.clone(), A, B, offs, scales, dropout_p=ps, training=dropout, seed=1234)
+        runs.append([y.float() - base.float()] + list(torch.autograd.grad(y, [x, *A, *B], dy)))
     masks = dropout_mask(1234, offs, ps, K, device=dev) if dropout else None
     leaves32 = [t.detach().float().requires_grad_() for t in [x, *A, *B]]
     n = len(ranks)
@@ -74,29 +76,34 @@ def check_shape(ak, K, N, lens, ranks, dropout, tol, gen):
     ref = errs["fp32"]
     names = ["delta", "dX"] + [f"dA{i}" for i in range(n)] + [f"dB{i}" for i in range(n)]
     worst, ok = {}, True
-    for k, a, b, c in zip(names, got, ref, errs["bf16"]):
-        e, e_bf = rel(a.float(), b), rel(c, b)
-        key = k.rstrip("0123456789")
-        worst[key] = max(worst.get(key, 0.0), e)
-        if not (e <= tol) or not torch.isfinite(a).all():
-            ok = False
-            print(f"  FAIL {k}: fused {e:.2e} (bf16 reference {e_bf:.2e})")
+    for run, got in enumerate(runs):
+        for k, a, b, c in zip(names, got, ref, errs["bf16"]):
+            e, e_bf = rel(a.float(), b), rel(c, b)
+            key = k.rstrip("0123456789")
+            worst[key] = max(worst.get(key, 0.0), e)
+            if not (e <= tol) or not torch.isfinite(a).all():
+                ok = False
+                print(f"  FAIL {k} (call {run + 1}): fused {e:.2e} (bf16 reference {e_bf:.2e})")
     # The engine's path: a prepared plan whose backward adds dA/dB into fp32 gradient sinks.
     from alto_kernels.fused import apply_multi_lora, prepare_multi_lora
     Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
     ga, gb = [torch.zeros(a.shape, device=dev) for a in A], [torch.zeros(b.shape, device=dev) for b in B]
     xs = x.detach().requires_grad_()
     plan = prepare_multi_lora(xs, base, Ac, Bc, offs, scales, dropout_p=ps, training=dropout, grad_a=ga, grad_b=gb)
-    ys = apply_multi_lora(plan, xs, base.clone(), seed=1234)
-    ys.backward(dy)
-    for k, a, b in zip(["sink_delta", "sink_dX"] + [f"sink_dA{i}" for i in range(n)] + [f"sink_dB{i}" for i in range(n)],
-                       [ys.detach().float() - base.float(), xs.grad, *ga, *gb], ref):
-        e = rel(a.float(), b)
-        key = k.rstrip("0123456789")
-        worst[key] = max(worst.get(key, 0.0), e)
-        if not (e <= tol) or not torch.isfinite(a).all():
-            ok = False
-            print(f"  FAIL {k}: fused with gradient sink {e:.2e}")
+    for run in range(2):
+        for g in (*ga, *gb):
+            g.zero_()
+        xs.grad = None
+        ys = apply_multi_lora(plan, xs, base.clone(), seed=1234)
+        ys.backward(dy)
+        for k, a, b in zip(["sink_delta", "sink_dX"] + [f"sink_dA{i}" for i in range(n)] + [f"sink_dB{i}" for i in range(n)],
+                           [ys.detach().float() - base.float(), xs.grad, *ga, *gb], ref):
+            e = rel(a.float(), b)
+            key = k.rstrip("0123456789")
+            worst[key] = max(worst.get(key, 0.0), e)
+            if not (e <= tol) or not torch.isfinite(a).all():
+                ok = False
+                print(f"  FAIL {k} (call {run + 1}): fused with gradient sink {e:.2e}")
     tag = f"{K}->{N} T={T} ranks={sorted(set(ranks))} dropout={'0.1' if dropout else 'off'}"
     print(f"{'ok  ' if ok else 'FAIL'} {tag}: " + " ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     return ok
@@ -119,6 +126,12 @@ def main():
             ok &= check_shape(ak, K, N, lens, mixed, dropout, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [512] * 8, [16] * 8, True, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [40, 33], [1, 128], False, args.tol, gen)
+    from alto_kernels import _common, fused
+    counts = {lau.name: dict(lau.launches) for lau in fused.LAUNCHERS}
+    print(f"launches (direct launch {'on' if _common.DIRECT_LAUNCH else 'off'}): {counts}")
+    if _common.DIRECT_LAUNCH and not all(c["direct"] > 0 for c in counts.values()):
+        ok = False
+        print("FAIL: a kernel was never launched directly, so the direct path went unchecked")
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)
 

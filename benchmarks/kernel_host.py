@@ -60,7 +60,13 @@ def main() -> None:
         fwd_bwd()
         sink()
     torch.cuda.synchronize()
-    for name, fn in (("base", base_only), ("fused", fwd_bwd), ("fused_sink", sink)):
+    from alto_kernels import _common
+    direct = _common.DIRECT_LAUNCH
+    for name, fn, launch in (("base", base_only, direct), ("fused", fwd_bwd, direct), ("fused_sink", sink, direct),
+                             ("fused, Triton dispatch", fwd_bwd, False), ("fused_sink, Triton dispatch", sink, False)):
+        _common.DIRECT_LAUNCH = launch
+        fn()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.calls):
             fn()
@@ -68,6 +74,9 @@ def main() -> None:
         torch.cuda.synchronize()
         total = (time.perf_counter() - t0) / args.calls
         print(f"{name}: host {host * 1e3:.3f} ms/call (queued), {total * 1e3:.3f} ms/call incl. sync")
+    _common.DIRECT_LAUNCH = direct
+    from alto_kernels import fused as _fused
+    print("launches:", {lau.name: dict(lau.launches) for lau in _fused.LAUNCHERS})
     for title, fn in (("fused_multi_lora", fwd_bwd), ("the engine's path (gradient sink)", sink)):
         prof = cProfile.Profile()
         prof.enable()

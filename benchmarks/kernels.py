@@ -105,6 +105,16 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms):
         fn()  # autotune / warm-up outside the timing
         torch.cuda.synchronize()
         res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    from alto_kernels import _common
+    if _common.DIRECT_LAUNCH:  # A/B in the same run: the same calls through Triton's own dispatch
+        _common.DIRECT_LAUNCH = False
+        try:
+            for name, fn in (("fused_jit_dispatch", fused), ("fused_sink_jit_dispatch", fused_sink)):
+                fn()
+                torch.cuda.synchronize()
+                res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+        finally:
+            _common.DIRECT_LAUNCH = True
     del sets
     floor_us = lora_bytes(T, K, N) / 3.0e12 * 1e6
     return {
@@ -209,7 +219,11 @@ def main():
                            "fused_sink": "(b') base + the engine's path: prepared plan, dA/dB into fp32 gradient sinks",
                            "reference": "(c) base + multi_lora_reference",
                            "sequential": "(d) one adapter at a time: own base matmul + PEFT-style LoRA",
-                           "lora_only": "(e) fused_multi_lora alone (no base)"},
+                           "lora_only": "(e) fused_multi_lora alone (no base)",
+                           "fused_jit_dispatch": "(b) with every launch through Triton's JITFunction.run "
+                                                 "(ALTO_DIRECT_LAUNCH=0), same run",
+                           "fused_sink_jit_dispatch": "(b') likewise"},
+              "direct_launch": _common_direct(),
               "headline": headline, "engine_path": extra, "cases": cases, "seconds": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -219,6 +233,11 @@ def main():
     for k, v in headline.items():
         print(f"kernel.{k} = {v['value']}  {v['per_shape']}")
     print(f"engine path (gradient sink): {extra}")
+
+
+def _common_direct() -> bool:
+    from alto_kernels import _common
+    return bool(_common.DIRECT_LAUNCH)
 
 
 def merge_summary(path, figures):

@@ -236,16 +236,77 @@ def tuned_table(device_index: int) -> Dict[str, List[Tuple[LaunchKey, Any]]]:
     return _TABLES[name]
 
 
+# Launch a kernel whose config is chosen straight through its compiled launcher, skipping
+# ``JITFunction.run`` (argument binding, specialisation, cache key, global-value checks: ~60-90 µs
+# of host time per launch on the H100 hosts measured, four launches per LoRA fwd+bwd). Off under
+# the interpreter (nothing is compiled) and with ``ALTO_DIRECT_LAUNCH=0``.
+DIRECT_LAUNCH = not INTERPRET and os.environ.get("ALTO_DIRECT_LAUNCH", "1").strip() not in ("0", "false", "no")
+try:
+    from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
+except ImportError:  # a Triton older than the knobs module: its launcher differs, use the JIT path
+    DIRECT_LAUNCH = False
+
+
+def arg_signature(args: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+    """Per runtime argument, everything Triton may specialise a compiled kernel on, and more: a
+    tensor's dtype and 16-byte alignment; an int's ``== 1``, divisibility by 16 and width. Two
+    calls with equal signatures can share one compiled kernel (a refinement of Triton's key, so
+    a kernel compiled for one call is never run with arguments it was not specialised for).
+    This runs on every launch: type tests by identity first, the common kinds first."""
+    sig = []
+    add = sig.append
+    for a in args:
+        t = type(a)
+        if t is int:
+            add(1 if a == 1 else (2 if a % 16 == 0 else 3) if -_I32 <= a < _I32
+                else (4 if a % 16 == 0 else 5) if 0 <= a < _I64 else 6)
+        elif t is bool or a is None or t is str:
+            add(a)
+        elif isinstance(a, torch.Tensor):
+            add((a.dtype, a.data_ptr() % 16 == 0))
+        elif t is float:
+            add(float)
+        else:
+            return None  # anything else: let Triton decide every time
+    return tuple(sig)
+
+
+_I32, _I64 = 2 ** 31, 2 ** 63
+
+
+class _DirectLaunch:
+    """One compiled kernel and the constant tail of its argument list (constexprs, config)."""
+
+    __slots__ = ("kernel", "tail", "meta")
+
+    def __init__(self, kernel, tail: Tuple[Any, ...], meta: Dict[str, Any]) -> None:
+        self.kernel, self.tail, self.meta = kernel, tail, meta
+
+    def launch(self, grid, args: Tuple[Any, ...], device: int) -> None:
+        g = grid(self.meta) if callable(grid) else grid
+        stream = _driver.active.get_current_stream(device)
+        values = (*args, *self.tail)
+        kernel = self.kernel
+        enter = _knobs.runtime.launch_enter_hook  # profilers (proton) hook launches: keep them working
+        md = kernel.launch_metadata(g, stream, *values) if enter is not None else None
+        kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, md, enter, _knobs.runtime.launch_exit_hook, *values)
+
+
 class TunedLauncher:
-    """Pick a kernel's config once per key, then launch it straight through its ``JITFunction``:
-    the autotuner's own dispatch costs tens of µs of host time per launch, which at LoRA sizes is
-    as much as the kernel itself. How a new key gets its config: ``ALTO_AUTOTUNE`` above."""
+    """Pick a kernel's config once per key, then launch it straight through its compiled kernel:
+    the autotuner's and ``JITFunction``'s own dispatch cost tens of µs of host time per launch,
+    which at LoRA sizes is as much as the kernel itself. How a new key gets its config:
+    ``ALTO_AUTOTUNE`` above; how a launch skips Triton's dispatch: ``DIRECT_LAUNCH``."""
 
     def __init__(self, kernel, name: str) -> None:
         self.kernel = kernel
         self.name = name
         self.best: Dict[LaunchKey, Any] = {}
         self.tuned: set = set()  # keys whose config this process measured (the rest borrowed)
+        self.direct: Dict[tuple, Optional[_DirectLaunch]] = {}
+        self.launches = {"autotune": 0, "jit": 0, "direct": 0}
 
     def is_tuned(self, key: LaunchKey) -> bool:
         return key in self.best
@@ -285,5 +346,38 @@ class TunedLauncher:
             self.kernel[grid](*args, **kwargs)
             self.best[key] = self.kernel.best_config
             self.tuned.add(key)
+            self.launches["autotune"] += 1
             return
-        self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+        if not DIRECT_LAUNCH:
+            self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+            self.launches["jit"] += 1
+            return
+        sig = arg_signature(args)
+        device = torch.cuda.current_device()
+        memo = (id(cfg), tuple(kwargs.items()), sig, device) if sig is not None else None
+        entry = self.direct.get(memo) if memo is not None else None
+        if entry is not None:
+            try:
+                entry.launch(grid, args, device)
+                self.launches["direct"] += 1
+                return
+            except TypeError:  # the launcher's arguments are not what this Triton expects: it
+                self.direct[memo] = None  # raised before launching; Triton's own path from now on
+        # First launch of this variant with arguments like these: through Triton (which compiles
+        # or finds the kernel), keeping what the next launches need to skip it.
+        all_kwargs = {**kwargs, **cfg.all_kwargs()}
+        compiled = self.kernel.fn.run(*args, grid=grid, warmup=False, **all_kwargs)
+        self.launches["jit"] += 1
+        if memo is not None and memo not in self.direct:
+            self.direct[memo] = _direct_entry(self.kernel.fn, compiled, args, all_kwargs)
+
+
+def _direct_entry(fn, compiled, args: Tuple[Any, ...], all_kwargs: Dict[str, Any]) -> Optional[_DirectLaunch]:
+    """The direct launch of ``compiled``, or None when this Triton's kernel object does not look
+    like the one this launcher was written against (the JIT path then serves every call)."""
+    names = list(getattr(fn, "arg_names", []))
+    tail_names = names[len(args):]
+    if (compiled is None or not names or any(n not in all_kwargs for n in tail_names)
+            or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata"))):
+        return None
+    return _DirectLaunch(compiled, tuple(all_kwargs[n] for n in tail_names), dict(all_kwargs))

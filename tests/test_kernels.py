@@ -269,6 +269,39 @@ def test_new_keys_borrow_the_nearest_tuned_config(monkeypatch):
         launcher.choice(LaunchKey(("bfloat16", "bfloat16", "tf32"), (False,), 512, 32, 1024))
 
 
+def test_direct_launch_keys_and_argument_order():
+    # A launch that skips Triton's dispatch must reuse a compiled kernel only for arguments that
+    # Triton would have specialised the same way, and must pass the constexpr/config tail in the
+    # kernel's signature order (the compiled launcher takes every argument, by position).
+    import torch as _torch
+
+    from alto_kernels._common import _direct_entry, arg_signature, cfg as make_cfg
+
+    buf = _torch.zeros(64, dtype=_torch.bfloat16)
+    aligned, off = buf[:8], buf[1:9]          # 16-byte aligned vs 2 bytes past it
+    assert arg_signature((aligned, 4096)) == arg_signature((buf[8:16], 8192))
+    assert arg_signature((aligned, 4096)) != arg_signature((off, 4096))
+    assert arg_signature((aligned, 4096)) != arg_signature((aligned, 4097))   # divisibility by 16
+    assert arg_signature((aligned, 16)) != arg_signature((aligned, 1))        # == 1
+    assert arg_signature((aligned, 2 ** 31)) != arg_signature((aligned, 2 ** 31 - 16))  # i64 vs i32
+    assert arg_signature((aligned.float(), 16)) != arg_signature((aligned, 16))  # dtype
+    assert arg_signature((object(),)) is None   # unknown kinds go through Triton every time
+
+    class Compiled:  # what _direct_entry needs of Triton's CompiledKernel
+        run = function = packed_metadata = launch_metadata = None
+
+    fn = fused.lora_shrink_kernel.fn
+    args = tuple(range(11))  # x_ptr .. width, positional
+    conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
+    kw = {"R": 16, "HAS_DROPOUT": False, "DOT_PREC": "tf32", **conf.all_kwargs()}
+    entry = _direct_entry(fn, Compiled(), args, kw)
+    assert entry.tail == (16, False, "tf32", 16, 32, 2)
+    assert [n for n in fn.arg_names[len(args):]] == ["R", "HAS_DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_K", "SPLIT_K"]
+    del kw["DOT_PREC"]
+    assert _direct_entry(fn, Compiled(), args, kw) is None   # a missing argument: Triton's path
+    assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None
+
+
 def test_committed_tuned_tables_parse():
     import glob
     import json
