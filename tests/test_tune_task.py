@@ -128,6 +128,17 @@ def test_memory_budget_admits_by_estimate_and_cap(tiny_model_dir: str) -> None:
     assert capped.admit("a", cfg, []) and not capped.admit("b", cfg, ["a"])
 
 
+def _rank_adder(mem, cfg, where: dict, route: dict):
+    """Admit an adapter the way an AdapterGroup over a RankLocalGroup does: route, admit, place."""
+    def add(name: str, rank: int) -> bool:
+        route["rank"] = rank
+        ok = mem.admit(name, cfg, list(where))
+        if ok:
+            where[name] = rank
+        return ok
+    return add
+
+
 def test_rank_budget_charges_the_rank_an_adapter_is_routed_to(tiny_model_dir: str) -> None:
     import torch
     from transformers import AutoConfig
@@ -144,12 +155,7 @@ def test_rank_budget_charges_the_rank_an_adapter_is_routed_to(tiny_model_dir: st
     need = mem.estimate(cfg)
     mem.budget = 2.5 * need  # two adapters per rank
 
-    def add(name: str, rank: int) -> bool:
-        route["rank"] = rank
-        ok = mem.admit(name, cfg, list(where))
-        if ok:
-            where[name] = rank
-        return ok
+    add = _rank_adder(mem, cfg, where, route)
 
     assert add("a", 0) and add("b", 0)
     assert not add("c", 0)  # rank 0 is full...
@@ -159,3 +165,37 @@ def test_rank_budget_charges_the_rank_an_adapter_is_routed_to(tiny_model_dir: st
     assert add("e", 0)
     mem.on_oom()  # the fullest rank's charge proved too much
     assert mem.budget < 2 * need and not add("f", 1)
+
+
+def test_rank_budget_follows_the_ranks_measured_peaks(tiny_model_dir: str) -> None:
+    # On GPUs each rank reports its step's peak; the estimates (over-estimates) are scaled to the
+    # worst rank's measured/charged ratio, so more adapters fit when they cost less than estimated.
+    import torch
+    from transformers import AutoConfig
+
+    from alto_ray.engine import AdapterConfig
+    from alto_ray.tune.admission import RankMemoryBudget
+
+    cfg = AdapterConfig(rank=8, batch_size=4, max_seq_len=64)
+    where: dict = {}
+    route = {"rank": 0}
+    peaks: list = [None, None]
+    mem = RankMemoryBudget(AutoConfig.from_pretrained(tiny_model_dir), torch.float32, 0.1, None, free=1.0,
+                           placement=lambda: dict(where), route=lambda c: route["rank"], peaks=lambda: peaks)
+    need = mem.estimate(cfg)
+    mem.budget = 2.5 * need
+
+    add = _rank_adder(mem, cfg, where, route)
+
+    assert add("a", 0) and add("b", 0) and not add("c", 0)
+    mem.after_step()  # CPU ranks measure nothing: the estimates stand
+    assert mem.scale == 1.0 and not add("c", 0)
+    peaks[:] = [int(0.5 * need), None]  # rank 0's two adapters used a quarter of their estimate
+    mem.after_step()
+    assert abs(mem.scale - 1.15 * 0.25) < 1e-9
+    assert add("c", 0) and add("d", 0)  # now four fit where two did
+    add("x", 1)
+    peaks[:] = [int(0.5 * need), int(2 * need)]  # rank 1 used twice its estimate: it sets the scale
+    mem.after_step()
+    assert mem.scale == 1.0 and not add("e", 0)
+

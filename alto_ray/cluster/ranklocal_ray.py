@@ -86,6 +86,8 @@ class RankLocalWorker:
         if isinstance(model, str):
             kwargs.setdefault("tokenizer", model)
         self.trainer = RankLocalTrainer(backbone, dataset, device=device, dtype=dtype, **kwargs)
+        self._device, self._gather_bytes = device, gathered_unit_bytes(backbone)
+        self._base_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         return {"rank": self.rank, "device": str(device), "shard_numel": local_shard_numel(backbone),
                 "node": ray.util.get_node_ip_address(), "free_bytes": free_bytes(device.type),
                 "gather_bytes": gathered_unit_bytes(backbone), "model_config": getattr(backbone, "config", None),
@@ -99,13 +101,24 @@ class RankLocalWorker:
         self.trainer.remove_adapter(name)
 
     def step(self, micro_steps: int, count: bool = False) -> Dict[str, Any]:
-        """``{"results": {name: StepResult}, "collectives": counts or None}``."""
+        """``{"results": {name: StepResult}, "collectives": counts or None, "peak_bytes": int or None}``."""
         if not count:
-            return {"results": self.trainer.step(micro_steps), "collectives": None}
-        from .ranklocal import count_collectives
-        with count_collectives() as counts:
-            results = self.trainer.step(micro_steps)
-        return {"results": results, "collectives": dict(counts)}
+            results, counts = self.trainer.step(micro_steps), None
+        else:
+            from .ranklocal import count_collectives
+            with count_collectives() as counted:
+                results = self.trainer.step(micro_steps)
+            counts = dict(counted)
+        return {"results": results, "collectives": counts, "peak_bytes": self._step_peak_bytes()}
+
+    def _step_peak_bytes(self) -> Optional[int]:
+        """The step's peak device memory above the loaded shard, less the unsharded units it
+        gathers (admission budgets those separately): what this rank's adapters cost. GPU only."""
+        if getattr(self, "_device", None) is None or self._device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self._device) - self._base_bytes - self._gather_bytes
+        torch.cuda.reset_peak_memory_stats(self._device)
+        return max(int(peak), 0)
 
     def eval_passes(self, names: Optional[Sequence[str]] = None) -> int:
         return self.trainer.eval_passes(names)
@@ -199,6 +212,7 @@ class RankLocalGroup:
             self.shutdown()
             raise
         self.broken: Optional[str] = None  # why the group can no longer step (see _gather)
+        self.last_peak_bytes: List[Optional[int]] = [None] * num_ranks  # per rank, last step (GPU)
         self._owner: Dict[str, int] = {}
         self._configs: Dict[str, AdapterConfig] = {}
 
@@ -226,7 +240,8 @@ class RankLocalGroup:
         from alto_ray.tune.admission import RankMemoryBudget
 
         return RankMemoryBudget(self.model_config, self.dtype, headroom, max_adapters,
-                                self.rank_budget_bytes(), placement=lambda: self.placement, route=self.route)
+                                self.rank_budget_bytes(), placement=lambda: self.placement, route=self.route,
+                                peaks=lambda: self.last_peak_bytes)
 
     # -- membership ------------------------------------------------------------------------------
     @property
@@ -294,6 +309,7 @@ class RankLocalGroup:
         if not self._owner:
             return {}, [None] * self.num_ranks
         outs = self._gather([w.step.remote(self.micro_steps(), count_collectives) for w in self.workers], "step")
+        self.last_peak_bytes = [out.get("peak_bytes") for out in outs]
         merged: Dict[str, StepResult] = {}
         for out in outs:
             merged.update(out["results"])

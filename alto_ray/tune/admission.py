@@ -13,7 +13,7 @@ A rank-local group (adapters on N rank processes, backbone sharded over them) is
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +88,26 @@ class RankMemoryBudget(MemoryBudget):
     The group's own process holds no device memory: the ranks report their free memory once, after
     the sharded backbone loaded (less the unsharded units they gather), and `free` is the smallest
     figure. An adapter is charged to the rank the trainer will route it to (`route(cfg)`, asked just
-    before `add_adapter`), so the check is exact per rank. No per-step correction: the estimates
-    are over-estimates, so this errs on the safe side.
+    before `add_adapter`), so the check is exact per rank. After each step on GPUs the ranks'
+    measured peaks (`peaks()`: bytes per rank, None where not measured) correct the estimates as
+    `MemoryBudget.after_step` does, by the worst rank's measured/charged ratio.
     """
 
     def __init__(self, model_config: Any, dtype: Any, headroom: float, max_adapters: Optional[int],
-                 free: float, placement: Callable[[], Dict[str, int]], route: Callable[[Any], int]) -> None:
+                 free: float, placement: Callable[[], Dict[str, int]], route: Callable[[Any], int],
+                 peaks: Optional[Callable[[], List[Optional[int]]]] = None) -> None:
         super().__init__("ranks", model_config, dtype, headroom, max_adapters, free=max(0.0, free))
-        self.placement, self.route = placement, route
+        self.placement, self.route, self.peaks = placement, route, peaks
+
+    def after_step(self) -> None:
+        """Scale the estimates to the ranks' measured peaks: the largest ratio of any rank that
+        holds adapters, so no rank is charged less than it was seen to use."""
+        measured = list(self.peaks() or []) if self.peaks is not None else []
+        loads = self._rank_loads()
+        ratios = [_MARGIN * peak / loads[rank] for rank, peak in enumerate(measured)
+                  if peak is not None and peak > 0 and loads.get(rank, 0) > 0]
+        if ratios:
+            self.scale = min(1.0, max(_MIN_SCALE, max(ratios)))
 
     def _rank_loads(self) -> Dict[int, int]:
         where = self.placement()
