@@ -8,6 +8,12 @@ Placement groups are created `lifetime="detached"` and named `alto:<task>:<group
 coordinator restart does not take running groups down; the finished-results registry and the
 running groups are persisted to a small JSON file (head node) and reloaded on start.
 Running groups are never moved at runtime (migration would need the trainable to checkpoint).
+
+Unless given fixed `nodes=`, it re-reads the alive nodes whenever it plans (`nodes.py`): a node
+that joined is planned on, the groups of a node that died are released (their tasks queue
+again; finished results are untouched). Worker types the autoscaler can start count as
+potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only kept when it
+ends at least `autoscale_gain` sooner than the plan over the nodes up (no node started for nothing).
 """
 
 from __future__ import annotations
@@ -18,23 +24,22 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
-from alto_ray.cluster.plan import GIB, NodeSpec, Plan, RunningGroup, TaskSpec
+from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
+                                    alive_ray_nodes, free_gpu_ids, gpu_mode, gpu_worker_types, is_potential,
+                                    placed_node_id, potential_node_specs, startup_background)
+from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
 from alto_ray.cluster.predict import DurationPredictor
 
 COORDINATOR_NAME = "alto:coordinator"
 COORDINATOR_NAMESPACE = "alto"
 DEFAULT_STATE_PATH = "~/.alto/coordinator_state.json"
-DEFAULT_GPU_MEMORY_GB = 80.0
-GPU_MEMORY_RESOURCE = "alto_gpu_memory_gb"     # optional per-node custom resource: GiB per GPU
-_ACCELERATOR_GB = {"H100": 80, "H200": 141, "A100": 80, "A100-40G": 40, "A100-80G": 80, "L4": 24, "A10G": 24,
-                   "L40S": 48, "B200": 180, "V100": 16, "T4": 16}
 
 
 @dataclass
@@ -69,26 +74,43 @@ class Coordinator:
     def __init__(self, state_path: str | None = None, nodes: list[NodeSpec] | None = None,
                  gpu_memory_gb: float | None = None, cpus_per_gpu: float = 1, time_limit_s: float = 2.0,
                  objective: str = "makespan", cpu_slots_per_node: int | None = None,
-                 predictor: DurationPredictor | None = None, replan_after_s: float = 15.0) -> None:
+                 predictor: DurationPredictor | None = None, replan_after_s: float = 15.0,
+                 autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05) -> None:
         self.state_path = Path(os.path.expanduser(state_path or DEFAULT_STATE_PATH))
         self.cpus_per_gpu = cpus_per_gpu
         self.replan_after_s = replan_after_s     # a plan ages (running groups near their end): refresh
-        self.nodes, self.use_gpu = (list(nodes), True) if nodes else _discover_nodes(gpu_memory_gb,
-                                                                                     cpu_slots_per_node)
+        self.autoscale_delay_s = autoscale_delay_s   # planned start time of a node the autoscaler starts
+        self.autoscale_gain = autoscale_gain     # how much sooner a plan must end to start nodes
+        self._time_limit_s, self._objective = time_limit_s, objective
+        self._gpu_memory_gb, self._cpu_slots = gpu_memory_gb, cpu_slots_per_node
+        self._fixed = bool(nodes)                # explicit nodes (tests, benchmarks): never re-read
+        self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
+        self._alive_ids: frozenset[str] | None = None
+        self._types: list = []
+        self._ready: dict[str, float] = {}       # potential node -> s until it can be up
+        self.tasks: dict[str, _Entry] = {}
+        self._refresh_nodes(force=True)
+        if not self.nodes:
+            raise RuntimeError("no alive Ray node with a GPU or CPU to plan on")
         self.allocator = Allocator(self.nodes, time_limit_s=time_limit_s, objective=objective)
         self.predictor = predictor or DurationPredictor()
-        self.tasks: dict[str, _Entry] = {}
         self.finished: dict[str, dict] = {}
         self._plan: Plan | None = None
         self._plan_at = 0.0
         self._dirty = True
         self._counter = 0
         self._load()
+        self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
 
     # -- tenant API ----------------------------------------------------------------------------------
     def register_task(self, spec: TaskSpec) -> str:
-        """Register (or re-register: idempotent by name) a task; ValueError if it fits no node."""
-        check_memory(spec, self.nodes)
+        """Register (or re-register: idempotent by name) a task; ValueError if it fits no node,
+        alive or one the autoscaler can start."""
+        try:
+            check_memory(spec, self.nodes_view())
+        except InfeasibleTaskError as err:
+            where = f" ({len(self.potential)} of them nodes the autoscaler can start)" if self.potential else ""
+            raise InfeasibleTaskError(f"{err}; planned over {len(self.nodes)} nodes{where}") from None
         if spec.name in self.finished:
             return spec.name
         entry = self.tasks.get(spec.name)
@@ -111,7 +133,7 @@ class Coordinator:
             return {"status": "granted", "groups": sorted(entry.groups.values(), key=lambda g: g.group_index)}
         plan = self.plan()
         mine = plan.for_task(task_id)
-        if mine and all(a.start <= plan.time_unit_s for a in mine):
+        if mine and self._startable(plan, task_id):
             return {"status": "granted", "groups": self._grant(entry, plan)}
         waiting = sorted((plan.task_start(t) or 0.0, e.order, t) for t, e in self.tasks.items()
                          if e.status == "queued")
@@ -171,12 +193,14 @@ class Coordinator:
         entry = self._entry(task_id)
         if entry.status == "running":
             return False
-        names = {n.name for n in self.nodes}
-        live = {g.group_index: g for g in groups if g.node in names and _lookup_pg(g.pg_name) is not None}
+        names = {n.name for n in self.nodes_view()}
+        live = {g.group_index: g for g in groups if (g.node in names or is_potential(g.node))
+                and _lookup_pg(g.pg_name) is not None}
         if not live:
             return False
         entry.groups, entry.status, self._dirty = live, "running", True
         self._save()
+        self._refresh_nodes(force=True)          # a potential node holding a group stays planned
         return True
 
     def withdraw(self, task_id: str) -> None:
@@ -192,6 +216,7 @@ class Coordinator:
     # -- views -----------------------------------------------------------------------------------------
     def plan(self) -> Plan:
         """The current plan (times relative to now); re-planned when the picture changed."""
+        self._refresh_nodes()
         stale = self.replan_after_s > 0 and time.time() - self._plan_at > self.replan_after_s
         if self._dirty or self._plan is None or stale:
             self._replan()
@@ -214,14 +239,19 @@ class Coordinator:
         tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.measured_at is not None,
                      "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
                      "predicted_remaining_s": self._remaining(e)} for t, e in self.tasks.items()}
-        return {**counts, "finished": len(self.finished), "nodes": len(self.nodes), "tasks": tasks,
-                "gpus": sum(n.num_gpus for n in self.nodes), "use_gpu": self.use_gpu,
+        up = [n for n in self.nodes if n.name not in self.potential]
+        return {**counts, "finished": len(self.finished), "nodes": len(up), "tasks": tasks,
+                "gpus": sum(n.num_gpus for n in up), "use_gpu": self.use_gpu,
+                "potential_nodes": sorted(self.potential),
+                "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
                 "prediction_error_measured": _measured_error_stats(self.finished),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
 
     def nodes_view(self) -> list[NodeSpec]:
+        """The nodes planned on now: alive, then potential (`ray_node_id` None)."""
+        self._refresh_nodes()
         return list(self.nodes)
 
     # -- internals -------------------------------------------------------------------------------------
@@ -245,24 +275,133 @@ class Coordinator:
             if e.status == "running":
                 left = self._remaining(e)
                 running += [RunningGroup(name, g.group_index, g.node, g.gpu_ids, left) for g in e.groups.values()]
-        self._plan = self.allocator.plan(specs, running)
+        self._ready = {}
+        if self.potential:
+            self._plan = self._plan_with_potential(specs, running)
+        else:
+            self._plan = self.allocator.plan(specs, running)
         self._plan_at = time.time()
         self._dirty = False
+
+    def _plan_with_potential(self, specs: list[TaskSpec], running: list[RunningGroup]) -> Plan:
+        """Plan over the nodes up (and starting), and over all with potential ones; keep the plan
+        with potential nodes only if a task needs them or it ends `autoscale_gain` sooner."""
+        hosts = self._potential_hosts()
+        background, self._ready = startup_background(
+            [n for n in self.nodes if n.name in self.potential], hosts, self.autoscale_delay_s, time.time())
+        up = [n for n in self.nodes if n.name not in self.potential or n.name in hosts]
+        base = None
+        if up and len(up) < len(self.nodes):
+            try:
+                base = Allocator(up, objective=self._objective).plan(
+                    specs, running + [b for b in background if b.node in hosts], time_limit_s=self._time_limit_s / 2)
+            except ValueError:                   # a task fits no node that is up: it needs a new one
+                base = None
+        full = self.allocator.plan(specs, running + background,
+                                   time_limit_s=self._time_limit_s / 2 if base is not None else None)
+        plan = full
+        if base is not None and _last_end(full) >= (1 - self.autoscale_gain) * _last_end(base):
+            plan = base
+        plan.potential_nodes = sorted(self.potential)
+        plan.start_delay_s = self.autoscale_delay_s
+        return plan
+
+    def _startable(self, plan: Plan, task_id: str) -> bool:
+        """The plan starts the task now, or as soon as the potential node(s) it uses can be up
+        while its GPUs on nodes up sit idle until then (its placement groups make the autoscaler
+        start the node, so the grant must not wait for it)."""
+        mine = plan.for_task(task_id)
+        start = min(a.start for a in mine)
+        if start <= plan.time_unit_s:
+            return True
+        ready = max(self._ready.get(a.node, 0.0) for a in mine)
+        if ready <= 0 or start > ready + plan.time_unit_s:
+            return False
+        busy = {(b.node, g) for b in plan.assignments if b.task_id != task_id and b.start < start for g in b.gpu_ids}
+        return not any((a.node, g) in busy for a in mine for g in a.gpu_ids)
+
+    def _potential_hosts(self) -> dict[str, list[tuple[tuple[int, ...], float]]]:
+        """Potential node -> (gpu ids, granted at) of the groups granted there, not placed yet."""
+        out: dict[str, list[tuple[tuple[int, ...], float]]] = {}
+        for e in self.tasks.values():
+            for g in e.groups.values():
+                if is_potential(g.node):
+                    out.setdefault(g.node, []).append((tuple(g.gpu_ids), g.started_at))
+        return out
+
+    def _refresh_nodes(self, force: bool = False) -> None:
+        """Re-read the alive nodes (one GCS call; the rest only when the set of node ids changed or
+        a group on a potential node got placed): new nodes join the plan, dead nodes leave it."""
+        if self._fixed:
+            return
+        raw = alive_ray_nodes()
+        ids = frozenset(n["NodeID"] for n in raw)
+        changed = force or ids != self._alive_ids
+        holding = any(e.groups for e in self.tasks.values())
+        if changed:
+            self._types = gpu_worker_types()     # the launcher's config, re-read when nodes change
+            if not holding:                      # the mode (GPU / CPU slots) only flips when idle
+                self.use_gpu = gpu_mode(raw, self._types)
+        names = {n.name: n.ray_node_id for n in self.nodes if n.ray_node_id}
+        alive = alive_node_specs(raw, self.use_gpu, self._gpu_memory_gb, self._cpu_slots,
+                                 {i: name for name, i in names.items()})
+        if changed:                              # groups on a node that left: their actors are gone
+            up = {(n.name, n.ray_node_id) for n in alive}
+            self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up)
+        moved = self._rehome(alive)
+        if not (changed or moved):
+            return
+        potential = (potential_node_specs(raw, self._types, self._gpu_memory_gb, self._potential_hosts())
+                     if self.use_gpu else [])
+        kept = {n.name for n in potential}       # a worker type no longer launchable: its groups go
+        self._release_where(lambda g: is_potential(g.node) and g.node not in kept)
+        nodes = alive + potential
+        if not nodes and holding and not any(e.groups for e in self.tasks.values()):
+            self._refresh_nodes(force=True)      # all groups left with their nodes: pick the mode again
+            return
+        self.nodes, self.potential, self._alive_ids = nodes, {n.name for n in potential}, ids
+        self.allocator = Allocator(nodes, time_limit_s=self._time_limit_s, objective=self._objective)
+        self._dirty = True
+
+    def _release_where(self, gone: Callable[[GroupGrant], bool]) -> None:
+        for t, e in list(self.tasks.items()):
+            for gi, g in list(e.groups.items()):
+                if gone(g):
+                    self.release(t, gi)
+
+    def _rehome(self, alive: list[NodeSpec]) -> bool:
+        """Groups granted on potential nodes whose placement group got placed now run on that alive
+        node: record it (GPU ids free there), so the plan sees the real node busy."""
+        by_id = {n.ray_node_id: n for n in alive}
+        moved = False
+        for e in self.tasks.values():
+            for g in e.groups.values():
+                node = by_id.get(placed_node_id(g.placement_group)) if is_potential(g.node) else None
+                if node is None:
+                    continue
+                used = [x for o in self.tasks.values() for h in o.groups.values() if h.node == node.name
+                        for x in h.gpu_ids]
+                g.node, g.gpu_ids, moved = node.name, free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
+        if moved:
+            self._save()
+        return moved
 
     def _grant(self, entry: _Entry, plan: Plan) -> list[GroupGrant]:
         now = time.time()
         name = entry.spec.name
         bundles = {(b.task_id, b.group_index): b for b in
                    plan.to_placement_bundles(self.cpus_per_gpu, use_gpu=self.use_gpu)}
-        for a in plan.for_task(name):
+        mine = plan.for_task(name)
+        wait = mine[0].start if mine[0].start > plan.time_unit_s else 0.0   # for a node to start
+        for a in mine:
             b = bundles[(a.task_id, a.group_index)]
             pg_name = f"alto:{name}:{a.group_index}"
             pg = _create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
+            end = now + a.end - (0.0 if wait else a.start)
             entry.groups[a.group_index] = GroupGrant(name, a.group_index, a.node, a.gpu_ids, pg, pg_name,
-                                                     b.bundles, b.strategy, now, now + (a.end - a.start))
+                                                     b.bundles, b.strategy, now, end)
         entry.status = "running"
-        mine = plan.for_task(name)
-        self.predictor.mark_started(name, len(entry.groups), now, predicted_s=mine[0].end - mine[0].start)
+        self.predictor.mark_started(name, len(entry.groups), now + wait, predicted_s=mine[0].end - mine[0].start)
         self._dirty = True
         self._save()
         return sorted(entry.groups.values(), key=lambda g: g.group_index)
@@ -295,7 +434,8 @@ class Coordinator:
                     groups[g["group_index"]] = GroupGrant(name, g["group_index"], g["node"], tuple(g["gpu_ids"]),
                                                           pg, g["pg_name"], g["bundles"], g["strategy"],
                                                           g["started_at"], g["planned_end"])
-            if groups and name not in self.finished and all(x.node in {n.name for n in self.nodes}
+            known = {n.name for n in self.nodes}
+            if groups and name not in self.finished and all(x.node in known or is_potential(x.node)
                                                             for x in groups.values()):
                 spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
                 self._counter = max(self._counter, r.get("order", 0))
@@ -325,36 +465,9 @@ def _measured_error_stats(finished: dict[str, dict]) -> dict:
             "mean_rel_error": sum(errs) / len(errs) if errs else None}
 
 
-def _discover_nodes(gpu_memory_gb: float | None, cpu_slots_per_node: int | None) -> tuple[list[NodeSpec], bool]:
-    """Alive nodes from ray.nodes(); CPU slots stand in for GPUs on a CPU-only cluster."""
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    use_gpu = any(n["Resources"].get("GPU", 0) >= 1 for n in alive)
-    nodes, seen = [], set()
-    for n in sorted(alive, key=lambda n: (n["NodeManagerAddress"], n["NodeID"])):
-        res = n["Resources"]
-        count = int(res.get("GPU", 0)) if use_gpu else int(cpu_slots_per_node or res.get("CPU", 0))
-        if count < 1:
-            continue
-        name = n["NodeManagerAddress"]
-        if name in seen:
-            name = f"{name}/{n['NodeID'][:8]}"
-        seen.add(name)
-        nodes.append(NodeSpec(name, count, int(_gpu_memory_gb(res, gpu_memory_gb) * GIB), n["NodeID"]))
-    if not nodes:
-        raise RuntimeError("no alive Ray node with a GPU or CPU to plan on")
-    return nodes, use_gpu
-
-
-def _gpu_memory_gb(res: dict[str, float], override: float | None) -> float:
-    """Override > node resource alto_gpu_memory_gb > accelerator_type table > 80 GiB."""
-    if override:
-        return float(override)
-    if res.get(GPU_MEMORY_RESOURCE):
-        return float(res[GPU_MEMORY_RESOURCE])
-    for key in res:
-        if key.startswith("accelerator_type:") and key.split(":", 1)[1] in _ACCELERATOR_GB:
-            return float(_ACCELERATOR_GB[key.split(":", 1)[1]])
-    return DEFAULT_GPU_MEMORY_GB
+def _last_end(plan: Plan) -> float:
+    """When the plan's last group ends (its makespan counts the potential nodes' start delay)."""
+    return max((a.end for a in plan.assignments), default=0.0)
 
 
 def _create_pg(bundles: list[dict[str, float]], strategy: str, name: str, node_id: str | None) -> Any:

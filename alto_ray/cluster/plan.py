@@ -152,6 +152,8 @@ class Plan:
     migrated: list[str] = field(default_factory=list)
     node_gpus: dict[str, int] = field(default_factory=dict)
     node_ids: dict[str, str] = field(default_factory=dict)
+    potential_nodes: list[str] = field(default_factory=list)   # not up: the autoscaler would start them
+    start_delay_s: float = 0.0                 # how long the plan expects a potential node to start
 
     # -- queries ---------------------------------------------------------------------------
     def for_task(self, task_id: str) -> list[Assignment]:
@@ -245,6 +247,11 @@ class Plan:
                          f"analytic {_fmt_s(self.analytic_bound_s)}]")
         if self.migrated:
             lines.append(f"  migrated: {', '.join(self.migrated)}")
+        if self.potential_nodes:
+            used = {a.node for a in self.assignments}
+            lines.append(f"  potential nodes (the autoscaler starts one for a group planned there; planned "
+                         f"{_fmt_s(self.start_delay_s)} late): " + ", ".join(
+                             n + (" [in plan]" if n in used else "") for n in self.potential_nodes))
         by_task: dict[str, list[Assignment]] = {}
         for a in self.assignments:
             by_task.setdefault(a.task_id, []).append(a)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ def alive_nodes() -> Optional[List[Dict[str, float]]]:
 
 def launchable_node_types(path: Optional[str] = None) -> List[Dict[str, float]]:
     """Resources of each worker node type the autoscaler may start (`max_workers > 0`)."""
+    return [resources for _name, resources, _max in launchable_worker_types(path)]
+
+
+def launchable_worker_types(path: Optional[str] = None) -> List[Tuple[str, Dict[str, float], int]]:
+    """(type name, resources, max_workers) of each worker type the autoscaler may start.
+
+    max_workers is the type's own cap, bounded by the cluster-wide `max_workers`; the coordinator
+    turns it into that many potential nodes of the type.
+    """
     path = path or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
     if path.strip().lower() == "none":
         return []
@@ -48,9 +57,10 @@ def launchable_node_types(path: Optional[str] = None) -> List[Dict[str, float]]:
         types = config.get("available_node_types") or {}
         cluster_max = int(config.get("max_workers", 1) or 0)
         out = []
-        for spec in types.values():
-            if int(spec.get("max_workers", cluster_max) or 0) > 0 and cluster_max > 0:
-                out.append({str(k): float(v) for k, v in (spec.get("resources") or {}).items()})
+        for name, spec in types.items():
+            most = min(int(spec.get("max_workers", cluster_max) or 0), cluster_max)
+            if most > 0:
+                out.append((str(name), {str(k): float(v) for k, v in (spec.get("resources") or {}).items()}, most))
         return out
     except Exception as err:  # an unreadable config must not break a task: ignore it
         logger.warning("alto: ignoring autoscaler config %s: %s", path, err)

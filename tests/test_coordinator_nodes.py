@@ -1,0 +1,173 @@
+"""The coordinator follows the cluster's nodes: joins, deaths, and nodes the autoscaler can start.
+
+A real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`, CPU only; nodes may
+declare logical GPUs). The coordinator is the plain class in the driver, so the test can look at
+its plan between calls; the actor is this class.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.placement_group import placement_group_table  # noqa: E402
+
+from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
+from alto_ray.cluster.coordinator import Coordinator  # noqa: E402
+from alto_ray.tune.capacity import BOOTSTRAP_ENV, launchable_worker_types  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=c.address, namespace="alto-test", log_to_driver=False, configure_logging=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _spec(name: str, backbone_gb: float = 4.0, gpg: int = 2, groups: int = 1, work_s: float | None = None) -> TaskSpec:
+    return TaskSpec(name, int(backbone_gb * GIB), GIB // 4, num_adapters=4, gpus_per_group=gpg, max_groups=groups,
+                    work_s=work_s, params=1e8, tokens_per_adapter_step=512, steps_per_adapter=50)
+
+
+def _bootstrap(tmp_path, gpus: int = 4, max_workers: int = 2) -> str:
+    """A launcher config as `ray up` leaves it on the head: a CPU head, one GPU worker type."""
+    config = {"cluster_name": "t", "max_workers": 4, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 2, "GPU": 0}, "max_workers": 0},
+        "gpu4": {"resources": {"CPU": 8, "GPU": gpus}, "min_workers": 0, "max_workers": max_workers}}}
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _until(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    end = time.time() + timeout_s
+    while not (value := check()):
+        assert time.time() < end, "timed out"
+        time.sleep(0.1)
+    return value
+
+
+def _state(grant) -> str:
+    return placement_group_table(grant.placement_group)["state"]
+
+
+def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(cluster, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")         # no autoscaler: CPU slots stand in for GPUs
+    state = str(tmp_path / "coordinator.json")
+    coord = Coordinator(state_path=state, time_limit_s=0.5)
+    (head,) = coord.nodes_view()
+    assert head.num_gpus == 2 and not coord.use_gpu
+    for name in ("a", "b"):                           # 2 slots per group: one task fills a node
+        coord.register_task(_spec(name))
+    a = coord.request_groups("a")["groups"][0]
+    assert a.node == head.name
+    ray.get(a.placement_group.ready(), timeout=30)
+    assert coord.request_groups("b")["status"] == "wait"
+
+    new = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    b = coord.request_groups("b")                     # the plan sees the new node: b starts there
+    assert b["status"] == "granted"
+    (gb,) = b["groups"]
+    assert gb.node != head.name and coord.plan().node_ids[gb.node] == new.node_id
+    ray.get(gb.placement_group.ready(), timeout=30)
+    assert placement_group_table(gb.placement_group)["bundles_to_node_id"][0] == new.node_id
+    coord.task_finished("a", {"best_loss": 1.5})
+
+    cluster.remove_node(new)                          # b's node dies: its group is released
+    _until(lambda: len(coord.nodes_view()) == 1)
+    assert coord.status() == {"a": "finished", "b": "queued"}
+    assert _state(gb) == "REMOVED"
+    plan = coord.plan()
+    assert set(plan.node_gpus) == {head.name} and plan.for_task("b")[0].node == head.name
+    b = coord.request_groups("b")                     # re-granted on the head, freed by a
+    assert b["status"] == "granted" and b["groups"][0].node == head.name
+    ray.get(b["groups"][0].placement_group.ready(), timeout=30)
+    assert coord.finished_results()["a"]["results"] == {"best_loss": 1.5}
+
+    again = Coordinator(state_path=state, time_limit_s=0.5)   # a restart keeps both
+    assert again.status() == {"a": "finished", "b": "running"}
+    again.task_finished("b", None)
+    assert _state(b["groups"][0]) == "REMOVED"
+
+
+def test_with_no_gpu_up_a_task_is_granted_a_node_the_autoscaler_will_start(cluster, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(BOOTSTRAP_ENV, _bootstrap(tmp_path))
+    assert launchable_worker_types() == [("gpu4", {"CPU": 8.0, "GPU": 4.0}, 2)]
+    coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5)
+    nodes = coord.nodes_view()                        # GPU mode over the potential nodes, not CPU slots
+    assert coord.use_gpu and [n.name for n in nodes] == ["autoscale:gpu4:0", "autoscale:gpu4:1"]
+    assert all(n.ray_node_id is None and n.num_gpus == 4 and n.gpu_memory_bytes == 80 * GIB for n in nodes)
+    assert coord.register_task(_spec("big", backbone_gb=20, gpg=4)) == "big"
+    with pytest.raises(ValueError, match=r"too-big.*GiB.*autoscaler"):
+        coord.register_task(_spec("too-big", backbone_gb=400, gpg=1))
+    with pytest.raises(ValueError, match=r"wide.*wants 8 GPUs"):
+        coord.register_task(_spec("wide", gpg=8))
+
+    grant = coord.request_groups("big")
+    assert grant["status"] == "granted"
+    (g,) = grant["groups"]
+    assert g.node.startswith("autoscale:gpu4:") and g.bundles == [{"GPU": 1.0, "CPU": 1.0}] * 4
+    time.sleep(0.5)
+    assert _state(g) == "PENDING"                     # no GPU anywhere: it waits for the autoscaler
+    text = coord.describe()
+    assert "potential nodes" in text and f"{g.node} [in plan]" in text
+    assert coord.metrics()["potential_gpus"] == 8 and coord.metrics()["gpus"] == 0
+
+    # The autoscaler's node comes up: the pending group lands there and the coordinator records it
+    # on that node, which is no longer counted among the potential ones.
+    up = cluster.add_node(num_cpus=4, num_gpus=4)
+    try:
+        _until(lambda: not coord.plan().for_task("big")[0].node.startswith("autoscale:"))
+        real = coord.plan().for_task("big")[0]
+        assert coord.plan().node_ids[real.node] == up.node_id and real.gpu_ids == (0, 1, 2, 3) and real.running
+        assert [n.name for n in coord.nodes_view()] == [real.node, "autoscale:gpu4:0"]
+        assert _state(g) == "CREATED"
+        coord.withdraw("big")
+        assert _state(g) == "REMOVED"
+    finally:
+        cluster.remove_node(up)
+        _until(lambda: all(n["NodeID"] != up.node_id for n in ray.nodes() if n["Alive"]))
+
+
+def test_alive_gpus_first_new_nodes_only_when_waiting_for_one_pays(cluster, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(BOOTSTRAP_ENV, _bootstrap(tmp_path))
+    gpu = cluster.add_node(num_cpus=2, num_gpus=1)    # one alive GPU, and two 4-GPU nodes to start
+    cluster.wait_for_nodes()
+    try:
+        coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5,
+                            autoscale_delay_s=300.0)
+        alive = [n.name for n in coord.nodes_view() if n.ray_node_id]
+        assert len(alive) == 1 and len(coord.nodes_view()) == 3
+        for name in ("short", "next"):
+            coord.register_task(_spec(name, gpg=1, work_s=60.0))
+        (s,) = coord.request_groups("short")["groups"]
+        assert s.node == alive[0]
+        ray.get(s.placement_group.ready(), timeout=30)
+        # 60 s behind `short` on the alive GPU beats a node that takes 300 s to start
+        assert coord.request_groups("next")["status"] == "wait"
+        assert {a.node for a in coord.plan().assignments} == {alive[0]}
+
+        coord.register_task(_spec("long", gpg=1, groups=4, work_s=36000.0))
+        grant = coord.request_groups("long")          # 4 new GPUs in 300 s beat 10 h on one
+        assert grant["status"] == "granted" and len(grant["groups"]) == 4
+        assert all(g.node.startswith("autoscale:gpu4:") for g in grant["groups"])
+        assert all(_state(g) == "PENDING" for g in grant["groups"])
+        for name in ("long", "next"):
+            coord.withdraw(name)
+        coord.task_finished("short", None)
+        assert all(_state(g) == "REMOVED" for g in grant["groups"] + [s])
+    finally:
+        cluster.remove_node(gpu)
