@@ -109,6 +109,28 @@ def check_shape(ak, K, N, lens, ranks, dropout, tol, gen):
     return ok
 
 
+def check_rms_norm(tol, gen):
+    """The fused RMSNorm at the 8B hidden size (and an odd one), bf16, against the fp32 formula."""
+    from alto_kernels import rms_norm, rms_norm_reference
+    ok = True
+    for T, N in ((4096, 4096), (3000, 3000)):
+        x = (torch.randn(T, N, device="cuda", generator=gen) * 2).to(torch.bfloat16).requires_grad_()
+        w = (1 + 0.1 * torch.randn(N, device="cuda", generator=gen)).to(torch.bfloat16)
+        dy = torch.randn(T, N, device="cuda", generator=gen).to(torch.bfloat16)
+        for call in range(2):  # the second call is a direct launch
+            y = rms_norm(x, w, 1e-5)
+            (dx,) = torch.autograd.grad(y, [x], dy)
+            x32 = x.detach().float().requires_grad_()
+            ref = rms_norm_reference(x32, w.float(), 1e-5)
+            (dx_ref,) = torch.autograd.grad(ref, [x32], dy.float())
+            e_y, e_dx = rel(y.float(), ref), rel(dx.float(), dx_ref)
+            good = e_y <= tol and e_dx <= tol and bool(torch.isfinite(dx).all())
+            ok &= good
+            if call == 1 or not good:
+                print(f"{'ok  ' if good else 'FAIL'} rms_norm T={T} N={N} (call {call + 1}): y {e_y:.2e} dX {e_dx:.2e}")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=2e-2)
@@ -126,6 +148,7 @@ def main():
             ok &= check_shape(ak, K, N, lens, mixed, dropout, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [512] * 8, [16] * 8, True, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [40, 33], [1, 128], False, args.tol, gen)
+    ok &= check_rms_norm(args.tol, gen)
     from alto_kernels import _common, fused
     counts = {lau.name: dict(lau.launches) for lau in fused.LAUNCHERS}
     print(f"launches (direct launch {'on' if _common.DIRECT_LAUNCH else 'off'}): {counts}")

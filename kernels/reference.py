@@ -113,3 +113,12 @@ def stream_dropout_masks(seed: int, seg_offsets: Sequence[int], dropout_p: Seque
             keep = torch.rand(rows, in_features, generator=gen) >= p
         masks.append(keep.to(device) if device is not None else keep)
     return masks
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's ``LlamaRMSNorm`` formula, op for op (the CPU path and the test oracle of
+    ``rms_norm``): fp32 statistics, ``x_hat`` rounded to the input dtype, then the weight."""
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(x.dtype)

@@ -96,8 +96,10 @@ class LoRARuntime:
         self._fused_on: Dict[torch.device, bool] = {}
 
     def use_grad_sink(self, device: torch.device) -> bool:
-        if not self.grad_sink:
-            return False
+        return self.grad_sink and self.uses_triton(device)
+
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether this model's Triton kernels run on ``device`` (cached: asked every layer call)."""
         on = self._fused_on.get(device)
         if on is None:
             on = self._fused_on[device] = alto_kernels.resolve_backend(

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
+from .norm import fuse_rms_norms
 
 
 def looks_like_local_path(model: str) -> bool:
@@ -183,6 +184,7 @@ class MultiLoRAModel(nn.Module):
         self.lora_layers: Dict[str, MultiLoRALinear] = {}
         self.adapters: Dict[str, AdapterWeights] = {}
         self.wrap_targets(target_modules)
+        self.fused_norms = fuse_rms_norms(self.backbone, self.runtime)
 
     # -- injection -------------------------------------------------------------------------
     def wrap_targets(self, target_modules: Sequence[str]) -> None:

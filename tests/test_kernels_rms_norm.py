@@ -1,0 +1,67 @@
+"""The fused RMSNorm kernels against Hugging Face's formula (``rms_norm_reference``).
+
+Same set-up as test_kernels.py: without a GPU the kernels run in Triton's interpreter, at small
+sizes, with fresh random inputs each run (the seed is in the failure message).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from alto_kernels import rms_norm_reference  # noqa: E402
+
+fused_rms = pytest.importorskip("alto_kernels.fused_rms_norm", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [(2, 5, 40), (7, 96), (1, 3, 128)])
+def test_forward_and_input_grad_match_the_reference(dtype, tol, shape):
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    N = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(DEVICE, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(DEVICE, dtype)
+    dy = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    y = fused_rms.rms_norm(x, w, 1e-6)
+    (dx,) = torch.autograd.grad(y, [x], dy)
+    assert y.shape == x.shape and y.dtype == dtype and dx.dtype == dtype
+    # the oracle in fp32 (the kernel computes in fp32 too), and in the input dtype for the output
+    x32 = x.detach().float().requires_grad_()
+    ref32 = rms_norm_reference(x32, w.float(), 1e-6)
+    (dx_ref,) = torch.autograd.grad(ref32, [x32], dy.float())
+    ref = rms_norm_reference(x.detach(), w, 1e-6)
+    assert rel(y, ref) <= tol, f"seed {seed}: forward {rel(y, ref):.2e}"
+    assert rel(dx, dx_ref) <= tol, f"seed {seed}: dx {rel(dx, dx_ref):.2e}"
+
+
+def test_a_wider_weight_promotes_the_output_as_the_eager_module_does():
+    x = torch.randn(4, 48).to(DEVICE, torch.bfloat16)
+    w = torch.rand(48, device=DEVICE) + 0.5          # fp32 weight, bf16 activations
+    y = fused_rms.rms_norm(x, w, 1e-5)
+    ref = rms_norm_reference(x, w, 1e-5)
+    assert y.dtype == ref.dtype == torch.float32
+    assert rel(y, ref) <= 1e-2  # x_hat is rounded to bf16 first: one bf16 step where rstd's last bit differs
+
+
+def test_no_rows_and_bad_input():
+    w = torch.ones(16, device=DEVICE)
+    empty = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    y = fused_rms.rms_norm(empty, w, 1e-6)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    with pytest.raises(ValueError, match="weight requires grad"):
+        fused_rms.rms_norm(torch.randn(2, 16, device=DEVICE), torch.ones(16, device=DEVICE, requires_grad=True), 1e-6)
+    with pytest.raises(ValueError, match=r"weight must be \[16\]"):
+        fused_rms.rms_norm(torch.randn(2, 16, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="must be one of"):
+        fused_rms.rms_norm(torch.randn(2, 16, device=DEVICE).double(), torch.ones(16, device=DEVICE), 1e-6)
