@@ -139,7 +139,7 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
     seconds = time_steps(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     tokens = adapters * seq
-    out = {"fused_norms": trainer.model.fused_norms, "step_seconds": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+    out = {"fused_norms": trainer.model.fused_norms, "fused_mlps": trainer.model.fused_mlps, "step_seconds": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
            "adapters": adapters, "peak_bytes": peak, "backend": alto_kernels.resolve_backend(probe, "auto"),
            "all_losses_finite": all(v == v and abs(v) != float("inf") for v in losses.values())}
     return out
@@ -175,8 +175,9 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps; runs on CPU")
-    ap.add_argument("--eager-norm-too", action="store_true",
-                    help="also time the engine with the backbone's own RMSNorms (ALTO_FUSED_NORM=0), same run")
+    ap.add_argument("--eager-ops-too", action="store_true",
+                    help="also time the engine with the backbone's own RMSNorms and MLP activations "
+                         "(ALTO_FUSED_NORM=0 ALTO_FUSED_MLP=0), same run")
     args = ap.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,18 +204,19 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         eng_res = run_engine(shape, device, dtype, args.seq, args.rank, args.dropout, args.adapters,
                              args.warmup, args.iters)
         _free(device)
-        eager_norm = None
-        if args.eager_norm_too:
-            previous = os.environ.get("ALTO_FUSED_NORM")
-            os.environ["ALTO_FUSED_NORM"] = "0"
+        eager_ops = None
+        if args.eager_ops_too:
+            saved = {v: os.environ.get(v) for v in ("ALTO_FUSED_NORM", "ALTO_FUSED_MLP")}
+            os.environ.update({v: "0" for v in saved})
             try:
-                eager_norm = run_engine(shape, device, dtype, args.seq, args.rank, args.dropout, args.adapters,
-                                        args.warmup, args.iters)
+                eager_ops = run_engine(shape, device, dtype, args.seq, args.rank, args.dropout, args.adapters,
+                                       args.warmup, args.iters)
             finally:
-                if previous is None:
-                    os.environ.pop("ALTO_FUSED_NORM")
-                else:
-                    os.environ["ALTO_FUSED_NORM"] = previous
+                for v, value in saved.items():
+                    if value is None:
+                        os.environ.pop(v)
+                    else:
+                        os.environ[v] = value
             _free(device)
         mfu = lambda tps: 4.0 * n_params * tps / flops
         result["shapes"][shape] = {
@@ -222,9 +224,10 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
             "engine": {**eng_res, "mfu": mfu(eng_res["tokens_per_s"])},
             "speedup_vs_peft_sequential": eng_res["tokens_per_s"] / peft_res["tokens_per_s"]}
         s = result["shapes"][shape]
-        if eager_norm is not None:
-            s["engine_eager_norm"] = {**eager_norm, "mfu": mfu(eager_norm["tokens_per_s"])}
-            print(f"[{shape}] engine with eager RMSNorm {eager_norm['tokens_per_s']:.0f} tok/s", flush=True)
+        if eager_ops is not None:
+            s["engine_eager_ops"] = {**eager_ops, "mfu": mfu(eager_ops["tokens_per_s"])}
+            print(f"[{shape}] engine with the backbone's own RMSNorm and MLP activation "
+                  f"{eager_ops['tokens_per_s']:.0f} tok/s", flush=True)
         print(f"[{shape}] peft {peft_res['tokens_per_s']:.0f} tok/s (MFU {s['peft_sequential']['mfu']:.1%}) | "
               f"engine {eng_res['tokens_per_s']:.0f} tok/s (MFU {s['engine']['mfu']:.1%}, {eng_res['backend']}) | "
               f"speedup {s['speedup_vs_peft_sequential']:.2f}x", flush=True)

@@ -3,14 +3,15 @@
 Import as ``alto_kernels`` (the folder is ``kernels/``). No Ray and no model code here.
 ``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink) and
 ``dropout_mask`` import Triton on first use (``alto_kernels.fused``), as does the fused RMSNorm
-``rms_norm`` (``alto_kernels.fused_rms_norm``; ``rms_norm_reference`` is its formula in PyTorch).
+``rms_norm`` (``alto_kernels.fused_rms_norm``; ``rms_norm_reference`` is its formula in PyTorch) and
+the fused SwiGLU activation ``silu_mul`` (``alto_kernels.fused_silu_mul``; ``silu_mul_reference``).
 """
 from .dispatch import multi_lora, resolve_backend, triton_available
-from .reference import check_segments, multi_lora_reference, rms_norm_reference
+from .reference import check_segments, multi_lora_reference, rms_norm_reference, silu_mul_reference
 
 __all__ = ["apply_multi_lora", "check_segments", "dropout_mask", "fused_multi_lora", "multi_lora",
            "multi_lora_reference", "prepare_multi_lora", "resolve_backend", "rms_norm", "rms_norm_reference",
-           "triton_available"]
+           "silu_mul", "silu_mul_reference", "triton_available"]
 
 _FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "MultiLoRAPlan")
 
@@ -22,4 +23,7 @@ def __getattr__(name):
     if name == "rms_norm":
         from .fused_rms_norm import rms_norm
         return rms_norm
+    if name == "silu_mul":
+        from .fused_silu_mul import silu_mul
+        return silu_mul
     raise AttributeError(f"module 'alto_kernels' has no attribute {name!r}")

@@ -122,3 +122,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     return weight * h.to(x.dtype)
+
+
+def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A Llama MLP's ``act_fn(gate) * up`` in eager PyTorch (the oracle of ``silu_mul``)."""
+    return F.silu(g) * u

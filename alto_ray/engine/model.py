@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
-from .norm import fuse_rms_norms
+from .fused_modules import fuse_gated_mlps, fuse_rms_norms
 
 
 def looks_like_local_path(model: str) -> bool:
@@ -185,6 +185,7 @@ class MultiLoRAModel(nn.Module):
         self.adapters: Dict[str, AdapterWeights] = {}
         self.wrap_targets(target_modules)
         self.fused_norms = fuse_rms_norms(self.backbone, self.runtime)
+        self.fused_mlps = fuse_gated_mlps(self.backbone, self.runtime)
 
     # -- injection -------------------------------------------------------------------------
     def wrap_targets(self, target_modules: Sequence[str]) -> None:

@@ -1,4 +1,4 @@
-"""The backbone's RMSNorms are swapped for FusedRMSNorm only where that changes nothing but speed."""
+"""The backbone's RMSNorms and gated MLPs are swapped for fused modules only where that changes nothing but speed."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +9,11 @@ def test_llama_norms_are_replaced_with_the_same_weights_and_outputs(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from alto_ray.engine import MultiLoRAModel
-    from alto_ray.engine.norm import FusedRMSNorm
+    from alto_ray.engine.fused_modules import FusedRMSNorm
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     norm_keys = {k for k in plain.state_dict() if "norm" in k}
+    keys = set(plain.state_dict())
     ids = torch.randint(0, plain.config.vocab_size, (2, 9))
     with torch.no_grad():
         want = plain(input_ids=ids).logits
@@ -21,8 +22,13 @@ def test_llama_norms_are_replaced_with_the_same_weights_and_outputs(tiny_model_d
     assert model.fused_norms == 2 * n_layers + 1  # input + post-attention norm per layer, final norm
     fused = [m for m in model.backbone.modules() if isinstance(m, FusedRMSNorm)]
     assert len(fused) == model.fused_norms and all(m.replaces == "LlamaRMSNorm" for m in fused)
+    assert model.fused_mlps == n_layers
+    mlp = model.backbone.model.layers[0].mlp
+    assert type(mlp).__name__ == "FusedGatedMLP" and mlp.replaces == "LlamaMLP"
+    assert type(mlp.gate_proj).__name__ == "MultiLoRALinear"  # the LoRA-wrapped children are kept
     # the norms' parameter names are unchanged (the LoRA wrappers' own keys are another matter)
     assert {k for k in model.backbone.state_dict() if "norm" in k} == norm_keys
+    assert {k.replace(".base.", ".") for k in model.backbone.state_dict()} == keys  # MLPs keep their names
     with torch.no_grad():
         got = model.backbone(input_ids=ids).logits
     assert torch.equal(got, want)  # off the GPU it is the same formula, op for op
@@ -44,7 +50,7 @@ class OffsetRMSNorm(nn.Module):
 
 def test_norms_with_another_formula_or_a_trainable_weight_are_left_alone(monkeypatch) -> None:
     from alto_ray.engine import LoRARuntime
-    from alto_ray.engine.norm import fuse_rms_norms
+    from alto_ray.engine.fused_modules import fuse_rms_norms
 
     model = nn.Sequential(OffsetRMSNorm(8), OffsetRMSNorm(8))
     assert fuse_rms_norms(model, LoRARuntime()) == 0
@@ -59,3 +65,47 @@ def test_norms_with_another_formula_or_a_trainable_weight_are_left_alone(monkeyp
     monkeypatch.setenv("ALTO_FUSED_NORM", "0")
     fresh = nn.Sequential(LlamaRMSNorm(8)).requires_grad_(False)
     assert fuse_rms_norms(fresh, LoRARuntime()) == 0
+
+
+class GeluMLP(nn.Module):
+    """Gated like Llama's MLP but with GELU (Gemma): the fused SiLU product must not replace it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(n, 2 * n), nn.Linear(n, 2 * n), nn.Linear(2 * n, n)
+        self.act_fn = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SiluMLPWithBias(GeluMLP):
+    """SiLU-gated but adding a bias after the product: the probe must catch another formula."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) + 1.0)
+
+
+def test_gated_mlps_with_another_activation_or_formula_are_left_alone(monkeypatch) -> None:
+    from alto_ray.engine import LoRARuntime
+    from alto_ray.engine.fused_modules import FusedGatedMLP, fuse_gated_mlps
+
+    model = nn.Sequential(GeluMLP(8), SiluMLPWithBias(8))
+    assert fuse_gated_mlps(model, LoRARuntime()) == 0
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2)
+    model = nn.Sequential(LlamaMLP(cfg), LlamaMLP(cfg))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+    assert fuse_gated_mlps(model, LoRARuntime()) == 2 and isinstance(model[0], FusedGatedMLP)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    monkeypatch.setenv("ALTO_FUSED_MLP", "0")
+    assert fuse_gated_mlps(nn.Sequential(LlamaMLP(cfg)), LoRARuntime()) == 0
