@@ -30,7 +30,6 @@ import asyncio
 import enum
 import logging
 import math
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ import ray
 
 from alto_ray.tune.admission import allocated_bytes, capped, memory_budget, oom_cap, record_oom
 from alto_ray.tune.checkpoint import Files, files_of, pending_results, snapshot_state, unpack_state, with_pending
+from alto_ray.tune.group_setup import adapter_config, make_trainer, resolve_device, torch_dtype
 from alto_ray.tune.metrics import GroupMetrics
 from alto_ray.tune.task import GroupSpec, LoRATask
 
@@ -101,10 +101,10 @@ class AdapterGroup:
         self.spec = spec
         self.task_name = task.task_name
         # With a trainer factory the devices are its workers'; this process has one only if asked.
-        self.device = _resolve_device("auto" if spec.trainer else task.device)
+        self.device = resolve_device("auto" if spec.trainer else task.device)
         torch.set_num_threads(max(1, int(spec.resources.get("CPU", 1) or 1)))
         self.gpu = ",".join(str(g) for g in ray.get_gpu_ids()) if self.device == "cuda" else ""
-        self.trainer = _make_trainer(task, spec, self.device, _torch_dtype(task.dtype))
+        self.trainer = make_trainer(task, spec, self.device, torch_dtype(task.dtype))
         self.memory = memory_budget(self.trainer, self.device, task.memory_headroom,
                                     capped(task.max_adapters_per_group, oom_cap(self.task_name)))
         self._members: Dict[str, _Member] = {}
@@ -501,31 +501,6 @@ class AdapterGroup:
 
 
 # ---------------------------------------------------------------------- helpers
-def adapter_config(config: Dict[str, Any]) -> Any:
-    """The engine `AdapterConfig` of a trial's merged config; ValueError naming the bad field."""
-    from alto_ray.engine import AdapterConfig
-
-    try:
-        cfg = AdapterConfig.from_dict(config)
-        cfg.validate()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"invalid trial config: {err}") from err
-    return cfg
-
-
-def _make_trainer(task: LoRATask, spec: GroupSpec, device: str, dtype: Any) -> Any:
-    """The group's trainer: `spec.trainer`'s factory when set (a rank-local group whose backbone
-    spans several GPUs), else one `GroupedTrainer` on this process's `device`."""
-    factory = spec.trainer_factory()
-    if factory is not None:
-        return factory(task, spec, dataset=_dataset_spec(task), dtype=dtype, **spec.trainer_kwargs)
-    from alto_ray.engine import DEFAULT_TARGET_MODULES, GroupedTrainer
-
-    model = task.model if isinstance(task.model, str) else task.model()
-    return GroupedTrainer(model=model, dataset=_dataset_spec(task), device=device, dtype=dtype,
-                          eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
-
-
 def _fail(m: _Member, err: BaseException) -> None:
     """Fail `m`'s waiting request, or keep the error for its next one."""
     if m.pending is not None and not m.pending.done():
@@ -533,29 +508,3 @@ def _fail(m: _Member, err: BaseException) -> None:
     else:
         m.error = err
     m.pending = None
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _dataset_spec(task: LoRATask) -> Any:
-    """A path becomes a DatasetSpec whose held-out split is `eval_size` examples."""
-    if isinstance(task.dataset, (str, os.PathLike)):
-        from alto_ray.engine import DatasetSpec
-
-        return DatasetSpec(source=os.fspath(task.dataset), eval_size=task.eval_size)
-    return task.dataset
-
-
-def _torch_dtype(name: Optional[str]) -> Any:
-    if name is None:
-        return None
-    import torch
-
-    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
