@@ -127,3 +127,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A Llama MLP's ``act_fn(gate) * up`` in eager PyTorch (the oracle of ``silu_mul``)."""
     return F.silu(g) * u
+
+
+def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     unsqueeze_dim: int = 1):
+    """Hugging Face's ``apply_rotary_pos_emb`` in eager PyTorch (the oracle of ``rotary``)."""
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

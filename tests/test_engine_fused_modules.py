@@ -109,3 +109,56 @@ def test_gated_mlps_with_another_activation_or_formula_are_left_alone(monkeypatc
         assert torch.equal(model(x), want)
     monkeypatch.setenv("ALTO_FUSED_MLP", "0")
     assert fuse_gated_mlps(nn.Sequential(LlamaMLP(cfg)), LoRARuntime()) == 0
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """A rotary with another formula (rotates pairs, not halves): must keep its own function."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rot(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+class PairRotaryAttention(nn.Module):
+    def forward(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rotary_is_dispatched_only_for_the_same_formula_and_inside_a_batch(tiny_model_dir: str) -> None:
+    import alto_kernels
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from alto_ray.engine import LoRARuntime, MultiLoRAModel
+    from alto_ray.engine.fused_modules import fuse_rotary, rotary_scope
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    model = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    assert model.fused_rotary == model.backbone.config.num_hidden_layers
+    patched = modeling_llama.apply_rotary_pos_emb
+    assert hasattr(patched, "alto_original")  # the modeling file's global, for every Llama in the process
+    with torch.no_grad():
+        assert torch.equal(model.backbone(input_ids=ids).logits, want)  # off the GPU: the original runs
+        assert torch.equal(plain(input_ids=ids).logits, want)           # another model: the original
+    assert fuse_rotary(model.backbone) == model.fused_rotary and modeling_llama.apply_rotary_pos_emb is patched
+
+    calls = []
+
+    class CountingRuntime(LoRARuntime):
+        def uses_triton(self, device):
+            calls.append(device)
+            return False  # ask, but take the original: the kernel itself is tested elsewhere
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
+    cos, sin = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    patched(q, k, cos, sin)
+    assert calls == []  # no scope: not even asked
+    with rotary_scope(CountingRuntime()):
+        got = patched(q, k, cos, sin)
+    assert len(calls) == 1 and all(torch.equal(g, w) for g, w in zip(got, alto_kernels.rotary_reference(q, k, cos, sin)))
+
+    assert fuse_rotary(PairRotaryAttention()) == 0
+    assert not hasattr(globals()["apply_rotary_pos_emb"], "alto_original")

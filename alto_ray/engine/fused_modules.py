@@ -13,10 +13,22 @@ Likewise a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU
 ``alto_kernels.silu_mul`` (one pass each way; ``silu(g)`` is not kept for the backward):
 ``ALTO_FUSED_MLP=0`` turns it off. Modules with sharded (DTensor) or meta parameters are left
 alone: their probe would need the sharding's collectives.
+
+Rotary embeddings are not a module: attention forwards call their modeling file's
+``apply_rotary_pos_emb``. ``fuse_rotary`` replaces that global in each modeling file whose
+function gives exactly ``rotary_reference`` on a probe, with a dispatcher that runs
+``alto_kernels.rotary`` only inside a ``MultiLoRAModel.batch`` of a model that asked for it
+(``rotary_scope``) and calls the original everywhere else: another model in the process, a
+PEFT baseline, an argument the kernel does not take. ``ALTO_FUSED_ROPE=0`` turns it off.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import alto_kernels
 import torch
@@ -155,3 +167,71 @@ def fuse_gated_mlps(backbone: nn.Module, runtime: LoRARuntime) -> int:
                                             type(module).__name__))
         replaced += 1
     return replaced
+
+
+ROTARY_FUNCTION = "apply_rotary_pos_emb"
+_ROTARY_RUNTIME: "contextvars.ContextVar[Optional[LoRARuntime]]" = contextvars.ContextVar(
+    "alto_rotary_runtime", default=None)
+
+
+@contextmanager
+def rotary_scope(runtime: LoRARuntime) -> Iterator[None]:
+    """Calls of a patched ``apply_rotary_pos_emb`` in this scope may use the fused kernel."""
+    token = _ROTARY_RUNTIME.set(runtime)
+    try:
+        yield
+    finally:
+        _ROTARY_RUNTIME.reset(token)
+
+
+def _rotary_dispatcher(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        rt = _ROTARY_RUNTIME.get()
+        if rt is not None and not args and (not kwargs or set(kwargs) == {"unsqueeze_dim"}) \
+                and isinstance(q, torch.Tensor) and rt.uses_triton(q.device):
+            from alto_kernels import fused_rotary
+
+            dim = kwargs.get("unsqueeze_dim", 1)
+            if fused_rotary.check_rotary(q, k, cos, sin, dim) is None:
+                return fused_rotary.rotary(q, k, cos, sin, dim, checked=True)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.alto_original = original
+    return apply_rotary_pos_emb
+
+
+def _same_rotary(fn: Callable) -> bool:
+    """``fn`` is HF's rotary formula bit for bit on a bf16 probe (GQA shapes, per-row positions)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=gen).bfloat16()
+    k = torch.randn(2, 2, 5, 8, generator=gen).bfloat16()
+    cos, sin = (torch.randn(2, 5, 8, generator=gen).bfloat16() for _ in range(2))
+    try:
+        got = fn(q, k, cos, sin)
+        want = alto_kernels.rotary_reference(q, k, cos, sin)
+        return all(torch.equal(g, w) for g, w in zip(got, want))
+    except Exception:  # noqa: BLE001 - another signature or contract: not this formula
+        return False
+
+
+def fuse_rotary(backbone: nn.Module) -> int:
+    """Patch the rotary function of every modeling file whose attention modules in ``backbone``
+    call it (once per file, for the process); returns how many attention modules will use it."""
+    if not _enabled("ALTO_FUSED_ROPE"):
+        return 0
+    count = 0
+    for module in backbone.modules():
+        forward = getattr(type(module), "forward", None)
+        if ROTARY_FUNCTION not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+            continue
+        namespace = vars(sys.modules[type(module).__module__])
+        fn = namespace.get(ROTARY_FUNCTION)
+        if fn is None or not callable(fn):
+            continue
+        if not hasattr(fn, "alto_original"):
+            if not _same_rotary(fn):
+                continue
+            namespace[ROTARY_FUNCTION] = _rotary_dispatcher(fn)
+        count += 1
+    return count

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
-from .fused_modules import fuse_gated_mlps, fuse_rms_norms
+from .fused_modules import fuse_gated_mlps, fuse_rms_norms, fuse_rotary, rotary_scope
 
 
 def looks_like_local_path(model: str) -> bool:
@@ -186,6 +186,7 @@ class MultiLoRAModel(nn.Module):
         self.wrap_targets(target_modules)
         self.fused_norms = fuse_rms_norms(self.backbone, self.runtime)
         self.fused_mlps = fuse_gated_mlps(self.backbone, self.runtime)
+        self.fused_rotary = fuse_rotary(self.backbone)
 
     # -- injection -------------------------------------------------------------------------
     def wrap_targets(self, target_modules: Sequence[str]) -> None:
@@ -294,7 +295,11 @@ class MultiLoRAModel(nn.Module):
             rt.stream_values = {self.adapters[n].slot: int(streams[n]) % 2 ** 31 for n, _, _ in layout}
             rt.width = width
         try:
-            yield pieces
+            if self.fused_rotary:
+                with rotary_scope(rt):
+                    yield pieces
+            else:
+                yield pieces
         finally:
             rt.clear()
 
