@@ -48,8 +48,8 @@ for phase in "$@"; do
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases
       run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
-    engine)  # with an A/B of the fused RMSNorm and SwiGLU (the engine with the backbone's own), same run
-      run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --out $R/engine_h100.json --summary $S ;;
+    engine)  # with same-run A/Bs: all fused backbone ops off (the backbone's own), then each of the two newest off
+      run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
     eprofile)  # where the grouped engine's 8B step spends its device time
       run eprofile python benchmarks/engine_profile.py --shape 8b ;;
     engine-nosink)  # the same with the kernels returning LoRA grads through autograd (A/B of the sink)

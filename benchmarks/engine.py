@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
@@ -139,7 +139,9 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
     seconds = time_steps(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     tokens = adapters * seq
-    out = {"fused_norms": trainer.model.fused_norms, "fused_mlps": trainer.model.fused_mlps, "step_seconds": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+    out = {"fused_norms": trainer.model.fused_norms, "fused_mlps": trainer.model.fused_mlps,
+           "fused_rotary": trainer.model.fused_rotary, "step_seconds": seconds, "tokens_per_step": tokens,
+           "tokens_per_s": tokens / seconds,
            "adapters": adapters, "peak_bytes": peak, "backend": alto_kernels.resolve_backend(probe, "auto"),
            "all_losses_finite": all(v == v and abs(v) != float("inf") for v in losses.values())}
     return out
@@ -176,8 +178,10 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps; runs on CPU")
     ap.add_argument("--eager-ops-too", action="store_true",
-                    help="also time the engine with the backbone's own RMSNorms and MLP activations "
-                         "(ALTO_FUSED_NORM=0 ALTO_FUSED_MLP=0), same run")
+                    help="also time the engine with the backbone's own RMSNorms, MLP activations, rotary and "
+                         "linears (ALTO_FUSED_NORM=0 ALTO_FUSED_MLP=0 ALTO_FUSED_ROPE=0 ALTO_FUSED_LINEAR=0), same run")
+    ap.add_argument("--off", action="append", default=[], metavar="VAR[,VAR]",
+                    help="also time the engine with these switches at 0 (e.g. ALTO_FUSED_ROPE), same run; repeatable")
     args = ap.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,30 +208,25 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         eng_res = run_engine(shape, device, dtype, args.seq, args.rank, args.dropout, args.adapters,
                              args.warmup, args.iters)
         _free(device)
-        eager_ops = None
+        arms = {}
         if args.eager_ops_too:
-            saved = {v: os.environ.get(v) for v in ("ALTO_FUSED_NORM", "ALTO_FUSED_MLP")}
-            os.environ.update({v: "0" for v in saved})
-            try:
-                eager_ops = run_engine(shape, device, dtype, args.seq, args.rank, args.dropout, args.adapters,
-                                       args.warmup, args.iters)
-            finally:
-                for v, value in saved.items():
-                    if value is None:
-                        os.environ.pop(v)
-                    else:
-                        os.environ[v] = value
-            _free(device)
+            arms["engine_eager_ops"] = ("ALTO_FUSED_NORM", "ALTO_FUSED_MLP", "ALTO_FUSED_ROPE", "ALTO_FUSED_LINEAR")
+        for spec in args.off:
+            off = tuple(v.strip() for v in spec.split(",") if v.strip())
+            arms["engine_off_" + "_".join(v.replace("ALTO_", "").lower() for v in off)] = off
+        arm_res = {name: _with_env_off(off, lambda: run_engine(shape, device, dtype, args.seq, args.rank, args.dropout,
+                                                               args.adapters, args.warmup, args.iters), device)
+                   for name, off in arms.items()}
         mfu = lambda tps: 4.0 * n_params * tps / flops
         result["shapes"][shape] = {
             "params": n_params, "peft_sequential": {**peft_res, "mfu": mfu(peft_res["tokens_per_s"])},
             "engine": {**eng_res, "mfu": mfu(eng_res["tokens_per_s"])},
             "speedup_vs_peft_sequential": eng_res["tokens_per_s"] / peft_res["tokens_per_s"]}
         s = result["shapes"][shape]
-        if eager_ops is not None:
-            s["engine_eager_ops"] = {**eager_ops, "mfu": mfu(eager_ops["tokens_per_s"])}
-            print(f"[{shape}] engine with the backbone's own RMSNorm and MLP activation "
-                  f"{eager_ops['tokens_per_s']:.0f} tok/s", flush=True)
+        for name, res in arm_res.items():
+            s[name] = {**res, "mfu": mfu(res["tokens_per_s"])}
+            print(f"[{shape}] {name} ({', '.join(arms[name])} = 0): {res['tokens_per_s']:.0f} tok/s, "
+                  f"step {res['step_seconds'] * 1e3:.1f} ms", flush=True)
         print(f"[{shape}] peft {peft_res['tokens_per_s']:.0f} tok/s (MFU {s['peft_sequential']['mfu']:.1%}) | "
               f"engine {eng_res['tokens_per_s']:.0f} tok/s (MFU {s['engine']['mfu']:.1%}, {eng_res['backend']}) | "
               f"speedup {s['speedup_vs_peft_sequential']:.2f}x", flush=True)
@@ -241,6 +240,21 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
                                                      "device": result["device"], "command": command},
             "engine.mfu_8b": {"value": s8["engine"]["mfu"], "device": result["device"], "command": command}})
     return result
+
+
+def _with_env_off(variables: Sequence[str], run: Callable[[], Dict[str, Any]], device: torch.device) -> Dict[str, Any]:
+    """``run()`` with each of ``variables`` set to 0, then restored."""
+    saved = {v: os.environ.get(v) for v in variables}
+    os.environ.update({v: "0" for v in variables})
+    try:
+        return run()
+    finally:
+        for v, value in saved.items():
+            if value is None:
+                os.environ.pop(v)
+            else:
+                os.environ[v] = value
+        _free(device)
 
 
 def _free(device: torch.device) -> None:

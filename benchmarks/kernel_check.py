@@ -153,6 +153,80 @@ def check_silu_mul(tol, gen):
     return ok
 
 
+def check_linear(K, N, tol, gen):
+    """The engine's one-node path (``apply_linear_multi_lora``: base GEMM + deltas, LoRA dX added
+    into dY W in the kernel) against the two-node path on the same plan, bf16, dropout 0.1."""
+    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, prepare_multi_lora
+    dev, dt = "cuda", torch.bfloat16
+    ranks, lens = [16, 8, 32, 64, 16, 8, 32, 64], [512, 300, 0, 700, 512, 129, 1, 512]
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    T = offs[-1]
+    A, B = make_weights(ranks, K, N, dt, dev, gen)
+    A, B = [a.detach() for a in A], [b.detach() for b in B]
+    weight = (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt)
+    x0 = torch.randn(T, K, device=dev, generator=gen).to(dt)
+    dy = torch.randn(T, N, device=dev, generator=gen).to(dt)
+    out = {}
+    for path in ("two", "one", "one again"):  # the third call is a direct launch
+        ga = [torch.zeros(a.shape, device=dev) for a in A]
+        gb = [torch.zeros(b.shape, device=dev) for b in B]
+        x = x0.clone().requires_grad_()
+        plan = prepare_multi_lora(x, torch.empty(T, N, device=dev, dtype=dt), A, B, offs, [2.0] * 8, [0.1] * 8,
+                                  training=True, grad_a=ga, grad_b=gb)
+        if path == "two":
+            y = apply_multi_lora(plan, x, torch.nn.functional.linear(x, weight), seed=3)
+        else:
+            y = apply_linear_multi_lora(plan, x, weight, None, seed=3)
+        (dx,) = torch.autograd.grad(y, [x], dy)
+        out[path] = (y.detach(), dx, torch.cat([g.flatten() for g in ga + gb]))
+    ok = True
+    for path in ("one", "one again"):
+        same_y = torch.equal(out[path][0], out["two"][0])
+        e_dx, e_s = rel(out[path][1].float(), out["two"][1].float()), rel(out[path][2], out["two"][2])
+        good = same_y and e_dx <= tol / 4 and e_s <= 1e-5
+        ok &= good
+        if path == "one again" or not good:
+            print(f"{'ok  ' if good else 'FAIL'} linear+LoRA one node {K}->{N} T={T} ({path}): y equal {same_y}, "
+                  f"dX {e_dx:.2e}, sinks {e_s:.2e} vs two nodes")
+    return ok
+
+
+def check_rotary(tol, gen):
+    """The fused rotary at the 8B attention shape (32 q / 8 kv heads of 128, 8 x 512 tokens,
+    per-sequence positions), bf16: against the fp32 formula, and bit for bit against eager bf16."""
+    from alto_kernels import rotary, rotary_reference
+    B, L, D = 8, 512, 128
+    q = (torch.randn(B, L, 32 * D, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    k = (torch.randn(B, L, 8 * D, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    q = q.view(B, L, 32, D).transpose(1, 2).detach().requires_grad_()   # as the attention module views them
+    k = k.view(B, L, 8, D).transpose(1, 2).detach().requires_grad_()
+    pos = torch.randint(0, 8192, (B, L), device="cuda", generator=gen).float()
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    emb = torch.cat([pos[..., None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    dq_out = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    dk_out = torch.randn(k.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    ok = True
+    for call in range(2):  # the second call is a direct launch
+        qe, ke = rotary(q, k, cos, sin)
+        dq, dk = torch.autograd.grad((qe, ke), (q, k), (dq_out, dk_out))
+        eq, ek = rotary_reference(q, k, cos, sin)
+        edq, edk = torch.autograd.grad((eq, ek), (q, k), (dq_out, dk_out))
+        exact = all(torch.equal(a, b) for a, b in ((qe, eq), (ke, ek), (dq, edq), (dk, edk)))
+        q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
+        rq, rk = rotary_reference(q32, k32, cos.float(), sin.float())
+        rdq, rdk = torch.autograd.grad((rq, rk), (q32, k32), (dq_out.float(), dk_out.float()))
+        errs = [rel(qe.float(), rq), rel(ke.float(), rk), rel(dq.float(), rdq), rel(dk.float(), rdk)]
+        good = all(e <= tol for e in errs) and exact and qe.stride() == q.stride()
+        ok &= good
+        if call == 1 or not good:
+            print(f"{'ok  ' if good else 'FAIL'} rotary 8x512 32/8 heads (call {call + 1}): q {errs[0]:.2e} "
+                  f"k {errs[1]:.2e} dQ {errs[2]:.2e} dK {errs[3]:.2e}; equal to eager bf16: {exact}")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=2e-2)
@@ -172,8 +246,12 @@ def main():
     ok &= check_shape(ak, 4096, 4096, [40, 33], [1, 128], False, args.tol, gen)
     ok &= check_rms_norm(args.tol, gen)
     ok &= check_silu_mul(args.tol, gen)
-    from alto_kernels import _common, fused
-    counts = {lau.name: dict(lau.launches) for lau in fused.LAUNCHERS}
+    ok &= check_rotary(args.tol, gen)
+    for K, N in SHAPES:
+        ok &= check_linear(K, N, args.tol, gen)
+    from alto_kernels import _common, fused, fused_rms_norm, fused_rotary, fused_silu_mul
+    counts = {lau.name: dict(lau.launches) for lau in (*fused.LAUNCHERS, fused_rms_norm._FWD, fused_rms_norm._BWD,
+                                                       fused_silu_mul._FWD, fused_silu_mul._BWD, fused_rotary._LAUNCH)}
     print(f"launches (direct launch {'on' if _common.DIRECT_LAUNCH else 'off'}): {counts}")
     if _common.DIRECT_LAUNCH and not all(c["direct"] > 0 for c in counts.values()):
         ok = False

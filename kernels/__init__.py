@@ -1,19 +1,23 @@
 """alto_kernels: fused multi-LoRA for training (Triton) and its PyTorch reference.
 
 Import as ``alto_kernels`` (the folder is ``kernels/``). No Ray and no model code here.
-``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink) and
-``dropout_mask`` import Triton on first use (``alto_kernels.fused``), as does the fused RMSNorm
+``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink;
+``apply_linear_multi_lora``: with the frozen base linear in the same autograd node) and
+``dropout_mask`` import Triton on first use (``alto_kernels.fused``), as do the fused RMSNorm
 ``rms_norm`` (``alto_kernels.fused_rms_norm``; ``rms_norm_reference`` is its formula in PyTorch) and
-the fused SwiGLU activation ``silu_mul`` (``alto_kernels.fused_silu_mul``; ``silu_mul_reference``).
+the fused SwiGLU activation ``silu_mul`` (``alto_kernels.fused_silu_mul``; ``silu_mul_reference``), and
+the fused rotary embedding ``rotary`` (``alto_kernels.fused_rotary``; ``rotary_reference``).
 """
 from .dispatch import multi_lora, resolve_backend, triton_available
-from .reference import check_segments, multi_lora_reference, rms_norm_reference, silu_mul_reference
+from .reference import (check_segments, multi_lora_reference, rms_norm_reference, rotary_reference,
+                        silu_mul_reference)
 
-__all__ = ["apply_multi_lora", "check_segments", "dropout_mask", "fused_multi_lora", "multi_lora",
+__all__ = ["apply_linear_multi_lora", "apply_multi_lora", "check_segments", "dropout_mask", "fused_multi_lora", "multi_lora",
            "multi_lora_reference", "prepare_multi_lora", "resolve_backend", "rms_norm", "rms_norm_reference",
-           "silu_mul", "silu_mul_reference", "triton_available"]
+           "rotary", "rotary_reference", "silu_mul", "silu_mul_reference", "triton_available"]
 
-_FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "MultiLoRAPlan")
+_FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "apply_linear_multi_lora",
+          "MultiLoRAPlan")
 
 
 def __getattr__(name):
@@ -23,6 +27,9 @@ def __getattr__(name):
     if name == "rms_norm":
         from .fused_rms_norm import rms_norm
         return rms_norm
+    if name in ("rotary", "check_rotary"):
+        from . import fused_rotary
+        return getattr(fused_rotary, name)
     if name == "silu_mul":
         from .fused_silu_mul import silu_mul
         return silu_mul

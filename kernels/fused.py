@@ -40,7 +40,7 @@ from .lora_expand import lora_expand_kernel
 from .lora_shrink import lora_shrink_kernel
 from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, validate
 
-__all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_multi_lora", "dropout_mask", "fused_multi_lora",
+__all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_linear_multi_lora", "apply_multi_lora", "dropout_mask", "fused_multi_lora",
            "prepare_multi_lora"]
 
 _SHRINK = TunedLauncher(lora_shrink_kernel, "lora_shrink")
@@ -65,6 +65,87 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, not tf32
 
 
+def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, seed: int, drop: tuple,
+                  w_ref: torch.Tensor) -> torch.Tensor:
+    """Shrink then expand into ``base_out`` (in place); returns ``H_s`` for the backward."""
+    T, K = x.shape
+    N = base_out.shape[1]
+    nc = plan.table.shape[0]
+    h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
+    prec = _dot_prec(x.dtype)
+    dev = x.device.index or 0
+    _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
+            x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
+            R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
+    _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), _key(x.dtype, w_ref.dtype, prec, plan, N),
+            h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
+            R=plan.R, DOT_PREC=prec, device_index=dev)
+    return h
+
+
+def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor, w_ref: torch.Tensor,
+                   seed: int, drop: tuple, need_x: bool, need_a: bool, dx: Optional[torch.Tensor] = None):
+    """The LoRA part of the backward: ``(dx, da, db)``. With a gradient sink dA/dB go to the
+    plan's buffers (``da``, ``db`` empty); otherwise into one fp32 workspace, returned as its
+    dA ``[Σr·K]`` and dB parts. A ``dx`` passed in (the base's input gradient) is added to."""
+    sink = plan.grad_sink
+    add_dx = dx is not None
+    T, K = x.shape
+    N = dy.shape[1]
+    nc = plan.table.shape[0]
+    dt = x.dtype
+    prec = _dot_prec(dt)
+    dev = x.device.index or 0
+
+    def dy_key(grad_sink: bool) -> LaunchKey:
+        return _key(dt, w_ref.dtype, prec, plan, N, grad_sink, exact=(f"chunk{plan.chunk}",))
+
+    def dx_key(grad_sink: bool) -> LaunchKey:
+        flags = (plan.has_dropout, need_x, need_a, grad_sink) + ((True,) if add_dx else ())
+        return _key(dt, w_ref.dtype, prec, plan, K, *flags)
+
+    # One zero-filled fp32 workspace: G [T, R] | dA [Σr, K] | dB blocks [out, r_i] each
+    # (only G with a gradient sink).
+    sum_r = 0 if sink else sum(plan.ranks)
+    ws = torch.zeros(T * plan.R + sum_r * (K * need_a + N), device=x.device, dtype=torch.float32)
+    g = ws[:T * plan.R].view(T, plan.R)
+    da = ws[T * plan.R:T * plan.R + sum_r * K * need_a]
+    db = ws[T * plan.R + sum_r * K * need_a:]
+    if need_x and dx is None:
+        dx = torch.empty_like(x)
+
+    def bwd_dy(g, db, grad_sink):
+        _BWD_DY(lambda m: (nc, m["SPLIT_N"]), dy_key(grad_sink),
+                dy, h, g, db if db.numel() else g, plan.table, plan.ptrs, w_ref, N, dy.stride(0),
+                plan.t_hint, R=plan.R, DOT_PREC=prec, GRAD_SINK=grad_sink, BLOCK_M=plan.chunk,
+                device_index=dev)
+
+    def bwd_dx(g, dx, da, grad_sink):
+        dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
+        da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
+        _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
+                x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
+                plan.t_hint, seed, *drop, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
+                COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink, ADD_DX=add_dx and need_x,
+                device_index=dev)
+
+    if sink and (_BWD_DY.choice(dy_key(True), dev) is None or _BWD_DX.choice(dx_key(True), dev) is None):
+        # Autotuning runs a kernel many times; into the sinks (or an input dx) that would add
+        # dA/dB (dX) many times. Tune the workspace variant on scratch buffers instead and reuse
+        # its choice.
+        sr = sum(plan.ranks)
+        scratch = torch.zeros(T * plan.R + sr * (K + N), device=x.device, dtype=torch.float32)
+        sg = scratch[:T * plan.R].view(T, plan.R)
+        bwd_dy(sg, scratch[T * plan.R + sr * K:], False)
+        bwd_dx(sg, torch.zeros_like(x) if need_x else None, scratch[T * plan.R:T * plan.R + sr * K], False)
+        _BWD_DY.adopt(dy_key(True), dy_key(False))
+        _BWD_DX.adopt(dx_key(True), dx_key(False))
+    bwd_dy(g, db, sink)
+    if need_x or need_a:
+        bwd_dx(g, dx, da, sink)
+    return dx, da, db
+
+
 class _FusedMultiLoRA(torch.autograd.Function):
     """Inputs: ``x, base_out, plan, seed, (streams, width)`` then either the 2n weights
     (workspace mode: their grads are returned) or the plan's sink token (sink mode: grads go to
@@ -73,19 +154,8 @@ class _FusedMultiLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, drop: tuple, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
-        T, K = x.shape
-        N = base_out.shape[1]
-        nc = plan.table.shape[0]
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
-        prec = _dot_prec(x.dtype)
-        dev = x.device.index or 0
-        _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
-                x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
-                R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
-        _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), _key(x.dtype, w_ref.dtype, prec, plan, N),
-                h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
-                R=plan.R, DOT_PREC=prec, device_index=dev)
+        h = _lora_forward(plan, x, base_out, seed, drop, w_ref)
         ctx.mark_dirty(base_out)
         if plan.grad_sink:
             ctx.save_for_backward(x, h)
@@ -109,55 +179,9 @@ class _FusedMultiLoRA(torch.autograd.Function):
             return (None, d_base, None, None, None) + (None,) * n_in
         dy = dy.to(dt)
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
-        T, K = x.shape
-        N = dy.shape[1]
-        nc = plan.table.shape[0]
+        K, N = x.shape[1], dy.shape[1]
         w_ref = plan.weights[0] if sink else weights[0]
-        prec = _dot_prec(dt)
-        dev = x.device.index or 0
-
-        def dy_key(grad_sink: bool) -> LaunchKey:
-            return _key(dt, w_ref.dtype, prec, plan, N, grad_sink, exact=(f"chunk{plan.chunk}",))
-
-        def dx_key(grad_sink: bool) -> LaunchKey:
-            return _key(dt, w_ref.dtype, prec, plan, K, plan.has_dropout, need_x, need_a, grad_sink)
-
-        # One zero-filled fp32 workspace: G [T, R] | dA [Σr, K] | dB blocks [out, r_i] each
-        # (only G with a gradient sink).
-        sum_r = 0 if sink else sum(plan.ranks)
-        ws = torch.zeros(T * plan.R + sum_r * (K * need_a + N), device=x.device, dtype=torch.float32)
-        g = ws[:T * plan.R].view(T, plan.R)
-        da = ws[T * plan.R:T * plan.R + sum_r * K * need_a]
-        db = ws[T * plan.R + sum_r * K * need_a:]
-        dx = torch.empty_like(x) if need_x else None
-
-        def bwd_dy(g, db, grad_sink):
-            _BWD_DY(lambda m: (nc, m["SPLIT_N"]), dy_key(grad_sink),
-                    dy, h, g, db if db.numel() else g, plan.table, plan.ptrs, w_ref, N, dy.stride(0),
-                    plan.t_hint, R=plan.R, DOT_PREC=prec, GRAD_SINK=grad_sink, BLOCK_M=plan.chunk,
-                    device_index=dev)
-
-        def bwd_dx(g, dx, da, grad_sink):
-            dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
-            da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
-            _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
-                    x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
-                    plan.t_hint, ctx.seed, *ctx.drop, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
-                    COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink, device_index=dev)
-
-        if sink and (_BWD_DY.choice(dy_key(True), dev) is None or _BWD_DX.choice(dx_key(True), dev) is None):
-            # Autotuning runs a kernel many times; into the sinks that would add dA/dB many times.
-            # Tune the workspace variant on scratch buffers instead and reuse its choice.
-            sr = sum(plan.ranks)
-            scratch = torch.zeros(T * plan.R + sr * (K + N), device=x.device, dtype=torch.float32)
-            sg = scratch[:T * plan.R].view(T, plan.R)
-            bwd_dy(sg, scratch[T * plan.R + sr * K:], False)
-            bwd_dx(sg, torch.empty_like(x) if need_x else None, scratch[T * plan.R:T * plan.R + sr * K], False)
-            _BWD_DY.adopt(dy_key(True), dy_key(False))
-            _BWD_DX.adopt(dx_key(True), dx_key(False))
-        bwd_dy(g, db, sink)
-        if need_x or need_a:
-            bwd_dx(g, dx, da, sink)
+        dx, da, db = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a)
         if sink:
             return (dx, d_base, None, None, None, None)
         wdt = w_ref.dtype                       # one conversion for all adapters, then views
@@ -168,6 +192,41 @@ class _FusedMultiLoRA(torch.autograd.Function):
         grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[5 + n + i] else None
                    for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
         return (dx, d_base, None, None, None, *grads_a, *grads_b)
+
+
+class _LinearMultiLoRA(torch.autograd.Function):
+    """A frozen linear and the LoRA deltas of a sink plan covering all its rows, as one node:
+    the backward's ``dY W`` is computed here and the LoRA dX added into it in ``lora_bwd_dx``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, sink_token):
+        x = x if x.stride(1) == 1 else x.contiguous()
+        y = torch.nn.functional.linear(x, weight, bias)
+        h = _lora_forward(plan, x, y, seed, drop, plan.weights[0])
+        ctx.save_for_backward(x, h, weight)
+        ctx.plan, ctx.seed, ctx.drop = plan, seed, drop
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, weight = ctx.saved_tensors
+        plan: MultiLoRAPlan = ctx.plan
+        need_x = ctx.needs_input_grad[0]
+        dy = dy.to(x.dtype)
+        dy = dy if dy.stride(1) == 1 else dy.contiguous()
+        dx = torch.mm(dy, weight) if need_x else None
+        dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True, dx=dx)
+        return dx, None, None, None, None, None, None
+
+
+def _seed_and_drop(plan: MultiLoRAPlan, x: torch.Tensor, seed: int, streams: Optional[torch.Tensor],
+                   width: Optional[int]) -> tuple:
+    """The launch's seed and dropout arguments ``(stream table, width)``."""
+    if streams is None:
+        streams = position_streams(plan.n_streams, x.device)
+    elif streams.numel() < plan.n_streams or streams.device != x.device:
+        raise ValueError(f"streams: need >= {plan.n_streams} entries on {x.device}")
+    return int(seed) % 2 ** 31, (streams, int(width) if width else _common.FLAT_WIDTH)
 
 
 def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, seed: int = 0,
@@ -184,15 +243,31 @@ def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tenso
     plan.check_call(x, base_out)
     if plan.tokens == 0:
         return base_out
-    seed = int(seed) % 2 ** 31
-    if streams is None:
-        streams = position_streams(plan.n_streams, x.device)
-    elif streams.numel() < plan.n_streams or streams.device != x.device:
-        raise ValueError(f"streams: need >= {plan.n_streams} entries on {x.device}")
-    drop = (streams, int(width) if width else _common.FLAT_WIDTH)
+    seed, drop = _seed_and_drop(plan, x, seed, streams, width)
     if plan.grad_sink:
         return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, plan.sink_token)
     return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, *weights)
+
+
+def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None, seed: int = 0,
+                            streams: Optional[torch.Tensor] = None, width: Optional[int] = None) -> torch.Tensor:
+    """``linear(x, weight, bias) + Σ_i scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for a frozen ``weight``
+    and a plan with a gradient sink whose segments cover every row of ``x``. The same numbers as
+    ``apply_multi_lora(plan, x, linear(x, weight, bias))`` up to one rounding of dX, which comes
+    out of one kernel instead of an extra add (arguments as ``apply_multi_lora``)."""
+    if not plan.grad_sink:
+        raise ValueError("apply_linear_multi_lora needs a plan with a gradient sink (prepare_multi_lora(grad_a=...))")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("weight/bias require grad: the fused linear computes no gradient for them")
+    if tuple(weight.shape) != (plan.out_features, plan.in_features) or weight.dtype != plan.dtype:
+        raise ValueError(f"weight must be [{plan.out_features}, {plan.in_features}] {plan.dtype}, "
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    plan.check_input(x)
+    if plan.tokens == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    seed, drop = _seed_and_drop(plan, x, seed, streams, width)
+    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, plan.sink_token)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees

@@ -3,7 +3,9 @@
 Both need the same chunk of rows and the same ``BLOCK_K`` slice of the input features, so one
 program reads ``A_i``'s tile once, X once and writes dX once (the dropout mask is regenerated
 from Philox exactly as ``lora_shrink`` drew it). ``dA`` is accumulated in registers over the
-chunk and added atomically once into the fp32 packed ``dA [Σr, in]``.
+chunk and added atomically once into the fp32 packed ``dA [Σr, in]``. With ``ADD_DX`` the kernel
+adds its dX into the one already in ``dx`` (the frozen base's ``dY W``), in fp32 before the one
+rounding: autograd's separate add of the two (a read of both and a write) is saved.
 """
 import triton
 import triton.language as tl
@@ -24,7 +26,7 @@ BWD_DX_CONFIGS = configs(
 def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, stride_dxm,
                        T_HINT, seed, streams_ptr, width, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
                        COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       ADD_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
@@ -56,6 +58,8 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, 
                 pos = (local // width) * stride
                 keep = tl.rand(key, pos[:, None] * K + (local % width)[:, None] * K + cols[None, :]) >= p
                 dx = tl.where(keep, dx, 0.0)
+            if ADD_DX:  # dx holds the base linear's input gradient: add to it, not beside it
+                dx += tl.load(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)

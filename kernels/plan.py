@@ -60,6 +60,12 @@ class MultiLoRAPlan:
     def grad_sink(self) -> bool:
         return self.sink_token is not None
 
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or tuple(x.shape) != (self.tokens, self.in_features):
+            raise ValueError(f"x must be [{self.tokens}, {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"x ({x.dtype}, {x.device}) must be {self.dtype} on {self.device}")
+
     def check_call(self, x: torch.Tensor, base_out: torch.Tensor) -> None:
         """What the plan does not cover: this call's activations."""
         if x.dim() != 2 or tuple(x.shape) != (self.tokens, self.in_features):

@@ -169,6 +169,43 @@ def test_gradient_sink_accumulates_into_fp32_buffers(dtype):
         fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, grad_a=[g.half() for g in ga], grad_b=gb)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_with_lora_adds_the_lora_dx_into_the_base_dx(dtype):
+    # The engine's full-run path: the frozen base GEMM and the deltas as one autograd node whose
+    # backward adds the LoRA dX into dY W in the kernel. Same numbers as the two-node path.
+    p = [0.2, 0.0, 0.1]
+    seed, x, _, A, B, offs, scales, dy = make([26, 0, 39], [16, 1, 8], K=40, N=24, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(24, 40, generator=g) * 40 ** -0.5).to(DEVICE, dtype)
+    bias = torch.randn(24, generator=g).to(DEVICE, dtype)
+    Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
+    sinks = {}
+    for path in ("two nodes", "one node"):
+        ga = [torch.zeros(a.shape, device=DEVICE) for a in A]
+        gb = [torch.zeros(b.shape, device=DEVICE) for b in B]
+        xs = x.detach().clone().requires_grad_()
+        plan = fused.prepare_multi_lora(xs, torch.empty(xs.shape[0], 24, device=DEVICE, dtype=dtype), Ac, Bc, offs,
+                                        scales, p, training=True, grad_a=ga, grad_b=gb)
+        if path == "two nodes":
+            y = fused.apply_multi_lora(plan, xs, torch.nn.functional.linear(xs, weight, bias), seed=5)
+        else:
+            y = fused.apply_linear_multi_lora(plan, xs, weight, bias, seed=5)
+        (dx,) = torch.autograd.grad(y, [xs], dy)
+        sinks[path] = (y.detach(), dx, ga + gb)
+    (y0, dx0, s0), (y1, dx1, s1) = sinks["two nodes"], sinks["one node"]
+    tol = TOL[dtype]
+    assert torch.equal(y0, y1), f"seed={seed}: forward differs"
+    assert rel(dx1, dx0) <= tol / 4, f"seed={seed}: dX {rel(dx1, dx0):.2e}"
+    if dtype == torch.float32:
+        assert rel(dx1, dx0) <= 1e-6
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(s0, s1)), f"seed={seed}: dA/dB differ"
+    assert any(t.abs().sum() > 0 for t in s1)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused.apply_linear_multi_lora(plan, xs, weight[:, :8], None)
+    with pytest.raises(ValueError, match="require grad"):
+        fused.apply_linear_multi_lora(plan, xs, weight.clone().requires_grad_(), None)
+
+
 def test_no_dropout_unless_training():
     # dropout_p given but training=False: the plain product (masks=None in the reference)
     check([21, 26], [8, 16], K=32, N=32, dtype=torch.float32, dropout_p=[0.5, 0.5], training=False)

@@ -145,6 +145,11 @@ class MultiLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.layer_index = layer_index  # varies the dropout seed between layers
         object.__setattr__(self, "runtime", runtime)  # shared, not a submodule
+        # The base GEMM inside the fused node (sink mode): only for a plain frozen weight (a
+        # sharded one is gathered by FSDP around the module's own forward), ALTO_FUSED_LINEAR=0 off.
+        w = base.weight
+        self._fused_linear = (os.environ.get("ALTO_FUSED_LINEAR", "1").strip().lower() not in ("0", "false", "no")
+                              and type(w.data) is torch.Tensor and not w.requires_grad)
         self.slots: Dict[int, LoRASlot] = {}
         self._slots_changed()
 
@@ -191,10 +196,6 @@ class MultiLoRALinear(nn.Module):
         if not runs:
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
-        # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
-        # delta into ``base_out`` in place, and an in-place op on a view of another op's output
-        # breaks its backward (autograd's CopySlices).
-        o2 = self.base(x2)
         if x2.shape[0] != layout.total_rows:
             raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
         # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
@@ -204,6 +205,20 @@ class MultiLoRALinear(nn.Module):
             seed = (self.layer_index * 1009 + 1) if use_dropout else 0
         else:
             seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
+        if (rt.grads and self._fused_linear and len(runs) == 1 and runs[0].lo == 0
+                and runs[0].hi == x2.shape[0] and not self.base.weight.requires_grad):
+            # Every row is some adapter's: the base GEMM and the deltas as one autograd node
+            # whose backward adds the LoRA dX into the base's (no separate add).
+            run = runs[0]
+            where, scales, drops = self._run_static(run.slots)
+            plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
+            streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
+            y = alto_kernels.apply_linear_multi_lora(plan, x2, self.base.weight, self.base.bias, seed, **streams)
+            return y.view(*x.shape[:-1], self.out_features)
+        # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
+        # delta into ``base_out`` in place, and an in-place op on a view of another op's output
+        # breaks its backward (autograd's CopySlices).
+        o2 = self.base(x2)
         pieces: List[torch.Tensor] = []
         cursor = 0
         for run in runs:
@@ -233,21 +248,27 @@ class MultiLoRALinear(nn.Module):
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _sink_call(self, run: SegmentRun, where, scales, drops, use_dropout: bool, xs: torch.Tensor,
-                   base_rows: torch.Tensor, seed: int) -> torch.Tensor:
-        """The fused kernels with this layer's cached plan (validation and tables paid once per
-        row layout, not per call) and the adapters' gradient sinks."""
+    def _sink_plan(self, run: SegmentRun, where, scales, drops, use_dropout: bool, xs: torch.Tensor):
+        """This layer's cached plan for ``run`` with the adapters' gradient sinks (validation and
+        tables paid once per row layout, not per call)."""
         key = (run.slots, run.offsets, use_dropout, xs.dtype)
         plan = self._plans.get(key)
         if plan is None:
             rt = self.runtime
             if len(self._plans) >= 64:  # row layouts vary with padding width: keep a bounded few
                 self._plans.clear()
+            out_like = xs.new_empty(1, self.out_features).expand(xs.shape[0], self.out_features)
             plan = self._plans[key] = alto_kernels.prepare_multi_lora(
-                xs, base_rows, [rt.weights[s][k] for s, k in where], [rt.weights[s][k + 1] for s, k in where],
+                xs, out_like, [rt.weights[s][k] for s, k in where], [rt.weights[s][k + 1] for s, k in where],
                 list(run.offsets), scales, dropout_p=drops if use_dropout else None, training=use_dropout,
                 grad_a=[rt.grads[s][k] for s, k in where], grad_b=[rt.grads[s][k + 1] for s, k in where],
                 stream_index=[s for s, _ in where], seq_strides=[self.slots[s].seq_stride for s, _ in where])
+        return plan
+
+    def _sink_call(self, run: SegmentRun, where, scales, drops, use_dropout: bool, xs: torch.Tensor,
+                   base_rows: torch.Tensor, seed: int) -> torch.Tensor:
+        """The fused kernels on the base's output rows, with this layer's cached plan."""
+        plan = self._sink_plan(run, where, scales, drops, use_dropout, xs)
         rt = self.runtime
         if use_dropout and rt.streams is not None:
             return alto_kernels.apply_multi_lora(plan, xs, base_rows, seed, streams=rt.streams, width=rt.width)
