@@ -41,6 +41,8 @@ for phase in "$@"; do
       slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
       run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
       mkdir -p kernels/tuned && cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
+    kcheck)  # correctness only, at the 8B shapes
+      run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best
       run kernel_check python benchmarks/kernel_check.py
       run kernels env ALTO_AUTOTUNE=full python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
