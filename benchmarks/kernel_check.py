@@ -138,7 +138,7 @@ def check_silu_mul(tol, gen):
     u = torch.randn(4096, 14336, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
     dh = torch.randn(4096, 14336, device="cuda", generator=gen).to(torch.bfloat16)
     ok = True
-    for call in range(2):  # the second call is a direct launch
+    for call in range(3):  # tuned, compiled, then direct
         h = silu_mul(g, u)
         dg, du = torch.autograd.grad(h, [g, u], dh)
         g32, u32 = g.detach().float().requires_grad_(), u.detach().float().requires_grad_()
@@ -147,7 +147,7 @@ def check_silu_mul(tol, gen):
         errs = [rel(h.float(), ref), rel(dg.float(), dg_ref), rel(du.float(), du_ref)]
         good = all(e <= tol for e in errs) and bool(torch.isfinite(dg).all())
         ok &= good
-        if call == 1 or not good:
+        if call == 2 or not good:
             print(f"{'ok  ' if good else 'FAIL'} silu_mul 4096x14336 (call {call + 1}): h {errs[0]:.2e} "
                   f"dG {errs[1]:.2e} dU {errs[2]:.2e}")
     return ok
@@ -183,13 +183,16 @@ def check_linear(K, N, tol, gen):
         out[path] = (y.detach(), dx, torch.cat([g.flatten() for g in ga + gb]))
     ok = True
     for path in ("one", "one again"):
+        # y: the same kernels on the same GEMM output, but cuBLAS may sum a GEMM in another order
+        # from call to call (seen at 4096->4096 on the H100), so equal up to bf16 rounding.
         same_y = torch.equal(out[path][0], out["two"][0])
+        e_y = rel(out[path][0].float(), out["two"][0].float())
         e_dx, e_s = rel(out[path][1].float(), out["two"][1].float()), rel(out[path][2], out["two"][2])
-        good = same_y and e_dx <= tol / 4 and e_s <= 1e-5
+        good = e_y <= tol / 4 and e_dx <= tol / 4 and e_s <= 1e-5
         ok &= good
         if path == "one again" or not good:
-            print(f"{'ok  ' if good else 'FAIL'} linear+LoRA one node {K}->{N} T={T} ({path}): y equal {same_y}, "
-                  f"dX {e_dx:.2e}, sinks {e_s:.2e} vs two nodes")
+            print(f"{'ok  ' if good else 'FAIL'} linear+LoRA one node {K}->{N} T={T} ({path}) vs two nodes: "
+                  f"y {e_y:.2e} (equal: {same_y}), dX {e_dx:.2e} (one rounding instead of two), sinks {e_s:.2e}")
     return ok
 
 
