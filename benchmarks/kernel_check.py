@@ -188,7 +188,7 @@ def check_linear(K, N, tol, gen):
         same_y = torch.equal(out[path][0], out["two"][0])
         e_y = rel(out[path][0].float(), out["two"][0].float())
         e_dx, e_s = rel(out[path][1].float(), out["two"][1].float()), rel(out[path][2], out["two"][2])
-        good = e_y <= tol / 4 and e_dx <= tol / 4 and e_s <= 1e-5
+        good = e_y <= tol / 4 and e_dx <= tol / 4 and e_s <= 1e-4  # fp32 atomics: sums in another order
         ok &= good
         if path == "one again" or not good:
             print(f"{'ok  ' if good else 'FAIL'} linear+LoRA one node {K}->{N} T={T} ({path}) vs two nodes: "
