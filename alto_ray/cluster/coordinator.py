@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
-                                    alive_ray_nodes, free_gpu_ids, gpu_mode, gpu_worker_types, is_potential,
-                                    placed_node_id, potential_node_specs, startup_background)
+                                    alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
+                                    is_potential, lookup_pg, placed_node_id, potential_node_specs, remove_pg,
+                                    startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
 from alto_ray.cluster.predict import DurationPredictor
 
@@ -162,7 +162,7 @@ class Coordinator:
         entry = self._entry(task_id)
         g = entry.groups.pop(group, None)
         if g is not None:
-            _remove_pg(g.placement_group)
+            remove_pg(g.placement_group)
         if not entry.groups and entry.status == "running":
             entry.status = "queued"
         self._dirty = True
@@ -173,7 +173,7 @@ class Coordinator:
         entry = self.tasks.pop(task_id, None)
         if entry is not None:
             for g in entry.groups.values():
-                _remove_pg(g.placement_group)
+                remove_pg(g.placement_group)
         predicted = self.predictor.predicted_at_start(task_id)
         err = self.predictor.mark_finished(task_id)
         now = time.time()
@@ -195,7 +195,7 @@ class Coordinator:
             return False
         names = {n.name for n in self.nodes_view()}
         live = {g.group_index: g for g in groups if (g.node in names or is_potential(g.node))
-                and _lookup_pg(g.pg_name) is not None}
+                and lookup_pg(g.pg_name) is not None}
         if not live:
             return False
         entry.groups, entry.status, self._dirty = live, "running", True
@@ -208,7 +208,7 @@ class Coordinator:
         entry = self.tasks.pop(task_id, None)
         if entry is not None:
             for g in entry.groups.values():
-                _remove_pg(g.placement_group)
+                remove_pg(g.placement_group)
         self.predictor.forget(task_id)
         self._dirty = True
         self._save()
@@ -396,7 +396,7 @@ class Coordinator:
         for a in mine:
             b = bundles[(a.task_id, a.group_index)]
             pg_name = f"alto:{name}:{a.group_index}"
-            pg = _create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
+            pg = create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
             end = now + a.end - (0.0 if wait else a.start)
             entry.groups[a.group_index] = GroupGrant(name, a.group_index, a.node, a.gpu_ids, pg, pg_name,
                                                      b.bundles, b.strategy, now, end)
@@ -429,7 +429,7 @@ class Coordinator:
         for name, r in data.get("running", {}).items():
             groups = {}
             for g in r["groups"]:
-                pg = _lookup_pg(g["pg_name"])
+                pg = lookup_pg(g["pg_name"])
                 if pg is not None:
                     groups[g["group_index"]] = GroupGrant(name, g["group_index"], g["node"], tuple(g["gpu_ids"]),
                                                           pg, g["pg_name"], g["bundles"], g["strategy"],
@@ -468,31 +468,3 @@ def _measured_error_stats(finished: dict[str, dict]) -> dict:
 def _last_end(plan: Plan) -> float:
     """When the plan's last group ends (its makespan counts the potential nodes' start delay)."""
     return max((a.end for a in plan.assignments), default=0.0)
-
-
-def _create_pg(bundles: list[dict[str, float]], strategy: str, name: str, node_id: str | None) -> Any:
-    old = _lookup_pg(name)
-    if old is not None:
-        _remove_pg(old)
-    kwargs: dict[str, Any] = dict(strategy=strategy, name=name, lifetime="detached")
-    if node_id and strategy == "STRICT_PACK":
-        kwargs["_soft_target_node_id"] = node_id
-    try:
-        return placement_group(bundles, **kwargs)
-    except (TypeError, ValueError):
-        kwargs.pop("_soft_target_node_id", None)
-        return placement_group(bundles, **kwargs)
-
-
-def _lookup_pg(name: str) -> Any:
-    try:
-        return get_placement_group(name)
-    except ValueError:
-        return None
-
-
-def _remove_pg(pg: Any) -> None:
-    try:
-        remove_placement_group(pg)
-    except Exception:  # noqa: BLE001 - already gone (owner died, removed twice): nothing to free
-        pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import ray
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 
 from alto_ray.cluster.plan import GIB, NodeSpec, RunningGroup
 from alto_ray.tune.capacity import launchable_worker_types
@@ -157,3 +158,35 @@ def _looks_like(node_res: dict[str, float], type_res: dict[str, float]) -> bool:
     if node_res.get("GPU", 0) != type_res.get("GPU", 0):
         return False
     return all(node_res.get(k) == v for k, v in type_res.items() if k not in _GENERIC)
+
+
+# -- the coordinator's placement groups (detached, named `alto:<task>:<group>`) -------------------------
+def create_pg(bundles: list[dict[str, float]], strategy: str, name: str, node_id: str | None) -> Any:
+    """A fresh placement group under `name` (an old one of that name is removed), aimed at the
+    plan's node when Ray takes a soft target."""
+    old = lookup_pg(name)
+    if old is not None:
+        remove_pg(old)
+    kwargs: dict[str, Any] = dict(strategy=strategy, name=name, lifetime="detached")
+    if node_id and strategy == "STRICT_PACK":
+        kwargs["_soft_target_node_id"] = node_id
+    try:
+        return placement_group(bundles, **kwargs)
+    except (TypeError, ValueError):
+        kwargs.pop("_soft_target_node_id", None)
+        return placement_group(bundles, **kwargs)
+
+
+def lookup_pg(name: str) -> Any:
+    """The placement group of that name, None when there is none."""
+    try:
+        return get_placement_group(name)
+    except ValueError:
+        return None
+
+
+def remove_pg(pg: Any) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - already gone (owner died, removed twice): nothing to free
+        pass
