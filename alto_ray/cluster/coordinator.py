@@ -14,6 +14,7 @@ that joined is planned on, the groups of a node that died are released (their ta
 again; finished results are untouched). Worker types the autoscaler can start count as
 potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only kept when it
 ends at least `autoscale_gain` sooner than the plan over the nodes up (no node started for nothing).
+The actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
                                     alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
-                                    is_potential, lookup_pg, placed_node_id, potential_node_specs, remove_pg,
-                                    startup_background)
+                                    is_potential, lookup_pg, on_head_node, placed_node_id, potential_node_specs,
+                                    remove_pg, startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
 from alto_ray.cluster.predict import DurationPredictor
+from alto_ray.tune.capacity import driver_bootstrap_config
 
 COORDINATOR_NAME = "alto:coordinator"
 COORDINATOR_NAMESPACE = "alto"
@@ -75,7 +77,8 @@ class Coordinator:
                  gpu_memory_gb: float | None = None, cpus_per_gpu: float = 1, time_limit_s: float = 2.0,
                  objective: str = "makespan", cpu_slots_per_node: int | None = None,
                  predictor: DurationPredictor | None = None, replan_after_s: float = 15.0,
-                 autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05) -> None:
+                 autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05,
+                 bootstrap_config: str | None = None) -> None:
         self.state_path = Path(os.path.expanduser(state_path or DEFAULT_STATE_PATH))
         self.cpus_per_gpu = cpus_per_gpu
         self.replan_after_s = replan_after_s     # a plan ages (running groups near their end): refresh
@@ -84,6 +87,7 @@ class Coordinator:
         self._time_limit_s, self._objective = time_limit_s, objective
         self._gpu_memory_gb, self._cpu_slots = gpu_memory_gb, cpu_slots_per_node
         self._fixed = bool(nodes)                # explicit nodes (tests, benchmarks): never re-read
+        self.bootstrap_config = bootstrap_config   # the launcher's config; None: env / the head's default
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
         self._types: list = []
@@ -246,6 +250,7 @@ class Coordinator:
                 "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
                 "prediction_error_measured": _measured_error_stats(self.finished),
+                "bootstrap_config": self.bootstrap_config, "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
 
@@ -339,7 +344,7 @@ class Coordinator:
         changed = force or ids != self._alive_ids
         holding = any(e.groups for e in self.tasks.values())
         if changed:
-            self._types = gpu_worker_types()     # the launcher's config, re-read when nodes change
+            self._types = gpu_worker_types(self.bootstrap_config)   # re-read when nodes change
             if not holding:                      # the mode (GPU / CPU slots) only flips when idle
                 self.use_gpu = gpu_mode(raw, self._types)
         names = {n.name: n.ray_node_id for n in self.nodes if n.ray_node_id}
@@ -449,13 +454,13 @@ CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
 def get_coordinator(**kwargs: Any) -> Any:
     """The cluster's coordinator actor, created on first use (kwargs only count then).
 
-    Pinned to the head node when Ray exposes `node:__internal_head__`, so its state file lives there.
+    Pinned to the head node, where its state file and the launcher's config live; it reads the
+    config this driver's `ALTO_RAY_BOOTSTRAP_CONFIG` names (the actor does not see the driver's
+    environment), unless `bootstrap_config=` says otherwise.
     """
-    opts: dict[str, Any] = dict(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
-                                get_if_exists=True)
-    if "node:__internal_head__" in ray.cluster_resources():
-        opts["resources"] = {"node:__internal_head__": 0.001}
-    return CoordinatorActor.options(**opts).remote(**kwargs)
+    kwargs.setdefault("bootstrap_config", driver_bootstrap_config())
+    return CoordinatorActor.options(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
+                                    get_if_exists=True, **on_head_node()).remote(**kwargs)
 
 
 def _measured_error_stats(finished: dict[str, dict]) -> dict:

@@ -9,6 +9,9 @@ that type (same GPU count and the same custom resources, e.g. `alto_gpu_memory_g
 plan puts on a potential node gets a placement group with no node target; the autoscaler starts a
 node for it because it is pending. Potential nodes are planned busy for their start delay
 (`startup_background`), so the plan only uses them when waiting for a new node beats the nodes up.
+
+The coordinator actor itself is pinned to the head node (`on_head_node`): the launcher's config
+and the coordinator's state file live there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from alto_ray.cluster.plan import GIB, NodeSpec, RunningGroup
 from alto_ray.tune.capacity import launchable_worker_types
@@ -28,6 +32,7 @@ MAX_POTENTIAL_PER_TYPE = 8
 STARTING_TASK = "(node starting)"              # task id of the start-delay placeholder groups
 _ACCELERATOR_GB = {"H100": 80, "H200": 141, "A100": 80, "A100-40G": 40, "A100-80G": 80, "L4": 24, "A10G": 24,
                    "L40S": 48, "B200": 180, "V100": 16, "T4": 16}
+HEAD_RESOURCE = "node:__internal_head__"       # the resource Ray gives its head node only
 _GENERIC = {"CPU", "GPU", "memory", "object_store_memory"}   # resources that do not tell node types apart
 
 WorkerType = tuple[str, dict[str, float], int]
@@ -36,6 +41,19 @@ WorkerType = tuple[str, dict[str, float], int]
 def alive_ray_nodes() -> list[dict[str, Any]]:
     """`ray.nodes()` entries of the alive nodes."""
     return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def head_node_id() -> str | None:
+    """The alive head node's id: the node holding Ray's head resource (None if none shows it)."""
+    return next((n["NodeID"] for n in alive_ray_nodes() if HEAD_RESOURCE in n["Resources"]), None)
+
+
+def on_head_node() -> dict[str, Any]:
+    """Actor options pinning it to the head node (hard node affinity): an actor created from a
+    worker node's process would otherwise start there, where there is no launcher config.
+    Empty (Ray's default placement) when no node shows the head resource."""
+    node = head_node_id()
+    return {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 def gpu_worker_types(path: str | None = None) -> list[WorkerType]:
