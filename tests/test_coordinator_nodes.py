@@ -62,6 +62,9 @@ def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(clust
     cluster.remove_node(new)                          # b's node dies: its group is released
     until(lambda: len(coord.nodes_view()) == 1)
     assert coord.status() == {"a": "finished", "b": "queued"}
+    (loss,) = coord.node_losses("b")                  # recorded for b's tenant, naming the node
+    assert (loss.node_id, loss.groups, loss.pg_names, loss.requeued) == (new.node_id, (0,), (gb.pg_name,), True)
+    assert coord.node_losses("a") == []
     assert _state(gb) == "REMOVED"
     plan = coord.plan()
     assert set(plan.node_gpus) == {head.name} and plan.for_task("b")[0].node == head.name
@@ -72,7 +75,9 @@ def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(clust
 
     again = Coordinator(state_path=state, time_limit_s=0.5)   # a restart keeps both
     assert again.status() == {"a": "finished", "b": "running"}
+    assert again.node_losses("b") == [loss]           # persisted with the state
     again.task_finished("b", None)
+    assert again.finished_results()["b"]["node_losses"][0]["node_id"] == new.node_id
     assert _state(b["groups"][0]) == "REMOVED"
 
 

@@ -10,11 +10,12 @@ running groups are persisted to a small JSON file (head node) and reloaded on st
 Running groups are never moved at runtime (migration would need the trainable to checkpoint).
 
 Unless given fixed `nodes=`, it re-reads the alive nodes whenever it plans (`nodes.py`): a node
-that joined is planned on, the groups of a node that died are released (their tasks queue
-again; finished results are untouched). Worker types the autoscaler can start count as
-potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only kept when it
-ends at least `autoscale_gain` sooner than the plan over the nodes up (no node started for nothing).
-The actor is pinned to the head node (`get_coordinator`).
+that joined is planned on, the groups of a node that died are released (a task left with none
+queues again; finished results are untouched) and the loss is recorded for the task's tenant
+(`node_loss.py`: `node_losses()`, `metrics()`, `describe()`). Worker types the autoscaler can
+start count as potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only
+kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
+started for nothing). The actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import ray
 
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
+from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
                                     alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
                                     is_potential, lookup_pg, on_head_node, placed_node_id, potential_node_specs,
@@ -88,6 +90,7 @@ class Coordinator:
         self._gpu_memory_gb, self._cpu_slots = gpu_memory_gb, cpu_slots_per_node
         self._fixed = bool(nodes)                # explicit nodes (tests, benchmarks): never re-read
         self.bootstrap_config = bootstrap_config   # the launcher's config; None: env / the head's default
+        self.losses = NodeLossLog()
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
         self._types: list = []
@@ -134,15 +137,16 @@ class Coordinator:
             return {"status": "finished", "results": self.finished[task_id].get("results")}
         entry = self._entry(task_id)
         if entry.status == "running":
-            return {"status": "granted", "groups": sorted(entry.groups.values(), key=lambda g: g.group_index)}
+            return self.losses.tag(task_id, {"status": "granted", "groups": sorted(
+                entry.groups.values(), key=lambda g: g.group_index)})
         plan = self.plan()
         mine = plan.for_task(task_id)
         if mine and self._startable(plan, task_id):
-            return {"status": "granted", "groups": self._grant(entry, plan)}
+            return self.losses.tag(task_id, {"status": "granted", "groups": self._grant(entry, plan)})
         waiting = sorted((plan.task_start(t) or 0.0, e.order, t) for t, e in self.tasks.items()
                          if e.status == "queued")
         position = 1 + [t for *_x, t in waiting].index(task_id)
-        return {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)}
+        return self.losses.tag(task_id, {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)})
 
     def report_progress(self, task_id: str, step_time: float, remaining_adapter_steps: int, *,
                         tokens_per_step: int | None = None, adapters_in_group: int | None = None,
@@ -183,6 +187,8 @@ class Coordinator:
         now = time.time()
         self.finished[task_id] = {"results": results_summary, "finished_at": now,
                                   "predicted_s": predicted, "relative_error": err}
+        if task_id in self.losses.by_task:
+            self.finished[task_id]["node_losses"] = self.losses.pop(task_id)
         if entry is not None and entry.measured_at is not None:     # how good the online correction was
             at, left = entry.measured_at
             self.finished[task_id].update(measured_predicted_s=left, measured_actual_s=now - at,
@@ -214,8 +220,15 @@ class Coordinator:
             for g in entry.groups.values():
                 remove_pg(g.placement_group)
         self.predictor.forget(task_id)
+        self.losses.pop(task_id)
         self._dirty = True
         self._save()
+
+    def node_losses(self, task_id: str | None = None) -> list[NodeLoss]:
+        """Groups lost with their node (of one task, or all). Re-reads the nodes first, so a
+        tenant polling this learns of a dead node even when nothing else makes a plan."""
+        self._refresh_nodes()
+        return self.losses.of(task_id)
 
     # -- views -----------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -227,7 +240,7 @@ class Coordinator:
         return self._plan
 
     def describe(self) -> str:
-        return self.plan().describe()
+        return self.plan().describe() + self.losses.describe()
 
     def status(self) -> dict[str, str]:
         out = {t: e.status for t, e in self.tasks.items()}
@@ -250,7 +263,8 @@ class Coordinator:
                 "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
                 "prediction_error_measured": _measured_error_stats(self.finished),
-                "bootstrap_config": self.bootstrap_config, "on_node": ray.get_runtime_context().get_node_id(),
+                "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
+                "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
 
@@ -352,7 +366,8 @@ class Coordinator:
                                  {i: name for name, i in names.items()})
         if changed:                              # groups on a node that left: their actors are gone
             up = {(n.name, n.ray_node_id) for n in alive}
-            self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up)
+            self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up,
+                                lost_with=names)
         moved = self._rehome(alive)
         if not (changed or moved):
             return
@@ -368,11 +383,15 @@ class Coordinator:
         self.allocator = Allocator(nodes, time_limit_s=self._time_limit_s, objective=self._objective)
         self._dirty = True
 
-    def _release_where(self, gone: Callable[[GroupGrant], bool]) -> None:
+    def _release_where(self, gone: Callable[[GroupGrant], bool], lost_with: dict[str, str] | None = None) -> None:
+        """Release the groups `gone` says; `lost_with` (node name -> id): they died with their
+        node, so each task's loss is recorded for its tenant first."""
         for t, e in list(self.tasks.items()):
-            for gi, g in list(e.groups.items()):
-                if gone(g):
-                    self.release(t, gi)
+            hit = {gi: g for gi, g in e.groups.items() if gone(g)}
+            if hit and lost_with is not None:
+                self.losses.record(t, hit.values(), lost_with, requeued=len(hit) == len(e.groups))
+            for gi in hit:
+                self.release(t, gi)
 
     def _rehome(self, alive: list[NodeSpec]) -> bool:
         """Groups granted on potential nodes whose placement group got placed now run on that alive
@@ -421,8 +440,8 @@ class Coordinator:
                    for t, e in self.tasks.items() if e.status == "running"}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running},
-                                  indent=1, default=str))
+        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running,
+                                   "node_losses": self.losses.to_json()}, indent=1, default=str))
         os.replace(tmp, self.state_path)
 
     def _load(self) -> None:
@@ -431,6 +450,7 @@ class Coordinator:
             return
         data = json.loads(self.state_path.read_text())
         self.finished = dict(data.get("finished", {}))
+        self.losses.load(data.get("node_losses", {}))
         for name, r in data.get("running", {}).items():
             groups = {}
             for g in r["groups"]:
