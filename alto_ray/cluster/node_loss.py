@@ -5,7 +5,13 @@ When a node dies, its `AdapterGroup` actors die with it (their trials fail with 
 placement groups are removed. The coordinator records one `NodeLoss` per task and node (which
 groups, the node's id, address and Ray's death reason, when, and whether the task was left
 with no group and queued again), persists it with its state, shows it in `metrics()` and
-`describe()`, keeps it in the task's finished record, and answers `node_losses(task)`.
+`describe()`, keeps it in the task's finished record, and answers `node_losses(task)`, which
+the tenant polls.
+
+The tenant warns, naming the node and the groups, and republishes its placement without them
+(`publish_grant`: Ray's key-value store, one key per tenant session, which `GrantedPlacement`
+reads in the trial processes). Tune restores the failed trials from their checkpoints into the
+groups left; a task left with none queues for new groups, and the restored trials join those.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import ray
 
 logger = logging.getLogger(__name__)
 
+KV_NAMESPACE = "alto"
 MAX_PER_TASK = 20                # a flapping cluster must not grow the state file without bound
 
 
@@ -106,3 +113,40 @@ def _dead_nodes() -> dict[str, dict[str, Any]]:
         return {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
     except Exception:  # noqa: BLE001 - the loss is recorded without the address then
         return {}
+
+
+# -- the grant the trials read ----------------------------------------------------------------------
+def grant_key(task_name: str, session: str) -> str:
+    return f"grant:{task_name}:{session}"
+
+
+def publish_grant(key: str, groups: list[Any]) -> None:
+    """Make `groups` (GroupSpecs) the placement the task's trials read from now on."""
+    from ray import cloudpickle
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, cloudpickle.dumps(list(groups)), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def read_grant(key: str) -> Optional[list[Any]]:
+    """The groups last published under `key`; None when none were (or Ray is not connected)."""
+    try:
+        from ray import cloudpickle
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        if not _internal_kv_initialized():
+            return None
+        raw = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        return None if raw is None else list(cloudpickle.loads(raw))
+    except Exception as err:  # noqa: BLE001 - the fixed list still works
+        logger.debug("reading the grant %s: %s", key, err)
+        return None
+
+
+def drop_grant(key: str) -> None:
+    try:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(key, namespace=KV_NAMESPACE)
+    except Exception as err:  # noqa: BLE001 - best effort: the key names a finished session
+        logger.debug("dropping the grant %s: %s", key, err)
