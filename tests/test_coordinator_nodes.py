@@ -8,55 +8,28 @@ its plan between calls; the actor is this class.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
 
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.placement_group import placement_group_table  # noqa: E402
 
 from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
 from alto_ray.cluster.coordinator import Coordinator  # noqa: E402
 from alto_ray.tune.capacity import BOOTSTRAP_ENV, launchable_worker_types  # noqa: E402
+from tune_support import local_cluster, until, write_bootstrap  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    ray.init(address=c.address, namespace="alto-test", log_to_driver=False, configure_logging=False)
-    try:
+    with local_cluster() as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def _spec(name: str, backbone_gb: float = 4.0, gpg: int = 2, groups: int = 1, work_s: float | None = None) -> TaskSpec:
     return TaskSpec(name, int(backbone_gb * GIB), GIB // 4, num_adapters=4, gpus_per_group=gpg, max_groups=groups,
                     work_s=work_s, params=1e8, tokens_per_adapter_step=512, steps_per_adapter=50)
-
-
-def _bootstrap(tmp_path, gpus: int = 4, max_workers: int = 2) -> str:
-    """A launcher config as `ray up` leaves it on the head: a CPU head, one GPU worker type."""
-    config = {"cluster_name": "t", "max_workers": 4, "head_node_type": "head", "available_node_types": {
-        "head": {"resources": {"CPU": 2, "GPU": 0}, "max_workers": 0},
-        "gpu4": {"resources": {"CPU": 8, "GPU": gpus}, "min_workers": 0, "max_workers": max_workers}}}
-    path = tmp_path / "ray_bootstrap_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def _until(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    end = time.time() + timeout_s
-    while not (value := check()):
-        assert time.time() < end, "timed out"
-        time.sleep(0.1)
-    return value
 
 
 def _state(grant) -> str:
@@ -87,8 +60,11 @@ def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(clust
     coord.task_finished("a", {"best_loss": 1.5})
 
     cluster.remove_node(new)                          # b's node dies: its group is released
-    _until(lambda: len(coord.nodes_view()) == 1)
+    until(lambda: len(coord.nodes_view()) == 1)
     assert coord.status() == {"a": "finished", "b": "queued"}
+    (loss,) = coord.node_losses("b")                  # recorded for b's tenant, naming the node
+    assert (loss.node_id, loss.groups, loss.pg_names, loss.requeued) == (new.node_id, (0,), (gb.pg_name,), True)
+    assert coord.node_losses("a") == []
     assert _state(gb) == "REMOVED"
     plan = coord.plan()
     assert set(plan.node_gpus) == {head.name} and plan.for_task("b")[0].node == head.name
@@ -99,12 +75,14 @@ def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(clust
 
     again = Coordinator(state_path=state, time_limit_s=0.5)   # a restart keeps both
     assert again.status() == {"a": "finished", "b": "running"}
+    assert again.node_losses("b") == [loss]           # persisted with the state
     again.task_finished("b", None)
+    assert again.finished_results()["b"]["node_losses"][0]["node_id"] == new.node_id
     assert _state(b["groups"][0]) == "REMOVED"
 
 
 def test_with_no_gpu_up_a_task_is_granted_a_node_the_autoscaler_will_start(cluster, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(BOOTSTRAP_ENV, _bootstrap(tmp_path))
+    monkeypatch.setenv(BOOTSTRAP_ENV, write_bootstrap(tmp_path))
     assert launchable_worker_types() == [("gpu4", {"CPU": 8.0, "GPU": 4.0}, 2)]
     coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5)
     nodes = coord.nodes_view()                        # GPU mode over the potential nodes, not CPU slots
@@ -130,7 +108,7 @@ def test_with_no_gpu_up_a_task_is_granted_a_node_the_autoscaler_will_start(clust
     # on that node, which is no longer counted among the potential ones.
     up = cluster.add_node(num_cpus=4, num_gpus=4)
     try:
-        _until(lambda: not coord.plan().for_task("big")[0].node.startswith("autoscale:"))
+        until(lambda: not coord.plan().for_task("big")[0].node.startswith("autoscale:"))
         real = coord.plan().for_task("big")[0]
         assert coord.plan().node_ids[real.node] == up.node_id and real.gpu_ids == (0, 1, 2, 3) and real.running
         assert [n.name for n in coord.nodes_view()] == [real.node, "autoscale:gpu4:0"]
@@ -139,11 +117,11 @@ def test_with_no_gpu_up_a_task_is_granted_a_node_the_autoscaler_will_start(clust
         assert _state(g) == "REMOVED"
     finally:
         cluster.remove_node(up)
-        _until(lambda: all(n["NodeID"] != up.node_id for n in ray.nodes() if n["Alive"]))
+        until(lambda: all(n["NodeID"] != up.node_id for n in ray.nodes() if n["Alive"]))
 
 
 def test_alive_gpus_first_new_nodes_only_when_waiting_for_one_pays(cluster, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(BOOTSTRAP_ENV, _bootstrap(tmp_path))
+    monkeypatch.setenv(BOOTSTRAP_ENV, write_bootstrap(tmp_path))
     gpu = cluster.add_node(num_cpus=2, num_gpus=1)    # one alive GPU, and two 4-GPU nodes to start
     cluster.wait_for_nodes()
     try:

@@ -5,7 +5,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ray import tune
 
@@ -87,19 +87,73 @@ def local_ray(**init_kwargs: Any) -> Iterator[None]:
     """A fresh 2-CPU local Ray for a test module; the coordinator (if a tenant made one) dies with it."""
     import ray
 
-    from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE
-
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **init_kwargs)
     try:
         yield
     finally:
-        try:
-            ray.kill(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE))
-        except ValueError:
-            pass
+        kill_coordinator(wait=False)
         ray.shutdown()
+
+
+@contextmanager
+def local_cluster(head_cpus: int = 2) -> Iterator[Any]:
+    """A real multi-node Ray on this machine (`ray.cluster_utils.Cluster`: a head; tests add
+    and remove nodes), the driver connected; the coordinator (if one was made) dies with it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    ray.init(address=cluster.address, namespace="alto-test", log_to_driver=False, configure_logging=False)
+    try:
+        yield cluster
+    finally:
+        kill_coordinator(wait=False)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def kill_coordinator(wait: bool = True) -> None:
+    """Kill the cluster's coordinator actor, if any; `wait`: until its name is free again."""
+    import ray
+
+    from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE
+
+    def alive() -> Any:
+        try:
+            return ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE)
+        except ValueError:
+            return None
+
+    coord = alive()
+    if coord is not None:
+        ray.kill(coord)
+        if wait:
+            until(lambda: alive() is None)
+
+
+def until(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+    """Poll `check` until it returns something true (and return that); fail after `timeout_s`."""
+    end = time.time() + timeout_s
+    while not (value := check()):
+        assert time.time() < end, "timed out"
+        time.sleep(0.1)
+    return value
+
+
+def write_bootstrap(tmp_path: Any, gpus: int = 4, max_workers: int = 2) -> str:
+    """A launcher config as `ray up` leaves it on the head: a CPU head, one GPU worker type `gpu4`."""
+    import yaml
+
+    config = {"cluster_name": "t", "max_workers": 4, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 2, "GPU": 0}, "max_workers": 0},
+        "gpu4": {"resources": {"CPU": 8, "GPU": gpus}, "min_workers": 0, "max_workers": max_workers}}}
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
 
 
 def load_peft_checkpoint(model_dir: str, path: str) -> Tuple[int, bool]:

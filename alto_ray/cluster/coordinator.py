@@ -10,10 +10,12 @@ running groups are persisted to a small JSON file (head node) and reloaded on st
 Running groups are never moved at runtime (migration would need the trainable to checkpoint).
 
 Unless given fixed `nodes=`, it re-reads the alive nodes whenever it plans (`nodes.py`): a node
-that joined is planned on, the groups of a node that died are released (their tasks queue
-again; finished results are untouched). Worker types the autoscaler can start count as
-potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only kept when it
-ends at least `autoscale_gain` sooner than the plan over the nodes up (no node started for nothing).
+that joined is planned on, the groups of a node that died are released (a task left with none
+queues again; finished results are untouched) and the loss is recorded for the task's tenant
+(`node_loss.py`: `node_losses()`, `metrics()`, `describe()`). Worker types the autoscaler can
+start count as potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only
+kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
+started for nothing). The actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
+from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
-                                    alive_ray_nodes, free_gpu_ids, gpu_mode, gpu_worker_types, is_potential,
-                                    placed_node_id, potential_node_specs, startup_background)
+                                    alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
+                                    is_potential, lookup_pg, on_head_node, placed_node_id, potential_node_specs,
+                                    remove_pg, startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
 from alto_ray.cluster.predict import DurationPredictor
+from alto_ray.tune.capacity import driver_bootstrap_config
 
 COORDINATOR_NAME = "alto:coordinator"
 COORDINATOR_NAMESPACE = "alto"
@@ -75,7 +79,8 @@ class Coordinator:
                  gpu_memory_gb: float | None = None, cpus_per_gpu: float = 1, time_limit_s: float = 2.0,
                  objective: str = "makespan", cpu_slots_per_node: int | None = None,
                  predictor: DurationPredictor | None = None, replan_after_s: float = 15.0,
-                 autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05) -> None:
+                 autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05,
+                 bootstrap_config: str | None = None) -> None:
         self.state_path = Path(os.path.expanduser(state_path or DEFAULT_STATE_PATH))
         self.cpus_per_gpu = cpus_per_gpu
         self.replan_after_s = replan_after_s     # a plan ages (running groups near their end): refresh
@@ -84,6 +89,8 @@ class Coordinator:
         self._time_limit_s, self._objective = time_limit_s, objective
         self._gpu_memory_gb, self._cpu_slots = gpu_memory_gb, cpu_slots_per_node
         self._fixed = bool(nodes)                # explicit nodes (tests, benchmarks): never re-read
+        self.bootstrap_config = bootstrap_config   # the launcher's config; None: env / the head's default
+        self.losses = NodeLossLog()
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
         self._types: list = []
@@ -130,15 +137,16 @@ class Coordinator:
             return {"status": "finished", "results": self.finished[task_id].get("results")}
         entry = self._entry(task_id)
         if entry.status == "running":
-            return {"status": "granted", "groups": sorted(entry.groups.values(), key=lambda g: g.group_index)}
+            return self.losses.tag(task_id, {"status": "granted", "groups": sorted(
+                entry.groups.values(), key=lambda g: g.group_index)})
         plan = self.plan()
         mine = plan.for_task(task_id)
         if mine and self._startable(plan, task_id):
-            return {"status": "granted", "groups": self._grant(entry, plan)}
+            return self.losses.tag(task_id, {"status": "granted", "groups": self._grant(entry, plan)})
         waiting = sorted((plan.task_start(t) or 0.0, e.order, t) for t, e in self.tasks.items()
                          if e.status == "queued")
         position = 1 + [t for *_x, t in waiting].index(task_id)
-        return {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)}
+        return self.losses.tag(task_id, {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)})
 
     def report_progress(self, task_id: str, step_time: float, remaining_adapter_steps: int, *,
                         tokens_per_step: int | None = None, adapters_in_group: int | None = None,
@@ -162,7 +170,7 @@ class Coordinator:
         entry = self._entry(task_id)
         g = entry.groups.pop(group, None)
         if g is not None:
-            _remove_pg(g.placement_group)
+            remove_pg(g.placement_group)
         if not entry.groups and entry.status == "running":
             entry.status = "queued"
         self._dirty = True
@@ -173,12 +181,14 @@ class Coordinator:
         entry = self.tasks.pop(task_id, None)
         if entry is not None:
             for g in entry.groups.values():
-                _remove_pg(g.placement_group)
+                remove_pg(g.placement_group)
         predicted = self.predictor.predicted_at_start(task_id)
         err = self.predictor.mark_finished(task_id)
         now = time.time()
         self.finished[task_id] = {"results": results_summary, "finished_at": now,
                                   "predicted_s": predicted, "relative_error": err}
+        if task_id in self.losses.by_task:
+            self.finished[task_id]["node_losses"] = self.losses.pop(task_id)
         if entry is not None and entry.measured_at is not None:     # how good the online correction was
             at, left = entry.measured_at
             self.finished[task_id].update(measured_predicted_s=left, measured_actual_s=now - at,
@@ -195,7 +205,7 @@ class Coordinator:
             return False
         names = {n.name for n in self.nodes_view()}
         live = {g.group_index: g for g in groups if (g.node in names or is_potential(g.node))
-                and _lookup_pg(g.pg_name) is not None}
+                and lookup_pg(g.pg_name) is not None}
         if not live:
             return False
         entry.groups, entry.status, self._dirty = live, "running", True
@@ -208,10 +218,17 @@ class Coordinator:
         entry = self.tasks.pop(task_id, None)
         if entry is not None:
             for g in entry.groups.values():
-                _remove_pg(g.placement_group)
+                remove_pg(g.placement_group)
         self.predictor.forget(task_id)
+        self.losses.pop(task_id)
         self._dirty = True
         self._save()
+
+    def node_losses(self, task_id: str | None = None) -> list[NodeLoss]:
+        """Groups lost with their node (of one task, or all). Re-reads the nodes first, so a
+        tenant polling this learns of a dead node even when nothing else makes a plan."""
+        self._refresh_nodes()
+        return self.losses.of(task_id)
 
     # -- views -----------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -223,7 +240,7 @@ class Coordinator:
         return self._plan
 
     def describe(self) -> str:
-        return self.plan().describe()
+        return self.plan().describe() + self.losses.describe()
 
     def status(self) -> dict[str, str]:
         out = {t: e.status for t, e in self.tasks.items()}
@@ -246,6 +263,8 @@ class Coordinator:
                 "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
                 "prediction_error_measured": _measured_error_stats(self.finished),
+                "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
+                "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
 
@@ -339,7 +358,7 @@ class Coordinator:
         changed = force or ids != self._alive_ids
         holding = any(e.groups for e in self.tasks.values())
         if changed:
-            self._types = gpu_worker_types()     # the launcher's config, re-read when nodes change
+            self._types = gpu_worker_types(self.bootstrap_config)   # re-read when nodes change
             if not holding:                      # the mode (GPU / CPU slots) only flips when idle
                 self.use_gpu = gpu_mode(raw, self._types)
         names = {n.name: n.ray_node_id for n in self.nodes if n.ray_node_id}
@@ -347,7 +366,8 @@ class Coordinator:
                                  {i: name for name, i in names.items()})
         if changed:                              # groups on a node that left: their actors are gone
             up = {(n.name, n.ray_node_id) for n in alive}
-            self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up)
+            self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up,
+                                lost_with=names)
         moved = self._rehome(alive)
         if not (changed or moved):
             return
@@ -363,11 +383,15 @@ class Coordinator:
         self.allocator = Allocator(nodes, time_limit_s=self._time_limit_s, objective=self._objective)
         self._dirty = True
 
-    def _release_where(self, gone: Callable[[GroupGrant], bool]) -> None:
+    def _release_where(self, gone: Callable[[GroupGrant], bool], lost_with: dict[str, str] | None = None) -> None:
+        """Release the groups `gone` says; `lost_with` (node name -> id): they died with their
+        node, so each task's loss is recorded for its tenant first."""
         for t, e in list(self.tasks.items()):
-            for gi, g in list(e.groups.items()):
-                if gone(g):
-                    self.release(t, gi)
+            hit = {gi: g for gi, g in e.groups.items() if gone(g)}
+            if hit and lost_with is not None:
+                self.losses.record(t, hit.values(), lost_with, requeued=len(hit) == len(e.groups))
+            for gi in hit:
+                self.release(t, gi)
 
     def _rehome(self, alive: list[NodeSpec]) -> bool:
         """Groups granted on potential nodes whose placement group got placed now run on that alive
@@ -396,7 +420,7 @@ class Coordinator:
         for a in mine:
             b = bundles[(a.task_id, a.group_index)]
             pg_name = f"alto:{name}:{a.group_index}"
-            pg = _create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
+            pg = create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
             end = now + a.end - (0.0 if wait else a.start)
             entry.groups[a.group_index] = GroupGrant(name, a.group_index, a.node, a.gpu_ids, pg, pg_name,
                                                      b.bundles, b.strategy, now, end)
@@ -416,8 +440,8 @@ class Coordinator:
                    for t, e in self.tasks.items() if e.status == "running"}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running},
-                                  indent=1, default=str))
+        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running,
+                                   "node_losses": self.losses.to_json()}, indent=1, default=str))
         os.replace(tmp, self.state_path)
 
     def _load(self) -> None:
@@ -426,10 +450,11 @@ class Coordinator:
             return
         data = json.loads(self.state_path.read_text())
         self.finished = dict(data.get("finished", {}))
+        self.losses.load(data.get("node_losses", {}))
         for name, r in data.get("running", {}).items():
             groups = {}
             for g in r["groups"]:
-                pg = _lookup_pg(g["pg_name"])
+                pg = lookup_pg(g["pg_name"])
                 if pg is not None:
                     groups[g["group_index"]] = GroupGrant(name, g["group_index"], g["node"], tuple(g["gpu_ids"]),
                                                           pg, g["pg_name"], g["bundles"], g["strategy"],
@@ -449,13 +474,13 @@ CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
 def get_coordinator(**kwargs: Any) -> Any:
     """The cluster's coordinator actor, created on first use (kwargs only count then).
 
-    Pinned to the head node when Ray exposes `node:__internal_head__`, so its state file lives there.
+    Pinned to the head node, where its state file and the launcher's config live; it reads the
+    config this driver's `ALTO_RAY_BOOTSTRAP_CONFIG` names (the actor does not see the driver's
+    environment), unless `bootstrap_config=` says otherwise.
     """
-    opts: dict[str, Any] = dict(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
-                                get_if_exists=True)
-    if "node:__internal_head__" in ray.cluster_resources():
-        opts["resources"] = {"node:__internal_head__": 0.001}
-    return CoordinatorActor.options(**opts).remote(**kwargs)
+    kwargs.setdefault("bootstrap_config", driver_bootstrap_config())
+    return CoordinatorActor.options(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
+                                    get_if_exists=True, **on_head_node()).remote(**kwargs)
 
 
 def _measured_error_stats(finished: dict[str, dict]) -> dict:
@@ -468,31 +493,3 @@ def _measured_error_stats(finished: dict[str, dict]) -> dict:
 def _last_end(plan: Plan) -> float:
     """When the plan's last group ends (its makespan counts the potential nodes' start delay)."""
     return max((a.end for a in plan.assignments), default=0.0)
-
-
-def _create_pg(bundles: list[dict[str, float]], strategy: str, name: str, node_id: str | None) -> Any:
-    old = _lookup_pg(name)
-    if old is not None:
-        _remove_pg(old)
-    kwargs: dict[str, Any] = dict(strategy=strategy, name=name, lifetime="detached")
-    if node_id and strategy == "STRICT_PACK":
-        kwargs["_soft_target_node_id"] = node_id
-    try:
-        return placement_group(bundles, **kwargs)
-    except (TypeError, ValueError):
-        kwargs.pop("_soft_target_node_id", None)
-        return placement_group(bundles, **kwargs)
-
-
-def _lookup_pg(name: str) -> Any:
-    try:
-        return get_placement_group(name)
-    except ValueError:
-        return None
-
-
-def _remove_pg(pg: Any) -> None:
-    try:
-        remove_placement_group(pg)
-    except Exception:  # noqa: BLE001 - already gone (owner died, removed twice): nothing to free
-        pass

@@ -9,6 +9,9 @@ that type (same GPU count and the same custom resources, e.g. `alto_gpu_memory_g
 plan puts on a potential node gets a placement group with no node target; the autoscaler starts a
 node for it because it is pending. Potential nodes are planned busy for their start delay
 (`startup_background`), so the plan only uses them when waiting for a new node beats the nodes up.
+
+The coordinator actor itself is pinned to the head node (`on_head_node`): the launcher's config
+and the coordinator's state file live there.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import ray
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from alto_ray.cluster.plan import GIB, NodeSpec, RunningGroup
 from alto_ray.tune.capacity import launchable_worker_types
@@ -27,6 +32,7 @@ MAX_POTENTIAL_PER_TYPE = 8
 STARTING_TASK = "(node starting)"              # task id of the start-delay placeholder groups
 _ACCELERATOR_GB = {"H100": 80, "H200": 141, "A100": 80, "A100-40G": 40, "A100-80G": 80, "L4": 24, "A10G": 24,
                    "L40S": 48, "B200": 180, "V100": 16, "T4": 16}
+HEAD_RESOURCE = "node:__internal_head__"       # the resource Ray gives its head node only
 _GENERIC = {"CPU", "GPU", "memory", "object_store_memory"}   # resources that do not tell node types apart
 
 WorkerType = tuple[str, dict[str, float], int]
@@ -35,6 +41,19 @@ WorkerType = tuple[str, dict[str, float], int]
 def alive_ray_nodes() -> list[dict[str, Any]]:
     """`ray.nodes()` entries of the alive nodes."""
     return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def head_node_id() -> str | None:
+    """The alive head node's id: the node holding Ray's head resource (None if none shows it)."""
+    return next((n["NodeID"] for n in alive_ray_nodes() if HEAD_RESOURCE in n["Resources"]), None)
+
+
+def on_head_node() -> dict[str, Any]:
+    """Actor options pinning it to the head node (hard node affinity): an actor created from a
+    worker node's process would otherwise start there, where there is no launcher config.
+    Empty (Ray's default placement) when no node shows the head resource."""
+    node = head_node_id()
+    return {} if node is None else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 def gpu_worker_types(path: str | None = None) -> list[WorkerType]:
@@ -157,3 +176,35 @@ def _looks_like(node_res: dict[str, float], type_res: dict[str, float]) -> bool:
     if node_res.get("GPU", 0) != type_res.get("GPU", 0):
         return False
     return all(node_res.get(k) == v for k, v in type_res.items() if k not in _GENERIC)
+
+
+# -- the coordinator's placement groups (detached, named `alto:<task>:<group>`) -------------------------
+def create_pg(bundles: list[dict[str, float]], strategy: str, name: str, node_id: str | None) -> Any:
+    """A fresh placement group under `name` (an old one of that name is removed), aimed at the
+    plan's node when Ray takes a soft target."""
+    old = lookup_pg(name)
+    if old is not None:
+        remove_pg(old)
+    kwargs: dict[str, Any] = dict(strategy=strategy, name=name, lifetime="detached")
+    if node_id and strategy == "STRICT_PACK":
+        kwargs["_soft_target_node_id"] = node_id
+    try:
+        return placement_group(bundles, **kwargs)
+    except (TypeError, ValueError):
+        kwargs.pop("_soft_target_node_id", None)
+        return placement_group(bundles, **kwargs)
+
+
+def lookup_pg(name: str) -> Any:
+    """The placement group of that name, None when there is none."""
+    try:
+        return get_placement_group(name)
+    except ValueError:
+        return None
+
+
+def remove_pg(pg: Any) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - already gone (owner died, removed twice): nothing to free
+        pass

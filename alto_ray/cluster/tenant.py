@@ -4,14 +4,21 @@ The driver that runs `Tuner.fit()` is the tenant. It registers the task with the
 (sizes from the engine's memory estimates, work from the duration prior), waits in the queue
 until the plan starts it, then hands Tune a `GrantedPlacement`: the task's `placement` seam,
 returning one `GroupSpec` per granted group whose options pin the `AdapterGroup` actor into the
-group's placement-group bundle. The placement is a fixed list (picklable, no Ray calls), because
-every trial process calls it; all talking to the coordinator stays in the driver:
+group's placement-group bundle. The placement is a list (picklable), because every trial
+process calls it; it prefers the list the tenant last published in Ray's key-value store (one
+read), so trials Tune restores after a group was lost find the groups left or granted anew. All
+talking to the coordinator stays in the driver:
 
 * a progress thread polls the group actors (`describe()`) and reports measured step times and
   remaining adapter-steps (early exits shrink them), so re-planning uses measurements;
 * if the coordinator dies (killed, head restart), calls re-create it (it reloads its JSON
   state), re-register the task idempotently and re-attach its running groups; training never
   stops, since groups live in detached placement groups;
+* a node that dies takes its groups (and their trials) with it; the coordinator releases them,
+  and the progress thread's next poll (`check_losses`) warns naming the node and the groups,
+  drops them from the placement and, when no group is left, queues for new ones. The trials
+  fail with an error naming the node and Tune restores them (`FailureConfig.max_failures`) from
+  their checkpoints into the groups left or the new ones; finished trials keep their results;
 * `finish()` reports the best result; a failed fit `withdraw`s instead, freeing the groups.
 
 `run_tenant(task, param_space, tune_config)` does all of it around one `Tuner.fit()`.
@@ -23,6 +30,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from typing import Any, Callable, Optional
 
 import ray
@@ -30,6 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
+from alto_ray.cluster.node_loss import NodeLoss, drop_grant, grant_key, publish_grant, read_grant
 from alto_ray.cluster.plan import TaskSpec
 from alto_ray.tune.group import NAMESPACE
 from alto_ray.tune.task import RANK_LOCAL_TRAINER, GroupSpec, LoRATask
@@ -45,17 +54,22 @@ class TaskAlreadyFinished(RuntimeError):
 
 
 class GrantedPlacement:
-    """`LoRATask.placement` for granted groups: a fixed list, safe to call in trial processes."""
+    """`LoRATask.placement` for granted groups, safe to call in trial processes: the list the
+    tenant last published under `key` (groups lost with a node left out, new grants in), else
+    the groups granted first."""
 
-    def __init__(self, groups: list[GroupSpec], tenant: Optional["Tenant"] = None) -> None:
+    def __init__(self, groups: list[GroupSpec], tenant: Optional["Tenant"] = None,
+                 key: Optional[str] = None) -> None:
         self.groups = list(groups)
         self.tenant = tenant             # driver only: not pickled into trials
+        self.key = key
 
     def __call__(self, task: LoRATask) -> list[GroupSpec]:
-        return list(self.groups)
+        published = read_grant(self.key) if self.key else None
+        return list(self.groups if published is None else published)
 
     def __reduce__(self) -> tuple:
-        return (GrantedPlacement, (self.groups,))
+        return (GrantedPlacement, (self.groups, None, self.key))
 
     def __repr__(self) -> str:
         return f"GrantedPlacement({[g.name for g in self.groups]})"
@@ -84,6 +98,8 @@ class Tenant:
         self.reconnects = 0
         self.waits: list[dict] = []            # every "wait" answer while queued (position, eta_s)
         self.granted_at: Optional[float] = None
+        self.node_losses: list[NodeLoss] = []  # groups this task lost with their node, as told
+        self.grant_key = grant_key(self.name, uuid.uuid4().hex[:12])   # this session's published placement
         self._coord: Any = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -146,6 +162,12 @@ class Tenant:
 
     def acquire(self) -> LoRATask:
         """Block (backoff, logging the queue position) until granted and the groups are placed."""
+        specs = self._acquire_groups()
+        self.task = self.base_task.replace(placement=GrantedPlacement(specs, self, self.grant_key))
+        return self.task
+
+    def _acquire_groups(self) -> list[GroupSpec]:
+        """Queue until granted, wait for the placement groups, publish their GroupSpecs."""
         t0, backoff = time.time(), 0.5
         while True:
             answer = self.call("request_groups", self.name)
@@ -178,10 +200,10 @@ class Tenant:
                                            f"not placeable after {waited:.0f}s (cluster changed?)") from None
                     logger.info("alto tenant %s: waiting for placement group %s", self.name, g.pg_name)
         specs = [group_spec(self.name, g, self.base_task.device) for g in self.grants]
-        self.task = self.base_task.replace(placement=GrantedPlacement(specs, self))
+        publish_grant(self.grant_key, specs)
         logger.info("alto tenant %s: granted %d group(s): %s", self.name, len(specs),
                     ", ".join(f"{g.pg_name}@{g.node}" for g in self.grants))
-        return self.task
+        return specs
 
     def start(self) -> LoRATask:
         """register + acquire + start progress reporting; returns the placed task."""
@@ -207,10 +229,12 @@ class Tenant:
         """Record the results with the coordinator (persisted) and free the groups."""
         self.stop_reporting()
         self.call("task_finished", self.name, results_summary)
+        drop_grant(self.grant_key)
 
     def withdraw(self) -> None:
         """Give the groups back without results (the Tuner failed)."""
         self.stop_reporting()
+        drop_grant(self.grant_key)
         try:
             self.call("withdraw", self.name)
         except Exception as err:  # noqa: BLE001 - best effort on the failure path
@@ -219,10 +243,37 @@ class Tenant:
     # -- progress --------------------------------------------------------------------------------------
     def _progress_loop(self) -> None:
         while not self._stop.wait(self.poll_s):
+            for step in (self.report_once, self.check_losses):
+                try:
+                    step()
+                except Exception as err:  # noqa: BLE001 - reporting must never stop training
+                    logger.debug("alto tenant %s: %s failed: %s", self.name, step.__name__, err)
+
+    def check_losses(self) -> list[NodeLoss]:
+        """Groups lost with their node since the last check (the coordinator notices the dead node
+        on this call): warn naming the node and groups, leave them out of the placement the
+        trials read, and queue for new groups when none is left (blocks until granted)."""
+        seen = {(x.node, x.at) for x in self.node_losses}
+        new = [x for x in self.call("node_losses", self.name, timeout_s=30) if (x.node, x.at) not in seen]
+        if not new or self.task is None:
+            return []
+        lost = {i for x in new for i in x.groups}
+        self.node_losses += new
+        self.grants = [g for g in self.grants if g.group_index not in lost]
+        placement = self.task.placement
+        placement.groups = [s for s in placement.groups if s.index not in lost]
+        publish_grant(self.grant_key, placement.groups)
+        left = ", ".join(s.name for s in placement.groups)
+        for x in new:
+            logger.warning("alto tenant %s: %s; its trials fail and Tune restores them from their checkpoints %s",
+                           self.name, x.describe(), f"into the groups left ({left})" if left else
+                           "once new groups are granted (the task is queued again)")
+        if not placement.groups:
             try:
-                self.report_once()
-            except Exception as err:  # noqa: BLE001 - reporting must never stop training
-                logger.debug("alto tenant %s: progress report failed: %s", self.name, err)
+                placement.groups = self._acquire_groups()
+            except Exception as err:  # noqa: BLE001 - e.g. max_wait_s: the restored trials fail
+                logger.error("alto tenant %s: no new groups after losing its node(s): %s", self.name, err)
+        return new
 
     def report_once(self) -> Optional[float]:
         """Poll the group actors and report step time + remaining work; the predicted remaining s."""

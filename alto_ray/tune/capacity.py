@@ -6,7 +6,8 @@ task needs may not exist yet: refusing it, or placing it on the CPU, would be wr
 launcher leaves its config on the head node (`~/ray_bootstrap_config.yaml`, where `ray job
 submit` runs the driver); each worker type there with `max_workers > 0` is a node the autoscaler
 can start for a pending placement group. `ALTO_RAY_BOOTSTRAP_CONFIG` names another file (or
-"none" to ignore it).
+"none" to ignore it); the coordinator actor gets the driver's value as an argument
+(`driver_bootstrap_config`), since an actor's process does not see the driver's environment.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def alive_nodes() -> Optional[List[Dict[str, float]]]:
     except Exception:  # pragma: no cover - Ray not importable / not connected
         pass
     return None
+
+
+def driver_bootstrap_config() -> Optional[str]:
+    """This process's `ALTO_RAY_BOOTSTRAP_CONFIG`, made absolute ("none" kept), for an actor that
+    reads the config on the same node; None when it is not set."""
+    path = os.environ.get(BOOTSTRAP_ENV)
+    if not path:
+        return None
+    return path if path.strip().lower() == "none" else os.path.abspath(os.path.expanduser(path))
 
 
 def launchable_node_types(path: Optional[str] = None) -> List[Dict[str, float]]:

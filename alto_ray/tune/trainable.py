@@ -154,8 +154,8 @@ class LoRATrainable(tune.Trainable):
             self._exit_reason = "group_lost"
             self._joined = self._reserved = False
             raise RuntimeError(
-                f"AdapterGroup {self._group_name or '?'} was lost; the trial fails and Tune "
-                f"restores it from its last checkpoint (FailureConfig.max_failures)") from err
+                f"AdapterGroup {self._group_name or '?'} was lost{lost_node(err)}; the trial fails and "
+                f"Tune restores it from its last checkpoint (FailureConfig.max_failures)") from err
 
 
 # ---------------------------------------------------------------------- finding a group
@@ -179,12 +179,25 @@ def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
     Ties (typical at a cold start, when every trial waits for the groups to load and then reads
     the same empty loads) are broken round-robin by the trial's number, so trials that start
     together still spread evenly. A group that just died or is closing (idle) is retried: its
-    name becomes free again, and the next `get_if_exists` creates a fresh actor.
+    name becomes free again, and the next `get_if_exists` creates a fresh actor. Groups whose
+    placement group was removed (the coordinator released them: their node died) are skipped;
+    the placement is read again at each attempt, so a new grant is found.
     """
     salt = _trial_number(trial_id)
     last_err: Optional[BaseException] = None
     for attempt in range(attempts):
-        specs = task.group_specs()
+        specs: List[GroupSpec] = []
+        removed: List[str] = []
+        for s in task.group_specs():
+            if _placement_removed(s):
+                removed.append(s.name)
+            else:
+                specs.append(s)
+        if removed:  # Ray would keep a group aimed there pending forever
+            last_err = RuntimeError(f"the placement groups of {', '.join(removed)} were removed (their node "
+                                    "died, or the task gave them back)")
+        elif not specs:
+            last_err = RuntimeError("the task holds no group now (queued for new ones after losing its node?)")
         handles = [AdapterGroup.options(**group_options(s)).remote(task, s) for s in specs]
         refs = [h.load.remote() for h in handles]
         best = None
@@ -205,6 +218,37 @@ def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
             return best[1], best[2]
         time.sleep(backoff_s * min(attempt + 1, 4))
     raise RuntimeError(f"no live AdapterGroup for task {task.task_name}: {last_err}")
+
+
+def _placement_removed(spec: GroupSpec) -> bool:
+    """Whether the placement group the spec schedules its group into was removed (the
+    coordinator released it); Ray keeps an actor aimed at a removed one pending forever."""
+    pg = getattr(spec.options.get("scheduling_strategy"), "placement_group", None)
+    if pg is None:
+        return False
+    from ray.util.placement_group import placement_group_table
+
+    try:
+        return placement_group_table(pg).get("state") == "REMOVED"
+    except Exception:  # noqa: BLE001 - unknown to Ray: let the actor creation say so
+        return False
+
+
+def lost_node(err: BaseException) -> str:
+    """' with its node <address> (node id …)' when Ray says the actor died with its node."""
+    found = re.search(r"node has died\. Node Id: ([0-9a-f]+)", str(err))
+    if not found:
+        return ""
+    node_id = found.group(1)
+    address = next((n.get("NodeManagerAddress") for n in _nodes() if n.get("NodeID") == node_id), None)
+    return f" with its node {address or '?'} (node id {node_id[:12]})"
+
+
+def _nodes() -> List[Dict[str, Any]]:
+    try:
+        return ray.nodes()
+    except Exception:  # noqa: BLE001 - the node id alone still names it
+        return []
 
 
 def _trial_number(trial_id: str) -> int:

@@ -1,0 +1,159 @@
+"""A tenant whose node dies is told, and the coordinator actor lives on the head node.
+
+A real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`: a head and a worker,
+2 CPUs each, no GPU: the coordinator plans CPU slots). The coordinator is the detached actor the
+tenants create (`get_coordinator`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ray.util.placement_group import placement_group_table  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy  # noqa: E402
+
+from alto_ray.cluster import GIB  # noqa: E402
+from alto_ray.cluster.coordinator import get_coordinator  # noqa: E402
+from alto_ray.cluster.tenant import GrantedPlacement, Tenant  # noqa: E402
+from alto_ray.tune.capacity import BOOTSTRAP_ENV  # noqa: E402
+from alto_ray.tune.task import LoRATask  # noqa: E402
+from alto_ray.tune.trainable import connect, lost_node  # noqa: E402
+from tune_support import kill_coordinator, local_cluster, until, write_bootstrap  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as c:
+        worker = c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        yield c, worker
+
+
+def _head_id() -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+
+
+def test_the_coordinator_lands_on_the_head_and_reads_the_creators_bootstrap_config(cluster, tmp_path) -> None:
+    _c, worker = cluster
+    path = write_bootstrap(tmp_path)                  # a GPU worker type the autoscaler can start twice
+    state = str(tmp_path / "coordinator.json")
+
+    # A driver on a worker node, with the config named in its environment: Ray would start the
+    # actor beside it, and the actor's process would not see that environment.
+    @ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker.node_id, soft=False))
+    def create_from_worker() -> tuple[str, dict]:
+        os.environ[BOOTSTRAP_ENV] = path
+        try:
+            coord = get_coordinator(state_path=state, time_limit_s=0.5)
+            return ray.get_runtime_context().get_node_id(), ray.get(coord.metrics.remote())
+        finally:
+            del os.environ[BOOTSTRAP_ENV]
+
+    try:
+        creator_node, metrics = ray.get(create_from_worker.remote(), timeout=60)
+        assert creator_node == worker.node_id
+        assert metrics["on_node"] == _head_id() != worker.node_id
+        assert metrics["bootstrap_config"] == path
+        assert metrics["potential_nodes"] == ["autoscale:gpu4:0", "autoscale:gpu4:1"]
+        assert metrics["potential_gpus"] == 8
+    finally:
+        kill_coordinator()
+
+
+def test_a_tenant_is_told_its_node_died_and_its_trials_find_the_new_groups(cluster, tmp_path, monkeypatch, caplog,
+                                                                           tiny_model_dir, tiny_dataset_path) -> None:
+    c, worker = cluster
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")         # forwarded to the coordinator: CPU slots, no autoscaler
+    opts = {"state_path": str(tmp_path / "coordinator.json"), "time_limit_s": 0.5}
+
+    def tenant(name: str) -> Tenant:                  # 2 slots a group: one tenant fills a node
+        task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name=name, max_steps=8, device="cpu")
+        return Tenant(task, 4, gpus_per_group=2, max_groups=1, backbone_bytes=GIB, adapter_bytes=GIB // 64,
+                      coordinator_options=opts, poll_s=0.2)
+
+    a, b = tenant("loss-a"), tenant("loss-b")
+    a.register(), b.register()
+    a.acquire(), b.acquire()
+    on_worker = [t for t in (a, b) if placement_group_table(t.grants[0].placement_group)["bundles_to_node_id"][0]
+                 == worker.node_id]
+    assert len(on_worker) == 1, "one tenant a node"
+    lost, kept = on_worker[0], ({a, b} - set(on_worker)).pop()
+    (old,) = lost.grants
+    old_spec = lost.task.placement.groups[0]
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Probe:                                      # an AdapterGroup in the granted bundle dies the same way
+        def ping(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    probe = Probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        old.placement_group, placement_group_bundle_index=0)).remote()
+    assert ray.get(probe.ping.remote(), timeout=30) == worker.node_id
+    coord = lost.coordinator
+
+    c.remove_node(worker)
+    with pytest.raises(ray.exceptions.RayActorError) as died:   # what a trial sees from its group
+        ray.get(probe.ping.remote(), timeout=30)
+    assert f"node id {worker.node_id[:12]}" in lost_node(died.value)
+
+    # The coordinator records the loss (its next node_losses call sees the dead node) ...
+    (loss,) = until(lambda: ray.get(coord.node_losses.remote(lost.name)))
+    assert (loss.node_id, loss.groups, loss.pg_names, loss.requeued) == (worker.node_id, (0,), (old.pg_name,), True)
+    assert loss.address == worker.node_ip_address and loss.node == old.node
+    assert kept.check_losses() == [] and ray.get(coord.node_losses.remote(kept.name)) == []
+    metrics = ray.get(coord.metrics.remote())
+    assert metrics["node_losses"][lost.name][0]["node_id"] == worker.node_id
+    assert metrics["tasks"][lost.name]["status"] == "queued" and metrics["tasks"][kept.name]["status"] == "running"
+    assert f"{lost.name}: node {loss.address} (node id {worker.node_id[:12]}) died" in ray.get(coord.describe.remote())
+    until(lambda: placement_group_table(old.placement_group)["state"] == "REMOVED")
+
+    # ... the tenant warns naming the node and the group, and queues for new groups while the
+    # head is full; the other tenant finishing frees it.
+    caplog.set_level(logging.WARNING, logger="alto_ray.cluster.tenant")
+    told: list = []
+    waiting = threading.Thread(target=lambda: told.extend(lost.check_losses()))
+    waits = len(lost.waits)
+    waiting.start()
+    until(lambda: len(lost.waits) > waits)           # queued behind the other tenant
+    assert lost.task.placement.groups == [] and GrantedPlacement([old_spec], key=lost.grant_key)(lost.task) == []
+    kept.finish({"best_loss": 1.25})
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and [x.node_id for x in told] == [worker.node_id]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and lost.name in r.getMessage()]
+    assert f"node {loss.address} (node id {worker.node_id[:12]})" in warning and "lost group(s) 0" in warning
+    assert old.pg_name in warning and "queued again" in warning
+    (new,) = lost.grants
+    assert placement_group_table(new.placement_group)["bundles_to_node_id"][0] == _head_id()
+
+    # A trial restored by Tune reads the placement the trainable was registered with (before the
+    # loss): it finds the new group, and never waits on the removed one.
+    trial_task = lost.base_task.replace(placement=GrantedPlacement([old_spec], key=lost.grant_key))
+    seen = ray.get(ray.remote(num_cpus=0)(lambda t: [s.options["scheduling_strategy"].placement_group.id.hex()
+                                         for s in t.group_specs()]).remote(trial_task), timeout=60)
+    assert seen == [new.placement_group.id.hex()]
+    stale = lost.base_task.replace(placement=GrantedPlacement([old_spec]))
+    outcome: list = []
+
+    def try_connect() -> None:
+        try:
+            connect(stale, attempts=2, backoff_s=0.05)
+        except RuntimeError as err:
+            outcome.append(str(err))
+
+    trying = threading.Thread(target=try_connect, daemon=True)   # a group aimed there would wait forever
+    trying.start()
+    trying.join(timeout=20)
+    assert len(outcome) == 1 and "no live AdapterGroup" in outcome[0] and f"{old_spec.name} were removed" in outcome[0]
+
+    # Nothing finished is lost; the lost node stays on the task's finished record.
+    lost.finish({"best_loss": 2.5})
+    done = ray.get(coord.finished_results.remote())
+    assert done[kept.name]["results"] == {"best_loss": 1.25} and "node_losses" not in done[kept.name]
+    assert done[lost.name]["node_losses"][0]["node_id"] == worker.node_id
+    assert GrantedPlacement([old_spec], key=lost.grant_key)(lost.task) == [old_spec]   # the key is dropped
