@@ -24,14 +24,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sweep import EVAL_SIZE, SEQ_LEN, WARMUP, build_workdir, sweep_configs  # noqa: E402
 
 
+def kernel_counters() -> dict:
+    """Per launcher: its launches by path and the compiled variants of its kernel (a slow step
+    that added variants compiled; one that added autotune launches tuned)."""
+    from alto_kernels import fused, fused_rms_norm, fused_rotary, fused_silu_mul
+    out = {}
+    for lau in (*fused.LAUNCHERS, fused_rms_norm._FWD, fused_rms_norm._BWD, fused_silu_mul._FWD, fused_silu_mul._BWD,
+                fused_rotary._LAUNCH):
+        caches = getattr(lau.kernel.fn, "device_caches", {})
+        variants = sum(len(v[0]) for v in caches.values()) if isinstance(caches, dict) else -1
+        out[lau.name] = (dict(lau.launches), variants)
+    return out
+
+
+def _changed(before: dict, after: dict) -> dict:
+    diff = {}
+    for name, (launches, variants) in after.items():
+        b_launches, b_variants = before.get(name, ({}, 0))
+        d = {k: v - b_launches.get(k, 0) for k, v in launches.items() if k != "direct" and v != b_launches.get(k, 0)}
+        if variants != b_variants:
+            d["compiled"] = variants - b_variants
+        if d:
+            diff[name] = d
+    return diff
+
+
 def timed_steps(trainer, n: int) -> list:
     out = []
-    for _ in range(n):
+    for i in range(n):
         torch.cuda.synchronize()
+        before = kernel_counters()
         t0 = time.perf_counter()
         trainer.step()
         torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
+        if out[-1] > 0.5:  # say why a step was slow: kernels tuned or compiled in it
+            print(f"  step {i}: {out[-1]:.2f} s; Triton: {_changed(before, kernel_counters()) or 'nothing new'}")
     return out
 
 

@@ -34,8 +34,10 @@ ROTARY_CONFIGS = configs(full=[cfg(BLOCK_L=bl, HEADS=h, num_warps=w, num_stages=
                          interp=cfg(BLOCK_L=8, HEADS=2, num_warps=4, num_stages=1))
 
 
+# The sequence length changes with every batch's padding: not specialised on (each of its
+# divisibility classes would compile the kernel again, seconds each, mid-run).
 @triton.autotune(configs=ROTARY_CONFIGS, key=["H", "HALF", "T_HINT"])
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, L, HALF, sxb, sxh, sxl, syb, syh, syl, scb, scl, ssb, ssl,
                   T_HINT, BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_L: tl.constexpr,
                   HEADS: tl.constexpr):

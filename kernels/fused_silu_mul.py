@@ -25,8 +25,10 @@ SILU_CONFIGS = configs(full=[cfg(BLOCK=b, num_warps=w, num_stages=1) for b, w in
                        interp=cfg(BLOCK=64, num_warps=4, num_stages=1))
 
 
+# ``n`` changes with every batch's token count: not specialised on (a divisibility class of its
+# own would compile the kernel again mid-run).
 @triton.autotune(configs=SILU_CONFIGS, key=["T_HINT"])
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, n, T_HINT, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -37,7 +39,7 @@ def silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, n, T_HINT, BLOCK: tl.constexpr):
 
 
 @triton.autotune(configs=SILU_CONFIGS, key=["T_HINT"])
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, T_HINT, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
@@ -173,6 +174,19 @@ def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
+def attention_backends(device: torch.device) -> list:
+    """SDPA backends for the engine's forwards on ``device`` (empty: PyTorch's choice).
+
+    On GPUs cuDNN attention is left out (``ALTO_SDPA_SKIP_CUDNN=0`` keeps it): it builds a plan
+    and compiles kernels for every new sequence length, 120-160 ms each on an H100 (seconds on a
+    cold machine), and a grouped step's padded width changes from batch to batch. FlashAttention
+    and the memory-efficient kernel are precompiled (<1 ms for a new width).
+    """
+    if device.type != "cuda" or os.environ.get("ALTO_SDPA_SKIP_CUDNN", "1").strip().lower() in ("0", "false", "no"):
+        return []
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class MultiLoRAModel(nn.Module):
     """A frozen causal LM whose target linears are ``MultiLoRALinear``; adapters by name."""
 
@@ -295,10 +309,12 @@ class MultiLoRAModel(nn.Module):
             rt.stream_values = {self.adapters[n].slot: int(streams[n]) % 2 ** 31 for n, _, _ in layout}
             rt.width = width
         try:
-            if self.fused_rotary:
-                with rotary_scope(rt):
-                    yield pieces
-            else:
+            with ExitStack() as scopes:
+                if self.fused_rotary:
+                    scopes.enter_context(rotary_scope(rt))
+                backends = attention_backends(self.backbone_device())
+                if backends:
+                    scopes.enter_context(sdpa_kernel(backends))
                 yield pieces
         finally:
             rt.clear()
