@@ -47,7 +47,7 @@ def test_ray_group_routes_steps_and_pads_empty_rank(reference: Dict[str, Any], t
     ray = pytest.importorskip("ray")
     from alto_ray.cluster.ranklocal_ray import RankLocalGroup
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     group = None
     try:

@@ -19,7 +19,7 @@ BASE = {"rank": 4, "alpha": 8, "batch_size": 2, "dropout": 0.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -17,7 +17,7 @@ GOOD = {"rank": 4, "alpha": 8, "lr": 3e-3, "batch_size": 2, "dropout": 0.0}
 
 @pytest.fixture(scope="module")
 def group(tiny_model_dir, tiny_dataset_path):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=50, eval_every=5, eval_size=8,
                     max_seq_len=48, name="group-test", lease_timeout_s=3.0, nonfinite_patience=3)
     handle, spec = connect(task)

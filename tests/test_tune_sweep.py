@@ -28,7 +28,7 @@ MAX_STEPS = 30
 
 @pytest.fixture(scope="module")
 def sweep(tiny_model_dir, tiny_dataset_path, tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, max_steps=MAX_STEPS, eval_every=10,
                     eval_size=16, max_seq_len=48, name="sweep-test", idle_timeout_s=5.0)
     lrs = GOOD + [NAN_LR, HIGH_LR, TINY_LR, INVALID_LR]

@@ -89,7 +89,7 @@ def local_ray(**init_kwargs: Any) -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **init_kwargs)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **init_kwargs)
     try:
         yield
     finally:
