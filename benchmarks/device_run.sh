@@ -52,6 +52,8 @@ for phase in "$@"; do
       run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)  # with same-run A/Bs: all fused backbone ops off (the backbone's own), then each of the two newest off
       run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
+    engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run
+      run engine-sdpa python benchmarks/engine.py --shapes 1b,8b --off ALTO_SDPA_SKIP_CUDNN --out $R/engine_h100.json --summary $S ;;
     eprofile)  # where the grouped engine's 8B step spends its device time
       run eprofile python benchmarks/engine_profile.py --shape 8b ;;
     engine-nosink)  # the same with the kernels returning LoRA grads through autograd (A/B of the sink)
