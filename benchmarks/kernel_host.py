@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     args = ap.parse_args()
     import_alto_kernels()
-    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
     n, K = args.adapters, args.dim
     T = n * args.tokens
     offs = [i * args.tokens for i in range(n + 1)]
@@ -62,9 +62,14 @@ def main() -> None:
     torch.cuda.synchronize()
     from alto_kernels import _common
     direct = _common.DIRECT_LAUNCH
-    for name, fn, launch in (("base", base_only, direct), ("fused", fwd_bwd, direct), ("fused_sink", sink, direct),
-                             ("fused, Triton dispatch", fwd_bwd, False), ("fused_sink, Triton dispatch", sink, False)):
-        _common.DIRECT_LAUNCH = launch
+    linear = lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy)  # noqa: E731 - the one-node path
+    linear()
+    for name, fn, launch, skip_hooks in (
+            ("base", base_only, direct, True), ("fused", fwd_bwd, direct, True), ("fused_sink", sink, direct, True),
+            ("fused_linear (one node)", linear, direct, True),
+            ("fused_sink, launch hooks called even when empty", sink, direct, False),
+            ("fused, Triton dispatch", fwd_bwd, False, True), ("fused_sink, Triton dispatch", sink, False, True)):
+        _common.DIRECT_LAUNCH, _common.SKIP_EMPTY_HOOKS = launch, skip_hooks
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -74,7 +79,7 @@ def main() -> None:
         torch.cuda.synchronize()
         total = (time.perf_counter() - t0) / args.calls
         print(f"{name}: host {host * 1e3:.3f} ms/call (queued), {total * 1e3:.3f} ms/call incl. sync")
-    _common.DIRECT_LAUNCH = direct
+    _common.DIRECT_LAUNCH, _common.SKIP_EMPTY_HOOKS = direct, True
     from alto_kernels import fused as _fused
     print("launches:", {lau.name: dict(lau.launches) for lau in _fused.LAUNCHERS})
     for title, fn in (("fused_multi_lora", fwd_bwd), ("the engine's path (gradient sink)", sink)):

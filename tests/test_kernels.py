@@ -339,6 +339,20 @@ def test_direct_launch_keys_and_argument_order():
     assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None
 
 
+def test_empty_launch_hook_chains_count_as_no_hooks():
+    # Direct launches skip the launch metadata only when no profiler hook would see it.
+    from alto_kernels._common import _no_hooks
+
+    assert _no_hooks(None) and not _no_hooks(lambda metadata: None)
+    knobs = pytest.importorskip("triton.knobs")
+    if not hasattr(knobs, "HookChain"):
+        pytest.skip("this Triton has no hook chains")
+    chain = knobs.HookChain()
+    assert _no_hooks(chain)
+    chain.add(lambda metadata: None)
+    assert not _no_hooks(chain)
+
+
 def test_committed_tuned_tables_parse():
     import glob
     import json
