@@ -70,7 +70,10 @@ def test_no_rows_and_bad_input():
 fused_silu = pytest.importorskip("alto_kernels.fused_silu_mul", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+# bf16: two roundings (dh*u, then the result) against an fp32 oracle; Triton's interpreter
+# truncates fp32 -> bf16 instead of rounding, so one element (shape (1, 1)) can be 2 ulps
+# (1.6e-2) off there: the bound is 2e-2, not the 1e-2 that norms over many elements keep.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("shape", [(3, 70), (2, 5, 64), (1, 1)])
 def test_silu_mul_forward_and_grads_match_the_reference(dtype, tol, shape):
     from alto_kernels import silu_mul_reference
