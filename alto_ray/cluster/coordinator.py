@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import ray
 
@@ -34,11 +34,11 @@ from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
-                                    alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
-                                    is_potential, lookup_pg, on_head_node, placed_node_id, potential_node_specs,
-                                    remove_pg, startup_background)
+                                    alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, lookup_pg,
+                                    on_head_node, potential_hosts, potential_node_specs, rehome, remove_pg,
+                                    startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
-from alto_ray.cluster.predict import DurationPredictor
+from alto_ray.cluster.predict import DurationPredictor, measured_error_stats
 from alto_ray.tune.capacity import driver_bootstrap_config
 
 COORDINATOR_NAME = "alto:coordinator"
@@ -262,7 +262,7 @@ class Coordinator:
                 "potential_nodes": sorted(self.potential),
                 "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
-                "prediction_error_measured": _measured_error_stats(self.finished),
+                "prediction_error_measured": measured_error_stats(self.finished),
                 "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
                 "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
@@ -341,12 +341,7 @@ class Coordinator:
 
     def _potential_hosts(self) -> dict[str, list[tuple[tuple[int, ...], float]]]:
         """Potential node -> (gpu ids, granted at) of the groups granted there, not placed yet."""
-        out: dict[str, list[tuple[tuple[int, ...], float]]] = {}
-        for e in self.tasks.values():
-            for g in e.groups.values():
-                if is_potential(g.node):
-                    out.setdefault(g.node, []).append((tuple(g.gpu_ids), g.started_at))
-        return out
+        return potential_hosts(g for e in self.tasks.values() for g in e.groups.values())
 
     def _refresh_nodes(self, force: bool = False) -> None:
         """Re-read the alive nodes (one GCS call; the rest only when the set of node ids changed or
@@ -368,7 +363,9 @@ class Coordinator:
             up = {(n.name, n.ray_node_id) for n in alive}
             self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up,
                                 lost_with=names)
-        moved = self._rehome(alive)
+        moved = rehome([g for e in self.tasks.values() for g in e.groups.values()], alive)
+        if moved:                                # groups on potential nodes got placed on `alive` ones
+            self._save()
         if not (changed or moved):
             return
         potential = (potential_node_specs(raw, self._types, self._gpu_memory_gb, self._potential_hosts())
@@ -379,8 +376,13 @@ class Coordinator:
         if not nodes and holding and not any(e.groups for e in self.tasks.values()):
             self._refresh_nodes(force=True)      # all groups left with their nodes: pick the mode again
             return
-        self.nodes, self.potential, self._alive_ids = nodes, {n.name for n in potential}, ids
-        self.allocator = Allocator(nodes, time_limit_s=self._time_limit_s, objective=self._objective)
+        self._alive_ids = ids
+        self._set_nodes(nodes, {n.name for n in potential})
+
+    def _set_nodes(self, nodes: list[NodeSpec], potential: Collection[str] = ()) -> None:
+        """Plan on these nodes from now on (`potential`: the names of those not up)."""
+        self.nodes, self.potential = list(nodes), set(potential)
+        self.allocator = Allocator(self.nodes, time_limit_s=self._time_limit_s, objective=self._objective)
         self._dirty = True
 
     def _release_where(self, gone: Callable[[GroupGrant], bool], lost_with: dict[str, str] | None = None) -> None:
@@ -392,23 +394,6 @@ class Coordinator:
                 self.losses.record(t, hit.values(), lost_with, requeued=len(hit) == len(e.groups))
             for gi in hit:
                 self.release(t, gi)
-
-    def _rehome(self, alive: list[NodeSpec]) -> bool:
-        """Groups granted on potential nodes whose placement group got placed now run on that alive
-        node: record it (GPU ids free there), so the plan sees the real node busy."""
-        by_id = {n.ray_node_id: n for n in alive}
-        moved = False
-        for e in self.tasks.values():
-            for g in e.groups.values():
-                node = by_id.get(placed_node_id(g.placement_group)) if is_potential(g.node) else None
-                if node is None:
-                    continue
-                used = [x for o in self.tasks.values() for h in o.groups.values() if h.node == node.name
-                        for x in h.gpu_ids]
-                g.node, g.gpu_ids, moved = node.name, free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
-        if moved:
-            self._save()
-        return moved
 
     def _grant(self, entry: _Entry, plan: Plan) -> list[GroupGrant]:
         now = time.time()
@@ -481,13 +466,6 @@ def get_coordinator(**kwargs: Any) -> Any:
     kwargs.setdefault("bootstrap_config", driver_bootstrap_config())
     return CoordinatorActor.options(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
                                     get_if_exists=True, **on_head_node()).remote(**kwargs)
-
-
-def _measured_error_stats(finished: dict[str, dict]) -> dict:
-    """Error of the remaining-time prediction made at each task's first measured step."""
-    errs = [r["measured_relative_error"] for r in finished.values() if r.get("measured_relative_error") is not None]
-    return {"count": len(errs), "mean_abs_rel_error": sum(map(abs, errs)) / len(errs) if errs else None,
-            "mean_rel_error": sum(errs) / len(errs) if errs else None}
 
 
 def _last_end(plan: Plan) -> float:
