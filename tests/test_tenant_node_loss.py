@@ -157,3 +157,34 @@ def test_a_tenant_is_told_its_node_died_and_its_trials_find_the_new_groups(clust
     assert done[kept.name]["results"] == {"best_loss": 1.25} and "node_losses" not in done[kept.name]
     assert done[lost.name]["node_losses"][0]["node_id"] == worker.node_id
     assert GrantedPlacement([old_spec], key=lost.grant_key)(lost.task) == [old_spec]   # the key is dropped
+
+
+def test_a_tenant_whose_task_fits_no_node_left_is_told_why_and_gives_up_after_max_wait_s(
+        cluster, tmp_path, monkeypatch, caplog, tiny_model_dir, tiny_dataset_path) -> None:
+    """It registered while a node could host it; now none can: it waits, warning with the
+    coordinator's reason, and its `max_wait_s` error names that reason."""
+    c, _worker = cluster
+    kill_coordinator()
+    large = c.add_node(num_cpus=4)                    # the only node with 4 slots
+    c.wait_for_nodes()
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="wide", max_steps=8, device="cpu")
+    wide = Tenant(task, 4, gpus_per_group=4, max_groups=1, backbone_bytes=GIB, adapter_bytes=GIB // 64,
+                  coordinator_options={"state_path": str(tmp_path / "coordinator.json"), "time_limit_s": 0.5},
+                  max_wait_s=1.0)
+    try:
+        wide.register()                               # it fits then
+        c.remove_node(large)
+        until(lambda: ray.get(wide.coordinator.status.remote()).get("wide") == "blocked")
+        caplog.set_level(logging.WARNING, logger="alto_ray.cluster.tenant")
+        with pytest.raises(TimeoutError, match=r"'wide' still queued after \d+s \(position 1\): task 'wide' wants "
+                                               r"4 GPUs per group on one node; the largest node has 2"):
+            wide.acquire()
+        assert all(w["reason"] and "none the autoscaler can start" in w["reason"] for w in wide.waits)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("alto tenant wide: waiting for a node that fits") and "'wide' wants 4" in warning
+    finally:
+        wide.withdraw()
+        kill_coordinator()
+        if any(n["NodeID"] == large.node_id for n in ray.nodes() if n["Alive"]):
+            c.remove_node(large)

@@ -15,7 +15,9 @@ queues again; finished results are untouched) and the loss is recorded for the t
 (`node_loss.py`: `node_losses()`, `metrics()`, `describe()`). Worker types the autoscaler can
 start count as potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only
 kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
-started for nothing). The actor is pinned to the head node (`get_coordinator`).
+started for nothing). A queued task that fits no node now (its only large node died) is left out
+of the plan and reported, not planned, until one fits (`unfit.py`). The actor is pinned to the
+head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Callable, Collection
 
 import ray
 
+from alto_ray.cluster import unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
@@ -96,6 +99,7 @@ class Coordinator:
         self._types: list = []
         self._ready: dict[str, float] = {}       # potential node -> s until it can be up
         self.tasks: dict[str, _Entry] = {}
+        self._unfit: dict[str, str] = {}         # queued task -> why it fits no node now (not planned)
         self._refresh_nodes(force=True)
         if not self.nodes:
             raise RuntimeError("no alive Ray node with a GPU or CPU to plan on")
@@ -110,14 +114,15 @@ class Coordinator:
         self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
 
     # -- tenant API ----------------------------------------------------------------------------------
-    def register_task(self, spec: TaskSpec) -> str:
-        """Register (or re-register: idempotent by name) a task; ValueError if it fits no node,
-        alive or one the autoscaler can start."""
+    def register_task(self, spec: TaskSpec, requeue: bool = False) -> str:
+        """Register (or re-register: idempotent by name) a task; ValueError if a new one fits no
+        node, alive or one the autoscaler can start. `requeue`: a tenant registered before (this
+        coordinator restarted): its task fit then, so it queues, blocked until a node fits."""
         try:
-            check_memory(spec, self.nodes_view())
+            if not requeue and spec.name not in self.tasks:
+                check_memory(spec, self.nodes_view())
         except InfeasibleTaskError as err:
-            where = f" ({len(self.potential)} of them nodes the autoscaler can start)" if self.potential else ""
-            raise InfeasibleTaskError(f"{err}; planned over {len(self.nodes)} nodes{where}") from None
+            raise InfeasibleTaskError(f"{err}; {unfit.capacity(self.nodes, self.potential)}") from None
         if spec.name in self.finished:
             return spec.name
         entry = self.tasks.get(spec.name)
@@ -132,7 +137,7 @@ class Coordinator:
 
     def request_groups(self, task_id: str) -> dict:
         """{"status": "granted", "groups": [GroupGrant]} | {"status": "wait", "position", "eta_s"}
-        | {"status": "finished", "results"}."""
+        (+ "reason" while the task fits no node) | {"status": "finished", "results"}."""
         if task_id in self.finished:
             return {"status": "finished", "results": self.finished[task_id].get("results")}
         entry = self._entry(task_id)
@@ -143,10 +148,12 @@ class Coordinator:
         mine = plan.for_task(task_id)
         if mine and self._startable(plan, task_id):
             return self.losses.tag(task_id, {"status": "granted", "groups": self._grant(entry, plan)})
-        waiting = sorted((plan.task_start(t) or 0.0, e.order, t) for t, e in self.tasks.items()
-                         if e.status == "queued")
-        position = 1 + [t for *_x, t in waiting].index(task_id)
-        return self.losses.tag(task_id, {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)})
+        queued = {t: e.order for t, e in self.tasks.items() if e.status == "queued"}
+        answer = {"status": "wait", "position": unfit.queue_position(plan, queued, self._unfit, task_id),
+                  "eta_s": plan.task_start(task_id)}
+        if task_id in self._unfit:
+            answer["reason"] = self._unfit[task_id]
+        return self.losses.tag(task_id, answer)
 
     def report_progress(self, task_id: str, step_time: float, remaining_adapter_steps: int, *,
                         tokens_per_step: int | None = None, adapters_in_group: int | None = None,
@@ -240,10 +247,13 @@ class Coordinator:
         return self._plan
 
     def describe(self) -> str:
-        return self.plan().describe() + self.losses.describe()
+        return self.plan().describe() + unfit.describe(self._unfit) + self.losses.describe()
 
     def status(self) -> dict[str, str]:
-        out = {t: e.status for t, e in self.tasks.items()}
+        """Task -> queued | blocked (queued, fits no node now) | running | finished."""
+        self._refresh_nodes()
+        blocked = self._check_fit()
+        out = {t: unfit.BLOCKED if t in blocked else e.status for t, e in self.tasks.items()}
         out.update({t: "finished" for t in self.finished})
         return out
 
@@ -251,11 +261,12 @@ class Coordinator:
         return dict(self.finished)
 
     def metrics(self) -> dict:
-        counts = {s: sum(e.status == s for e in self.tasks.values()) for s in ("queued", "running")}
-        p = self._plan
-        tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.measured_at is not None,
+        status, p = self.status(), self._plan
+        counts = {s: sum(status[t] == s for t in self.tasks) for s in ("queued", unfit.BLOCKED, "running")}
+        tasks = {t: {"status": status[t], "groups": len(e.groups), "measured": e.measured_at is not None,
                      "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
-                     "predicted_remaining_s": self._remaining(e)} for t, e in self.tasks.items()}
+                     "predicted_remaining_s": self._remaining(e),
+                     **({"reason": self._unfit[t]} if t in self._unfit else {})} for t, e in self.tasks.items()}
         up = [n for n in self.nodes if n.name not in self.potential]
         return {**counts, "finished": len(self.finished), "nodes": len(up), "tasks": tasks,
                 "gpus": sum(n.num_gpus for n in up), "use_gpu": self.use_gpu,
@@ -286,11 +297,20 @@ class Coordinator:
             return self.predictor.apply(dataclasses.replace(entry.spec)).duration_s(n)
         return max(max(g.planned_end for g in entry.groups.values()) - time.time(), 1.0)
 
+    def _check_fit(self) -> dict[str, str]:
+        """The queued tasks that fit no node planned on now, and why."""
+        before, self._unfit = self._unfit, unfit.unfit_reasons(
+            (e.spec for e in self.tasks.values() if e.status == "queued"), self.nodes, self.potential)
+        unfit.note_changes(before, self._unfit)
+        return self._unfit
+
     def _replan(self) -> None:
+        """Plan the tasks that fit some node (a blocked one must not fail every tenant's call)."""
         specs, running = [], []
+        blocked = self._check_fit()
         for name, e in self.tasks.items():
-            spec = self.predictor.apply(dataclasses.replace(e.spec))
-            specs.append(spec)
+            if name not in blocked:
+                specs.append(self.predictor.apply(dataclasses.replace(e.spec)))
             if e.status == "running":
                 left = self._remaining(e)
                 running += [RunningGroup(name, g.group_index, g.node, g.gpu_ids, left) for g in e.groups.values()]
@@ -350,7 +370,8 @@ class Coordinator:
             return
         raw = alive_ray_nodes()
         ids = frozenset(n["NodeID"] for n in raw)
-        changed = force or ids != self._alive_ids
+        changed = (force or ids != self._alive_ids      # a blocked task: the launcher's config may gain a type
+                   or (bool(self._unfit) and gpu_worker_types(self.bootstrap_config) != self._types))
         holding = any(e.groups for e in self.tasks.values())
         if changed:
             self._types = gpu_worker_types(self.bootstrap_config)   # re-read when nodes change
