@@ -37,9 +37,8 @@ from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
-                                    alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, lookup_pg,
-                                    on_head_node, potential_hosts, potential_node_specs, rehome, remove_pg,
-                                    startup_background)
+                                    alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, on_head_node,
+                                    potential_hosts, potential_node_specs, rehome, remove_pg, startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
 from alto_ray.cluster.predict import DurationPredictor, measured_error_stats
 from alto_ray.tune.capacity import driver_bootstrap_config
@@ -63,6 +62,16 @@ class GroupGrant:
     strategy: str
     started_at: float
     planned_end: float
+    node_id: str | None = None                 # Ray's id of `node` (None: a potential node)
+
+    def to_json(self) -> dict[str, Any]:
+        """For the state file: all but the task id (its key there) and the placement group handle."""
+        return {k: v for k, v in vars(self).items() if k not in ("task_id", "placement_group")}
+
+    @classmethod
+    def from_json(cls, task_id: str, saved: dict[str, Any]) -> "GroupGrant":
+        """A saved group, its placement group not looked up (None)."""
+        return cls(**{**saved, "task_id": task_id, "gpu_ids": tuple(saved["gpu_ids"]), "placement_group": None})
 
 
 @dataclass
@@ -206,14 +215,14 @@ class Coordinator:
 
     def adopt(self, task_id: str, groups: list[GroupGrant]) -> bool:
         """Re-attach a tenant's running groups after a restart that lost them (no state file):
-        those whose placement group still exists become running again; True if any did."""
+        those on a node up whose placement group still exists become running again; True if any
+        did. Those whose node died meanwhile are recorded lost, once (`NodeLossLog.reattach`)."""
         entry = self._entry(task_id)
         if entry.status == "running":
             return False
-        names = {n.name for n in self.nodes_view()}
-        live = {g.group_index: g for g in groups if (g.node in names or is_potential(g.node))
-                and lookup_pg(g.pg_name) is not None}
+        live = self.losses.reattach(task_id, list(groups), self.nodes_view())   # records groups lost meanwhile
         if not live:
+            self._save()
             return False
         entry.groups, entry.status, self._dirty = live, "running", True
         self._save()
@@ -429,7 +438,7 @@ class Coordinator:
             pg = create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
             end = now + a.end - (0.0 if wait else a.start)
             entry.groups[a.group_index] = GroupGrant(name, a.group_index, a.node, a.gpu_ids, pg, pg_name,
-                                                     b.bundles, b.strategy, now, end)
+                                                     b.bundles, b.strategy, now, end, b.ray_node_id)
         entry.status = "running"
         self.predictor.mark_started(name, len(entry.groups), now + wait, predicted_s=mine[0].end - mine[0].start)
         self._dirty = True
@@ -439,10 +448,7 @@ class Coordinator:
     def _save(self) -> None:
         """Atomically write finished results and running groups (JSON; results via str if needed)."""
         running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order,
-                       "groups": [{"group_index": g.group_index, "node": g.node, "gpu_ids": list(g.gpu_ids),
-                                   "pg_name": g.pg_name, "bundles": g.bundles, "strategy": g.strategy,
-                                   "started_at": g.started_at, "planned_end": g.planned_end}
-                                  for g in e.groups.values()]}
+                       "groups": [g.to_json() for g in e.groups.values()]}
                    for t, e in self.tasks.items() if e.status == "running"}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
@@ -451,27 +457,22 @@ class Coordinator:
         os.replace(tmp, self.state_path)
 
     def _load(self) -> None:
-        """Reload finished results; re-adopt running groups whose placement groups still exist."""
+        """Reload finished results and the running groups still on a node up whose placement
+        groups still exist; those of a node that died meanwhile are recorded lost (`reattach`)."""
         if not self.state_path.exists():
             return
         data = json.loads(self.state_path.read_text())
         self.finished = dict(data.get("finished", {}))
         self.losses.load(data.get("node_losses", {}))
         for name, r in data.get("running", {}).items():
-            groups = {}
-            for g in r["groups"]:
-                pg = lookup_pg(g["pg_name"])
-                if pg is not None:
-                    groups[g["group_index"]] = GroupGrant(name, g["group_index"], g["node"], tuple(g["gpu_ids"]),
-                                                          pg, g["pg_name"], g["bundles"], g["strategy"],
-                                                          g["started_at"], g["planned_end"])
-            known = {n.name for n in self.nodes}
-            if groups and name not in self.finished and all(x.node in known or is_potential(x.node)
-                                                            for x in groups.values()):
+            groups = {} if name in self.finished else self.losses.reattach(
+                name, [GroupGrant.from_json(name, g) for g in r["groups"]], self.nodes)
+            if groups:
                 spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
                 self._counter = max(self._counter, r.get("order", 0))
                 self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups)
                 self.predictor.register_spec(spec)
+        self._save()                             # what was re-attached; the groups lost meanwhile leave the file
 
 
 CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)

@@ -148,7 +148,7 @@ def potential_hosts(grants: Iterable[Any]) -> dict[str, list[tuple[tuple[int, ..
 
 def rehome(grants: Sequence[Any], alive: Sequence[NodeSpec]) -> bool:
     """Groups (GroupGrants) granted on potential nodes whose placement group got placed now run on
-    that alive node: record it (GPU ids free there), so the plan sees the real node busy.
+    that alive node: record it (its id, GPU ids free there), so the plan sees the real node busy.
     True if any moved."""
     by_id = {n.ray_node_id: n for n in alive}
     moved = False
@@ -157,7 +157,8 @@ def rehome(grants: Sequence[Any], alive: Sequence[NodeSpec]) -> bool:
         if node is None:
             continue
         used = [x for h in grants if h.node == node.name for x in h.gpu_ids]
-        g.node, g.gpu_ids, moved = node.name, free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
+        g.node, g.node_id = node.name, node.ray_node_id
+        g.gpu_ids, moved = free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
     return moved
 
 
