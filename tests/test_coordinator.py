@@ -106,3 +106,39 @@ def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> Non
     assert coord._remaining(entry) == pytest.approx(100.0, abs=2.0)      # still the plan's end
     coord.report_progress("slow", 2.0, 20, adapters_in_group=1, max_trial_remaining_steps=20)
     assert coord._remaining(entry) == pytest.approx(40.0)                 # measured: 20 steps x 2 s
+
+
+def test_a_task_that_fits_no_node_now_is_left_out_of_the_plan_with_its_reason(tmp_path) -> None:
+    """No Ray: the coordinator's logic over explicit nodes. The 80 GiB node leaves: the task that
+    needs it is not planned (planning it failed every tenant's call) and says why, the other one
+    is; once the node is back the task is planned again."""
+    from alto_ray.cluster import InfeasibleTaskError, NodeSpec
+    from alto_ray.cluster.coordinator import Coordinator
+
+    large, small = NodeSpec("large", 2, 80 * GIB), NodeSpec("small", 2, 24 * GIB)
+    coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[large, small], time_limit_s=0.5)
+    big = _spec("big", backbone_gb=40, gpg=1)          # 40.25 GiB a GPU: the large node only
+    coord.register_task(big)
+    coord.register_task(_spec("tiny", backbone_gb=4, gpg=1))
+    assert coord.plan().for_task("big")[0].node == "large"
+
+    coord._set_nodes([small])                          # as `_refresh_nodes` does when the node died
+    plan = coord.plan()
+    assert plan.for_task("big") == [] and plan.for_task("tiny")[0].node == "small"
+    answer = coord.request_groups("big")
+    assert answer["status"] == "wait" and answer["position"] == 2 and answer["eta_s"] is None
+    assert answer["reason"] == ("task 'big' does not fit any GPU: backbone 40.0 GiB over 1 GPU(s) + one adapter "
+                                "0.25 GiB = 40.2 GiB per GPU > 24.0 GiB (largest GPU on a node with 1+ GPUs); "
+                                "planned over 1 node up (1 x 2 GPUs of 24.0 GiB) and none the autoscaler can start")
+    assert coord.status() == {"big": "blocked", "tiny": "queued"}
+    assert f"  big: {answer['reason']}" in coord.describe()
+
+    restarted = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[small], time_limit_s=0.5)
+    with pytest.raises(InfeasibleTaskError, match="'big' does not fit"):
+        restarted.register_task(big)                   # a new task that fits no node is refused ...
+    restarted.register_task(big, requeue=True)         # ... one registered before the restart queues
+    assert restarted.status() == {"big": "blocked"}
+
+    coord._set_nodes([large, small])                   # a node that fits is back: planned again
+    assert coord.plan().for_task("big")[0].node == "large"
+    assert coord.status() == {"big": "queued", "tiny": "queued"} and "fits no node" not in coord.describe()

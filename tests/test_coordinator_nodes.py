@@ -7,6 +7,7 @@ its plan between calls; the actor is this class.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -149,3 +150,91 @@ def test_alive_gpus_first_new_nodes_only_when_waiting_for_one_pays(cluster, tmp_
         assert all(_state(g) == "REMOVED" for g in grant["groups"] + [s])
     finally:
         cluster.remove_node(gpu)
+
+
+def test_a_task_that_fits_no_node_left_waits_with_its_reason_and_the_others_go_on(cluster, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """Its only large node died: planning it would fail every tenant's call; it waits, saying why,
+    and is granted once a node that fits joins."""
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")         # CPU slots; no autoscaler to start a large node
+    large = cluster.add_node(num_cpus=4)              # the only node with 4 slots
+    cluster.wait_for_nodes()
+    again = None
+    try:
+        coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5)
+        coord.register_task(_spec("wide", gpg=4))
+        (w,) = coord.request_groups("wide")["groups"]
+        assert coord.plan().node_ids[w.node] == large.node_id
+        for name in ("a", "b"):                       # 2 slots a group: one fills the head
+            coord.register_task(_spec(name))
+        (ga,) = coord.request_groups("a")["groups"]
+        ray.get(ga.placement_group.ready(), timeout=30)
+        assert coord.request_groups("b")["status"] == "wait"
+
+        cluster.remove_node(large)                    # wide's groups go; no node left has 4 slots
+        until(lambda: len(coord.nodes_view()) == 1)
+        assert coord.status() == {"wide": "blocked", "a": "running", "b": "queued"}
+        b = coord.request_groups("b")                 # the others still plan: b queues behind a
+        assert b["status"] == "wait" and b["position"] == 1 and "reason" not in b
+        told = coord.request_groups("wide")
+        assert told["status"] == "wait" and told["position"] == 2 and told["eta_s"] is None
+        assert re.search(r"'wide' wants 4 GPUs per group on one node; the largest node has 2; planned over 1 node "
+                         r"up \(1 x 2 GPUs of 80\.0 GiB\) and none the autoscaler can start", told["reason"])
+        assert told["node_losses"][0].node_id == large.node_id
+        text = coord.describe()
+        assert "fits no node now" in text and f"wide: {told['reason']}" in text
+        metrics = coord.metrics()
+        assert metrics["blocked"] == 1 and metrics["queued"] == 1
+        assert metrics["tasks"]["wide"] == {**metrics["tasks"]["wide"], "status": "blocked", "reason": told["reason"]}
+        assert coord.request_groups("a")["groups"] == [ga] and _state(ga) == "CREATED"   # a is left alone
+
+        coord.task_finished("a", None)                # b gets the head
+        (gb,) = coord.request_groups("b")["groups"]
+        ray.get(gb.placement_group.ready(), timeout=30)
+        again = cluster.add_node(num_cpus=4)          # a node that fits joins: wide is planned there
+        cluster.wait_for_nodes()
+        grant = coord.request_groups("wide")
+        assert grant["status"] == "granted" and coord.status()["wide"] == "running"
+        (w2,) = grant["groups"]
+        ray.get(w2.placement_group.ready(), timeout=30)
+        assert placement_group_table(w2.placement_group)["bundles_to_node_id"][0] == again.node_id
+        assert "fits no node now" not in coord.describe()
+        for name in ("wide", "b"):
+            coord.withdraw(name)
+    finally:
+        for node in (large, again):
+            if node is not None and any(n["NodeID"] == node.node_id for n in ray.nodes() if n["Alive"]):
+                cluster.remove_node(node)
+
+
+def test_a_task_that_fits_no_node_left_is_planned_once_the_autoscaler_can_start_one(cluster, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """GPU mode: the 4-GPU node dies and no worker type can replace it, until the launcher's
+    config gains one: the coordinator re-reads it while a task waits for a node."""
+    config = tmp_path / "ray_bootstrap_config.yaml"  # not there yet: nothing to start
+    monkeypatch.setenv(BOOTSTRAP_ENV, str(config))
+    one, four = cluster.add_node(num_cpus=1, num_gpus=1), cluster.add_node(num_cpus=4, num_gpus=4)
+    cluster.wait_for_nodes()
+    try:
+        coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5)
+        coord.register_task(_spec("wide", gpg=4))
+        coord.register_task(_spec("narrow", gpg=1))
+        (w,) = coord.request_groups("wide")["groups"]
+        assert coord.plan().node_ids[w.node] == four.node_id
+        cluster.remove_node(four)
+        until(lambda: len(coord.nodes_view()) == 1)
+        told = coord.request_groups("wide")
+        assert "'wide' wants 4 GPUs" in told["reason"] and "none the autoscaler can start" in told["reason"]
+        (n,) = coord.request_groups("narrow")["groups"]
+        assert coord.plan().node_ids[n.node] == one.node_id
+
+        assert write_bootstrap(tmp_path) == str(config)   # a 4-GPU type the autoscaler can start
+        grant = coord.request_groups("wide")
+        assert grant["status"] == "granted" and grant["groups"][0].node.startswith("autoscale:gpu4:")
+        assert _state(grant["groups"][0]) == "PENDING"
+        for name in ("wide", "narrow"):
+            coord.withdraw(name)
+    finally:
+        for node in (one, four):
+            if any(n["NodeID"] == node.node_id for n in ray.nodes() if n["Alive"]):
+                cluster.remove_node(node)

@@ -157,3 +157,88 @@ def test_a_tenant_is_told_its_node_died_and_its_trials_find_the_new_groups(clust
     assert done[kept.name]["results"] == {"best_loss": 1.25} and "node_losses" not in done[kept.name]
     assert done[lost.name]["node_losses"][0]["node_id"] == worker.node_id
     assert GrantedPlacement([old_spec], key=lost.grant_key)(lost.task) == [old_spec]   # the key is dropped
+
+
+def test_a_node_that_died_while_the_coordinator_was_down_is_told_after_its_restart(
+        cluster, tmp_path, monkeypatch, caplog, tiny_model_dir, tiny_dataset_path) -> None:
+    """The coordinator reloads its state: the groups on a node that died meanwhile are recorded
+    lost for their tenant (once, though the tenant's re-attach names them too), and the tenant
+    is told as for a live loss."""
+    c, _worker = cluster
+    kill_coordinator()                                # one of an earlier test would keep its own state file
+    added = c.add_node(num_cpus=2)                    # the module's worker may be gone already
+    c.wait_for_nodes()
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")
+    opts = {"state_path": str(tmp_path / "coordinator.json"), "time_limit_s": 0.5}
+
+    def tenant(name: str) -> Tenant:                  # 2 slots a group: one tenant fills a node
+        task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name=name, max_steps=8, device="cpu")
+        return Tenant(task, 4, gpus_per_group=2, max_groups=1, backbone_bytes=GIB, adapter_bytes=GIB // 64,
+                      coordinator_options=opts, poll_s=0.2)
+
+    try:
+        a, b = tenant("down-a"), tenant("down-b")
+        a.register(), b.register()
+        a.acquire(), b.acquire()
+        node_of = {t: placement_group_table(t.grants[0].placement_group)["bundles_to_node_id"][0] for t in (a, b)}
+        lost = next(t for t in (a, b) if node_of[t] != _head_id())
+        kept = ({a, b} - {lost}).pop()
+        (old,) = lost.grants
+        dying = next(n for n in c.list_all_nodes() if n.node_id == node_of[lost])
+
+        kill_coordinator()
+        c.remove_node(dying)                          # while no coordinator runs
+        until(lambda: all(n["NodeID"] != dying.node_id for n in ray.nodes() if n["Alive"]))
+        kept.finish({"best_loss": 1.0})               # re-creates the coordinator: it reloads its state
+        assert kept.reconnects == 1
+        coord = kept.coordinator
+        (loss,) = ray.get(coord.node_losses.remote(lost.name))
+        assert (loss.node_id, loss.groups, loss.pg_names) == (dying.node_id, (0,), (old.pg_name,))
+        assert loss.while_coordinator_down and loss.requeued and loss.address == dying.node_ip_address
+        assert loss.reason == "received SIGTERM"      # Ray's death reason, from its node table
+        assert "died, received SIGTERM while the coordinator was down" in ray.get(coord.describe.remote())
+        until(lambda: placement_group_table(old.placement_group)["state"] == "REMOVED")
+
+        caplog.set_level(logging.WARNING, logger="alto_ray.cluster.tenant")
+        assert lost.check_losses() == [loss]          # reconnects, re-attaches, is told, queues: a node is free
+        assert lost.reconnects == 1 and ray.get(coord.node_losses.remote(lost.name)) == [loss]   # recorded once
+        assert any("while the coordinator was down" in r.getMessage() for r in caplog.records)
+        (new,) = lost.grants
+        assert placement_group_table(new.placement_group)["bundles_to_node_id"][0] != dying.node_id
+        lost.finish(None)
+        assert ray.get(coord.finished_results.remote())[lost.name]["node_losses"][0]["while_coordinator_down"]
+    finally:
+        kill_coordinator()
+        if any(n["NodeID"] == added.node_id for n in ray.nodes() if n["Alive"]):
+            c.remove_node(added)
+
+
+def test_a_tenant_whose_task_fits_no_node_left_is_told_why_and_gives_up_after_max_wait_s(
+        cluster, tmp_path, monkeypatch, caplog, tiny_model_dir, tiny_dataset_path) -> None:
+    """It registered while a node could host it; now none can: it waits, warning with the
+    coordinator's reason, and its `max_wait_s` error names that reason."""
+    c, _worker = cluster
+    kill_coordinator()
+    large = c.add_node(num_cpus=4)                    # the only node with 4 slots
+    c.wait_for_nodes()
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="wide", max_steps=8, device="cpu")
+    wide = Tenant(task, 4, gpus_per_group=4, max_groups=1, backbone_bytes=GIB, adapter_bytes=GIB // 64,
+                  coordinator_options={"state_path": str(tmp_path / "coordinator.json"), "time_limit_s": 0.5},
+                  max_wait_s=1.0)
+    try:
+        wide.register()                               # it fits then
+        c.remove_node(large)
+        until(lambda: ray.get(wide.coordinator.status.remote()).get("wide") == "blocked")
+        caplog.set_level(logging.WARNING, logger="alto_ray.cluster.tenant")
+        with pytest.raises(TimeoutError, match=r"'wide' still queued after \d+s \(position 1\): task 'wide' wants "
+                                               r"4 GPUs per group on one node; the largest node has 2"):
+            wide.acquire()
+        assert all(w["reason"] and "none the autoscaler can start" in w["reason"] for w in wide.waits)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("alto tenant wide: waiting for a node that fits") and "'wide' wants 4" in warning
+    finally:
+        wide.withdraw()
+        kill_coordinator()
+        if any(n["NodeID"] == large.node_id for n in ray.nodes() if n["Alive"]):
+            c.remove_node(large)

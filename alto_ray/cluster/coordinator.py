@@ -15,7 +15,9 @@ queues again; finished results are untouched) and the loss is recorded for the t
 (`node_loss.py`: `node_losses()`, `metrics()`, `describe()`). Worker types the autoscaler can
 start count as potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only
 kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
-started for nothing). The actor is pinned to the head node (`get_coordinator`).
+started for nothing). A queued task that fits no node now (its only large node died) is left out
+of the plan and reported, not planned, until one fits (`unfit.py`). The actor is pinned to the
+head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -26,19 +28,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import ray
 
+from alto_ray.cluster import unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
-                                    alive_ray_nodes, create_pg, free_gpu_ids, gpu_mode, gpu_worker_types,
-                                    is_potential, lookup_pg, on_head_node, placed_node_id, potential_node_specs,
-                                    remove_pg, startup_background)
+                                    alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, on_head_node,
+                                    potential_hosts, potential_node_specs, rehome, remove_pg, startup_background)
 from alto_ray.cluster.plan import InfeasibleTaskError, NodeSpec, Plan, RunningGroup, TaskSpec
-from alto_ray.cluster.predict import DurationPredictor
+from alto_ray.cluster.predict import DurationPredictor, measured_error_stats
 from alto_ray.tune.capacity import driver_bootstrap_config
 
 COORDINATOR_NAME = "alto:coordinator"
@@ -60,6 +62,16 @@ class GroupGrant:
     strategy: str
     started_at: float
     planned_end: float
+    node_id: str | None = None                 # Ray's id of `node` (None: a potential node)
+
+    def to_json(self) -> dict[str, Any]:
+        """For the state file: all but the task id (its key there) and the placement group handle."""
+        return {k: v for k, v in vars(self).items() if k not in ("task_id", "placement_group")}
+
+    @classmethod
+    def from_json(cls, task_id: str, saved: dict[str, Any]) -> "GroupGrant":
+        """A saved group, its placement group not looked up (None)."""
+        return cls(**{**saved, "task_id": task_id, "gpu_ids": tuple(saved["gpu_ids"]), "placement_group": None})
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Coordinator:
         self._types: list = []
         self._ready: dict[str, float] = {}       # potential node -> s until it can be up
         self.tasks: dict[str, _Entry] = {}
+        self._unfit: dict[str, str] = {}         # queued task -> why it fits no node now (not planned)
         self._refresh_nodes(force=True)
         if not self.nodes:
             raise RuntimeError("no alive Ray node with a GPU or CPU to plan on")
@@ -110,14 +123,15 @@ class Coordinator:
         self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
 
     # -- tenant API ----------------------------------------------------------------------------------
-    def register_task(self, spec: TaskSpec) -> str:
-        """Register (or re-register: idempotent by name) a task; ValueError if it fits no node,
-        alive or one the autoscaler can start."""
+    def register_task(self, spec: TaskSpec, requeue: bool = False) -> str:
+        """Register (or re-register: idempotent by name) a task; ValueError if a new one fits no
+        node, alive or one the autoscaler can start. `requeue`: a tenant registered before (this
+        coordinator restarted): its task fit then, so it queues, blocked until a node fits."""
         try:
-            check_memory(spec, self.nodes_view())
+            if not requeue and spec.name not in self.tasks:
+                check_memory(spec, self.nodes_view())
         except InfeasibleTaskError as err:
-            where = f" ({len(self.potential)} of them nodes the autoscaler can start)" if self.potential else ""
-            raise InfeasibleTaskError(f"{err}; planned over {len(self.nodes)} nodes{where}") from None
+            raise InfeasibleTaskError(f"{err}; {unfit.capacity(self.nodes, self.potential)}") from None
         if spec.name in self.finished:
             return spec.name
         entry = self.tasks.get(spec.name)
@@ -132,7 +146,7 @@ class Coordinator:
 
     def request_groups(self, task_id: str) -> dict:
         """{"status": "granted", "groups": [GroupGrant]} | {"status": "wait", "position", "eta_s"}
-        | {"status": "finished", "results"}."""
+        (+ "reason" while the task fits no node) | {"status": "finished", "results"}."""
         if task_id in self.finished:
             return {"status": "finished", "results": self.finished[task_id].get("results")}
         entry = self._entry(task_id)
@@ -143,10 +157,12 @@ class Coordinator:
         mine = plan.for_task(task_id)
         if mine and self._startable(plan, task_id):
             return self.losses.tag(task_id, {"status": "granted", "groups": self._grant(entry, plan)})
-        waiting = sorted((plan.task_start(t) or 0.0, e.order, t) for t, e in self.tasks.items()
-                         if e.status == "queued")
-        position = 1 + [t for *_x, t in waiting].index(task_id)
-        return self.losses.tag(task_id, {"status": "wait", "position": position, "eta_s": plan.task_start(task_id)})
+        queued = {t: e.order for t, e in self.tasks.items() if e.status == "queued"}
+        answer = {"status": "wait", "position": unfit.queue_position(plan, queued, self._unfit, task_id),
+                  "eta_s": plan.task_start(task_id)}
+        if task_id in self._unfit:
+            answer["reason"] = self._unfit[task_id]
+        return self.losses.tag(task_id, answer)
 
     def report_progress(self, task_id: str, step_time: float, remaining_adapter_steps: int, *,
                         tokens_per_step: int | None = None, adapters_in_group: int | None = None,
@@ -199,14 +215,14 @@ class Coordinator:
 
     def adopt(self, task_id: str, groups: list[GroupGrant]) -> bool:
         """Re-attach a tenant's running groups after a restart that lost them (no state file):
-        those whose placement group still exists become running again; True if any did."""
+        those on a node up whose placement group still exists become running again; True if any
+        did. Those whose node died meanwhile are recorded lost, once (`NodeLossLog.reattach`)."""
         entry = self._entry(task_id)
         if entry.status == "running":
             return False
-        names = {n.name for n in self.nodes_view()}
-        live = {g.group_index: g for g in groups if (g.node in names or is_potential(g.node))
-                and lookup_pg(g.pg_name) is not None}
+        live = self.losses.reattach(task_id, list(groups), self.nodes_view())   # records groups lost meanwhile
         if not live:
+            self._save()
             return False
         entry.groups, entry.status, self._dirty = live, "running", True
         self._save()
@@ -240,10 +256,13 @@ class Coordinator:
         return self._plan
 
     def describe(self) -> str:
-        return self.plan().describe() + self.losses.describe()
+        return self.plan().describe() + unfit.describe(self._unfit) + self.losses.describe()
 
     def status(self) -> dict[str, str]:
-        out = {t: e.status for t, e in self.tasks.items()}
+        """Task -> queued | blocked (queued, fits no node now) | running | finished."""
+        self._refresh_nodes()
+        blocked = self._check_fit()
+        out = {t: unfit.BLOCKED if t in blocked else e.status for t, e in self.tasks.items()}
         out.update({t: "finished" for t in self.finished})
         return out
 
@@ -251,18 +270,19 @@ class Coordinator:
         return dict(self.finished)
 
     def metrics(self) -> dict:
-        counts = {s: sum(e.status == s for e in self.tasks.values()) for s in ("queued", "running")}
-        p = self._plan
-        tasks = {t: {"status": e.status, "groups": len(e.groups), "measured": e.measured_at is not None,
+        status, p = self.status(), self._plan
+        counts = {s: sum(status[t] == s for t in self.tasks) for s in ("queued", unfit.BLOCKED, "running")}
+        tasks = {t: {"status": status[t], "groups": len(e.groups), "measured": e.measured_at is not None,
                      "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
-                     "predicted_remaining_s": self._remaining(e)} for t, e in self.tasks.items()}
+                     "predicted_remaining_s": self._remaining(e),
+                     **({"reason": self._unfit[t]} if t in self._unfit else {})} for t, e in self.tasks.items()}
         up = [n for n in self.nodes if n.name not in self.potential]
         return {**counts, "finished": len(self.finished), "nodes": len(up), "tasks": tasks,
                 "gpus": sum(n.num_gpus for n in up), "use_gpu": self.use_gpu,
                 "potential_nodes": sorted(self.potential),
                 "potential_gpus": sum(n.num_gpus for n in self.nodes if n.name in self.potential),
                 "prediction_error": self.predictor.error_stats(),
-                "prediction_error_measured": _measured_error_stats(self.finished),
+                "prediction_error_measured": measured_error_stats(self.finished),
                 "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
                 "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
@@ -286,11 +306,20 @@ class Coordinator:
             return self.predictor.apply(dataclasses.replace(entry.spec)).duration_s(n)
         return max(max(g.planned_end for g in entry.groups.values()) - time.time(), 1.0)
 
+    def _check_fit(self) -> dict[str, str]:
+        """The queued tasks that fit no node planned on now, and why."""
+        before, self._unfit = self._unfit, unfit.unfit_reasons(
+            (e.spec for e in self.tasks.values() if e.status == "queued"), self.nodes, self.potential)
+        unfit.note_changes(before, self._unfit)
+        return self._unfit
+
     def _replan(self) -> None:
+        """Plan the tasks that fit some node (a blocked one must not fail every tenant's call)."""
         specs, running = [], []
+        blocked = self._check_fit()
         for name, e in self.tasks.items():
-            spec = self.predictor.apply(dataclasses.replace(e.spec))
-            specs.append(spec)
+            if name not in blocked:
+                specs.append(self.predictor.apply(dataclasses.replace(e.spec)))
             if e.status == "running":
                 left = self._remaining(e)
                 running += [RunningGroup(name, g.group_index, g.node, g.gpu_ids, left) for g in e.groups.values()]
@@ -341,12 +370,7 @@ class Coordinator:
 
     def _potential_hosts(self) -> dict[str, list[tuple[tuple[int, ...], float]]]:
         """Potential node -> (gpu ids, granted at) of the groups granted there, not placed yet."""
-        out: dict[str, list[tuple[tuple[int, ...], float]]] = {}
-        for e in self.tasks.values():
-            for g in e.groups.values():
-                if is_potential(g.node):
-                    out.setdefault(g.node, []).append((tuple(g.gpu_ids), g.started_at))
-        return out
+        return potential_hosts(g for e in self.tasks.values() for g in e.groups.values())
 
     def _refresh_nodes(self, force: bool = False) -> None:
         """Re-read the alive nodes (one GCS call; the rest only when the set of node ids changed or
@@ -355,7 +379,8 @@ class Coordinator:
             return
         raw = alive_ray_nodes()
         ids = frozenset(n["NodeID"] for n in raw)
-        changed = force or ids != self._alive_ids
+        changed = (force or ids != self._alive_ids      # a blocked task: the launcher's config may gain a type
+                   or (bool(self._unfit) and gpu_worker_types(self.bootstrap_config) != self._types))
         holding = any(e.groups for e in self.tasks.values())
         if changed:
             self._types = gpu_worker_types(self.bootstrap_config)   # re-read when nodes change
@@ -368,7 +393,9 @@ class Coordinator:
             up = {(n.name, n.ray_node_id) for n in alive}
             self._release_where(lambda g: not is_potential(g.node) and (g.node, names.get(g.node)) not in up,
                                 lost_with=names)
-        moved = self._rehome(alive)
+        moved = rehome([g for e in self.tasks.values() for g in e.groups.values()], alive)
+        if moved:                                # groups on potential nodes got placed on `alive` ones
+            self._save()
         if not (changed or moved):
             return
         potential = (potential_node_specs(raw, self._types, self._gpu_memory_gb, self._potential_hosts())
@@ -379,8 +406,13 @@ class Coordinator:
         if not nodes and holding and not any(e.groups for e in self.tasks.values()):
             self._refresh_nodes(force=True)      # all groups left with their nodes: pick the mode again
             return
-        self.nodes, self.potential, self._alive_ids = nodes, {n.name for n in potential}, ids
-        self.allocator = Allocator(nodes, time_limit_s=self._time_limit_s, objective=self._objective)
+        self._alive_ids = ids
+        self._set_nodes(nodes, {n.name for n in potential})
+
+    def _set_nodes(self, nodes: list[NodeSpec], potential: Collection[str] = ()) -> None:
+        """Plan on these nodes from now on (`potential`: the names of those not up)."""
+        self.nodes, self.potential = list(nodes), set(potential)
+        self.allocator = Allocator(self.nodes, time_limit_s=self._time_limit_s, objective=self._objective)
         self._dirty = True
 
     def _release_where(self, gone: Callable[[GroupGrant], bool], lost_with: dict[str, str] | None = None) -> None:
@@ -392,23 +424,6 @@ class Coordinator:
                 self.losses.record(t, hit.values(), lost_with, requeued=len(hit) == len(e.groups))
             for gi in hit:
                 self.release(t, gi)
-
-    def _rehome(self, alive: list[NodeSpec]) -> bool:
-        """Groups granted on potential nodes whose placement group got placed now run on that alive
-        node: record it (GPU ids free there), so the plan sees the real node busy."""
-        by_id = {n.ray_node_id: n for n in alive}
-        moved = False
-        for e in self.tasks.values():
-            for g in e.groups.values():
-                node = by_id.get(placed_node_id(g.placement_group)) if is_potential(g.node) else None
-                if node is None:
-                    continue
-                used = [x for o in self.tasks.values() for h in o.groups.values() if h.node == node.name
-                        for x in h.gpu_ids]
-                g.node, g.gpu_ids, moved = node.name, free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
-        if moved:
-            self._save()
-        return moved
 
     def _grant(self, entry: _Entry, plan: Plan) -> list[GroupGrant]:
         now = time.time()
@@ -423,7 +438,7 @@ class Coordinator:
             pg = create_pg(b.bundles, b.strategy, pg_name, b.ray_node_id)
             end = now + a.end - (0.0 if wait else a.start)
             entry.groups[a.group_index] = GroupGrant(name, a.group_index, a.node, a.gpu_ids, pg, pg_name,
-                                                     b.bundles, b.strategy, now, end)
+                                                     b.bundles, b.strategy, now, end, b.ray_node_id)
         entry.status = "running"
         self.predictor.mark_started(name, len(entry.groups), now + wait, predicted_s=mine[0].end - mine[0].start)
         self._dirty = True
@@ -433,10 +448,7 @@ class Coordinator:
     def _save(self) -> None:
         """Atomically write finished results and running groups (JSON; results via str if needed)."""
         running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order,
-                       "groups": [{"group_index": g.group_index, "node": g.node, "gpu_ids": list(g.gpu_ids),
-                                   "pg_name": g.pg_name, "bundles": g.bundles, "strategy": g.strategy,
-                                   "started_at": g.started_at, "planned_end": g.planned_end}
-                                  for g in e.groups.values()]}
+                       "groups": [g.to_json() for g in e.groups.values()]}
                    for t, e in self.tasks.items() if e.status == "running"}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
@@ -445,27 +457,22 @@ class Coordinator:
         os.replace(tmp, self.state_path)
 
     def _load(self) -> None:
-        """Reload finished results; re-adopt running groups whose placement groups still exist."""
+        """Reload finished results and the running groups still on a node up whose placement
+        groups still exist; those of a node that died meanwhile are recorded lost (`reattach`)."""
         if not self.state_path.exists():
             return
         data = json.loads(self.state_path.read_text())
         self.finished = dict(data.get("finished", {}))
         self.losses.load(data.get("node_losses", {}))
         for name, r in data.get("running", {}).items():
-            groups = {}
-            for g in r["groups"]:
-                pg = lookup_pg(g["pg_name"])
-                if pg is not None:
-                    groups[g["group_index"]] = GroupGrant(name, g["group_index"], g["node"], tuple(g["gpu_ids"]),
-                                                          pg, g["pg_name"], g["bundles"], g["strategy"],
-                                                          g["started_at"], g["planned_end"])
-            known = {n.name for n in self.nodes}
-            if groups and name not in self.finished and all(x.node in known or is_potential(x.node)
-                                                            for x in groups.values()):
+            groups = {} if name in self.finished else self.losses.reattach(
+                name, [GroupGrant.from_json(name, g) for g in r["groups"]], self.nodes)
+            if groups:
                 spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
                 self._counter = max(self._counter, r.get("order", 0))
                 self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups)
                 self.predictor.register_spec(spec)
+        self._save()                             # what was re-attached; the groups lost meanwhile leave the file
 
 
 CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
@@ -481,13 +488,6 @@ def get_coordinator(**kwargs: Any) -> Any:
     kwargs.setdefault("bootstrap_config", driver_bootstrap_config())
     return CoordinatorActor.options(name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached",
                                     get_if_exists=True, **on_head_node()).remote(**kwargs)
-
-
-def _measured_error_stats(finished: dict[str, dict]) -> dict:
-    """Error of the remaining-time prediction made at each task's first measured step."""
-    errs = [r["measured_relative_error"] for r in finished.values() if r.get("measured_relative_error") is not None]
-    return {"count": len(errs), "mean_abs_rel_error": sum(map(abs, errs)) / len(errs) if errs else None,
-            "mean_rel_error": sum(errs) / len(errs) if errs else None}
 
 
 def _last_end(plan: Plan) -> float:

@@ -137,6 +137,31 @@ def startup_background(potential: Sequence[NodeSpec], used: dict[str, list[tuple
     return background, ready
 
 
+def potential_hosts(grants: Iterable[Any]) -> dict[str, list[tuple[tuple[int, ...], float]]]:
+    """Potential node -> (gpu ids, granted at) of the groups (GroupGrants) granted there, not placed yet."""
+    out: dict[str, list[tuple[tuple[int, ...], float]]] = {}
+    for g in grants:
+        if is_potential(g.node):
+            out.setdefault(g.node, []).append((tuple(g.gpu_ids), g.started_at))
+    return out
+
+
+def rehome(grants: Sequence[Any], alive: Sequence[NodeSpec]) -> bool:
+    """Groups (GroupGrants) granted on potential nodes whose placement group got placed now run on
+    that alive node: record it (its id, GPU ids free there), so the plan sees the real node busy.
+    True if any moved."""
+    by_id = {n.ray_node_id: n for n in alive}
+    moved = False
+    for g in grants:
+        node = by_id.get(placed_node_id(g.placement_group)) if is_potential(g.node) else None
+        if node is None:
+            continue
+        used = [x for h in grants if h.node == node.name for x in h.gpu_ids]
+        g.node, g.node_id = node.name, node.ray_node_id
+        g.gpu_ids, moved = free_gpu_ids(node.num_gpus, used, len(g.gpu_ids)), True
+    return moved
+
+
 def free_gpu_ids(num_gpus: int, used: Iterable[int], k: int) -> tuple[int, ...]:
     """k GPU ids of a node not in `used` (the first k if too few are free: Ray placed the group,
     so the record of another group there is stale)."""

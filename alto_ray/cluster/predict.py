@@ -184,3 +184,11 @@ class DurationPredictor:
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._tasks
+
+
+def measured_error_stats(finished: dict[str, dict]) -> dict:
+    """Error of the remaining-time prediction made at each task's first measured step
+    (`finished`: the coordinator's finished records)."""
+    errs = [r["measured_relative_error"] for r in finished.values() if r.get("measured_relative_error") is not None]
+    return {"count": len(errs), "mean_abs_rel_error": sum(map(abs, errs)) / len(errs) if errs else None,
+            "mean_rel_error": sum(errs) / len(errs) if errs else None}

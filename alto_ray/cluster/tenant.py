@@ -96,7 +96,8 @@ class Tenant:
         self.grants: list[GroupGrant] = []
         self.task: Optional[LoRATask] = None   # the task with GrantedPlacement, once acquired
         self.reconnects = 0
-        self.waits: list[dict] = []            # every "wait" answer while queued (position, eta_s)
+        self.waits: list[dict] = []            # every "wait" answer while queued (position, eta_s, reason)
+        self.registered = False                # register() got through: after a coordinator restart it queues
         self.granted_at: Optional[float] = None
         self.node_losses: list[NodeLoss] = []  # groups this task lost with their node, as told
         self.grant_key = grant_key(self.name, uuid.uuid4().hex[:12])   # this session's published placement
@@ -145,7 +146,7 @@ class Tenant:
                     time.sleep(0.5)             # the dead actor's name is not free yet
             self._coord = coord
             self.reconnects += 1
-            ray.get(coord.register_task.remote(self.spec))
+            ray.get(coord.register_task.remote(self.spec, requeue=self.registered))   # it fit then: queue
             if self.grants:
                 ray.get(coord.adopt.remote(self.name, self.grants))
 
@@ -158,7 +159,9 @@ class Tenant:
             results = self.call("finished_results").get(self.name, {}).get("results")
             raise TaskAlreadyFinished(f"task {self.name!r} already finished on this cluster (results: "
                                       f"{results}); give the LoRATask another name to tune it again")
-        return self.call("register_task", self.spec)
+        name = self.call("register_task", self.spec)
+        self.registered = True
+        return name
 
     def acquire(self) -> LoRATask:
         """Block (backoff, logging the queue position) until granted and the groups are placed."""
@@ -167,8 +170,10 @@ class Tenant:
         return self.task
 
     def _acquire_groups(self) -> list[GroupSpec]:
-        """Queue until granted, wait for the placement groups, publish their GroupSpecs."""
-        t0, backoff = time.time(), 0.5
+        """Queue until granted, wait for the placement groups, publish their GroupSpecs. A task
+        that fits no node now waits too (warning with the coordinator's reason), as long as
+        `max_wait_s` allows: a node that fits may join or be started."""
+        t0, backoff, reason = time.time(), 0.5, None
         while True:
             answer = self.call("request_groups", self.name)
             if answer["status"] == "granted":
@@ -176,16 +181,21 @@ class Tenant:
             if answer["status"] == "finished":
                 raise TaskAlreadyFinished(f"task {self.name!r} already finished: {answer.get('results')}")
             waited = time.time() - t0
-            self.waits.append({"position": answer["position"], "eta_s": answer.get("eta_s"), "at": time.time()})
+            self.waits.append({"position": answer["position"], "eta_s": answer.get("eta_s"), "at": time.time(),
+                               "reason": answer.get("reason")})
             if self.max_wait_s is not None and waited > self.max_wait_s:
+                why = f": {answer['reason']}" if answer.get("reason") else ""
                 raise TimeoutError(f"task {self.name!r} still queued after {waited:.0f}s "
-                                   f"(position {answer['position']})")
+                                   f"(position {answer['position']}){why}")
             eta = answer.get("eta_s")
-            if len(self.waits) == 1 or answer["position"] != self.waits[-2]["position"] or len(self.waits) % 15 == 0:
+            if answer.get("reason") not in (None, reason):
+                logger.warning("alto tenant %s: waiting for a node that fits (waited %.0fs): %s", self.name, waited,
+                               answer["reason"])
+            elif len(self.waits) == 1 or answer["position"] != self.waits[-2]["position"] or len(self.waits) % 15 == 0:
                 logger.info("alto tenant %s: queued at position %d, planned start in %s (waited %.0fs)",
                             self.name, answer["position"], "?" if eta is None else f"{eta:.0f}s", waited)
             time.sleep(min(backoff, max(float(eta or backoff), 0.5)))
-            backoff = min(backoff * 1.5, 10.0)
+            backoff, reason = min(backoff * 1.5, 10.0), answer.get("reason")
         self.grants = list(answer["groups"])
         self.granted_at = time.time()
         for g in self.grants:                    # granted: the bundles may still be freeing up
