@@ -175,3 +175,36 @@ def test_an_out_of_memory_cap_outlives_the_group(group, tiny_model_dir, tiny_dat
     clear_oom_cap(name)
     assert oom_cap(name) is None
 
+
+
+def test_a_trial_waits_for_its_tasks_new_groups_without_spending_attempts(group):
+    # After a node loss the tenant publishes an empty placement while it queues for new groups;
+    # a trial restored meanwhile waits for the new grant instead of failing (Tune's max_failures).
+    import threading
+
+    from alto_ray.cluster.node_loss import drop_grant, grant_key, publish_grant
+    from alto_ray.cluster.tenant import GrantedPlacement
+
+    task, handle = group
+    specs = task.group_specs()
+    key = grant_key(task.task_name, "regrant-test")
+    publish_grant(key, [])
+    waiting = task.replace(placement=GrantedPlacement(specs, key=key))
+    assert waiting.placement.may_change and waiting.group_specs() == []
+    later = threading.Timer(1.5, publish_grant, (key, specs))
+    later.start()
+    try:
+        t0 = time.monotonic()
+        found, spec = connect(waiting, attempts=1, backoff_s=0.01, regrant_wait_s=30)
+        assert time.monotonic() - t0 >= 1.4 and spec.name == specs[0].name
+        assert ray.get(found.load.remote())["closing"] is False
+        # A fixed placement (no published key) with no group still fails at once.
+        with pytest.raises(RuntimeError, match="holds no group"):
+            connect(task.replace(placement=GrantedPlacement([])), attempts=1, backoff_s=0.01)
+        # So does a changing one once its wait is over.
+        publish_grant(key, [])
+        with pytest.raises(RuntimeError, match="holds no group"):
+            connect(waiting, attempts=1, backoff_s=0.01, regrant_wait_s=0.2)
+    finally:
+        later.cancel()
+        drop_grant(key)

@@ -64,6 +64,12 @@ class GrantedPlacement:
         self.tenant = tenant             # driver only: not pickled into trials
         self.key = key
 
+    @property
+    def may_change(self) -> bool:
+        """A published placement is re-published after a node loss: trials wait for it
+        (`connect`'s `regrant_wait_s`) rather than fail when it lists no group for a while."""
+        return self.key is not None
+
     def __call__(self, task: LoRATask) -> list[GroupSpec]:
         published = read_grant(self.key) if self.key else None
         return list(self.groups if published is None else published)

@@ -172,8 +172,11 @@ def group_options(spec: GroupSpec) -> Dict[str, Any]:
     return opts
 
 
+REGRANT_WAIT_S = 600.0  # how long a trial waits for its task's new groups after a node loss
+
+
 def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
-            backoff_s: float = 0.5) -> "tuple[Any, GroupSpec]":
+            backoff_s: float = 0.5, regrant_wait_s: float = REGRANT_WAIT_S) -> "tuple[Any, GroupSpec]":
     """Get or create the task's groups and return the least-loaded live one.
 
     Ties (typical at a cold start, when every trial waits for the groups to load and then reads
@@ -181,18 +184,21 @@ def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
     together still spread evenly. A group that just died or is closing (idle) is retried: its
     name becomes free again, and the next `get_if_exists` creates a fresh actor. Groups whose
     placement group was removed (the coordinator released them: their node died) are skipped;
-    the placement is read again at each attempt, so a new grant is found.
+    the placement is read again at each attempt, so a new grant is found. While a placement
+    that can change (``may_change``: the tenant re-publishes it) offers no usable group, the
+    trial waits up to ``regrant_wait_s`` for one without spending its attempts: a task queued
+    for new groups may wait minutes (an autoscaler's node), and each failed trial start would
+    use up one of Tune's ``max_failures``.
     """
     salt = _trial_number(trial_id)
     last_err: Optional[BaseException] = None
+    can_change = bool(getattr(task.placement, "may_change", False))
+    deadline = time.monotonic() + regrant_wait_s
     for attempt in range(attempts):
-        specs: List[GroupSpec] = []
-        removed: List[str] = []
-        for s in task.group_specs():
-            if _placement_removed(s):
-                removed.append(s.name)
-            else:
-                specs.append(s)
+        specs, removed = _usable_specs(task)
+        while can_change and not specs and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
+            specs, removed = _usable_specs(task)
         if removed:  # Ray would keep a group aimed there pending forever
             last_err = RuntimeError(f"the placement groups of {', '.join(removed)} were removed (their node "
                                     "died, or the task gave them back)")
@@ -218,6 +224,18 @@ def connect(task: LoRATask, trial_id: str = "", attempts: int = 20,
             return best[1], best[2]
         time.sleep(backoff_s * min(attempt + 1, 4))
     raise RuntimeError(f"no live AdapterGroup for task {task.task_name}: {last_err}")
+
+
+def _usable_specs(task: LoRATask) -> "tuple[List[GroupSpec], List[str]]":
+    """The task's groups now, less those whose placement group was removed (and their names)."""
+    specs: List[GroupSpec] = []
+    removed: List[str] = []
+    for s in task.group_specs():
+        if _placement_removed(s):
+            removed.append(s.name)
+        else:
+            specs.append(s)
+    return specs, removed
 
 
 def _placement_removed(spec: GroupSpec) -> bool:
