@@ -12,6 +12,12 @@ Per case (shape × adapters × tokens/adapter × ranks, bf16, no dropout) the me
 and the ratios (b)/(a), (c)/(b), (d)/(b). Writes JSON (``--out``) and merges the headline
 figures into benchmarks/results/summary.json when ``--summary`` is given.
 
+Each variant is timed twice: as called from Python (``do_bench``: what a caller that launches
+one layer at a time waits for, host launch cost included) and replayed from a CUDA graph
+(``do_bench_cudagraph``, ``graph_ms``: the device time alone, what a step that keeps the GPU
+queue full pays, as the engine's 8B step does). At 8 × 512 tokens the first is host-bound for
+every variant with LoRA in it, the second is not; the two are reported side by side.
+
     python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json [--quick]
 """
 from __future__ import annotations
@@ -38,7 +44,7 @@ def lora_bytes(T, K, N, elt=2):
     return elt * T * (3 * K + 3 * N)
 
 
-def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms):
+def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
     from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
     dev, dt = "cuda", torch.bfloat16
     ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(n_ad)]
@@ -112,6 +118,17 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms):
         fn()  # autotune / warm-up outside the timing
         torch.cuda.synchronize()
         res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    graph = {}
+    if graph_rep_ms:  # device time: each variant captured (unrolled, rotating inputs) and replayed
+        from triton.testing import do_bench_cudagraph
+        for name, fn in (("base", base), ("fused", fused), ("fused_sink", fused_sink), ("fused_linear", fused_linear),
+                         ("reference", reference), ("sequential", sequential), ("lora_only", lora_only)):
+            try:
+                graph[name] = do_bench_cudagraph(fn, rep=graph_rep_ms, return_mode="median")
+            except Exception as err:  # noqa: BLE001 - a variant that cannot be captured loses its column only
+                print(f"graph timing of {name} failed: {type(err).__name__}: {err}", flush=True)
+                graph = {}
+                break
     from alto_kernels import _common
     if _common.DIRECT_LAUNCH:  # A/B in the same run: the same calls through Triton's own dispatch
         _common.DIRECT_LAUNCH = False
@@ -123,19 +140,23 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms):
         finally:
             _common.DIRECT_LAUNCH = True
     del sets
-    floor_us = lora_bytes(T, K, N) / 3.0e12 * 1e6
     return {
         "shape": f"{K}->{N}", "in": K, "out": N, "adapters": n_ad, "tokens_per_adapter": tok, "tokens": T,
         "ranks": rank_key, "rank_list": ranks, "dtype": "bfloat16", "dropout": 0.0,
-        "median_ms": {k: round(v, 4) for k, v in res.items()},
-        "fused_over_base": round(res["fused"] / res["base"], 4),
-        "fused_sink_over_base": round(res["fused_sink"] / res["base"], 4),
-        "fused_linear_over_base": round(res["fused_linear"] / res["base"], 4),
-        "reference_over_fused": round(res["reference"] / res["fused"], 4),
-        "sequential_over_fused": round(res["sequential"] / res["fused"], 4),
-        "lora_only_bytes_floor_us_at_3TBps": round(floor_us, 1),
-        "lora_only_achieved_TBps": round(lora_bytes(T, K, N) / (res["lora_only"] * 1e-3) / 1e12, 3),
+        "median_ms": {k: round(v, 4) for k, v in res.items()}, **ratios(res, T, K, N),
+        "lora_only_bytes_floor_us_at_3TBps": round(lora_bytes(T, K, N) / 3.0e12 * 1e6, 1),
+        **({"graph_ms": {k: round(v, 4) for k, v in graph.items()}, **ratios(graph, T, K, N, "_graph")} if graph else {}),
     }
+
+
+def ratios(ms: dict, T: int, K: int, N: int, suffix: str = "") -> dict:
+    """The case's ratios from one set of timings (``suffix`` names the set)."""
+    pairs = {"fused_over_base": ("fused", "base"), "fused_sink_over_base": ("fused_sink", "base"),
+             "fused_linear_over_base": ("fused_linear", "base"), "reference_over_fused": ("reference", "fused"),
+             "sequential_over_fused": ("sequential", "fused")}
+    out = {k + suffix: round(ms[a] / ms[b], 4) for k, (a, b) in pairs.items()}
+    out["lora_only_achieved_TBps" + suffix] = round(lora_bytes(T, K, N) / (ms["lora_only"] * 1e-3) / 1e12, 3)
+    return out
 
 
 def profile_hot(ak, K=4096, N=4096, n_ad=8, tok=512, rank=16):
@@ -175,6 +196,8 @@ def main():
     ap.add_argument("--summary", default=None, help="summary.json to merge the headline figures into")
     ap.add_argument("--quick", action="store_true", help="only the 8x512 cases")
     ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--graph-rep-ms", type=int, default=50,
+                    help="per CUDA-graph replay when timing device time (0: skip the graph timings)")
     ap.add_argument("--merge-only", action="store_true", help="merge --out's headline into --summary and stop")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel profile of the hot case first")
     ap.add_argument("--chunks", default="", help="e.g. 64,128,256: time the hot case per chunk size first")
@@ -202,7 +225,7 @@ def main():
     for K, N in SHAPES:
         for n_ad, tok in grid:
             for rk in ("r16", "mixed"):
-                c = bench_case(ak, K, N, n_ad, tok, rk, do_bench, args.rep_ms)
+                c = bench_case(ak, K, N, n_ad, tok, rk, do_bench, args.rep_ms, args.graph_rep_ms)
                 cases.append(c)
                 m = c["median_ms"]
                 print(f"{c['shape']:>11} {n_ad:>2}x{tok:<4} {rk:>5}  base {m['base']:.3f}  fused {m['fused']:.3f}"
@@ -211,6 +234,14 @@ def main():
                       f"  | b/a {c['fused_over_base']:.3f}  c/b {c['reference_over_fused']:.2f}"
                       f"  d/b {c['sequential_over_fused']:.2f}  lora {c['lora_only_achieved_TBps']:.2f} TB/s",
                       flush=True)
+                if "graph_ms" in c:
+                    g = c["graph_ms"]
+                    print(f"{'graph':>11} {'':7} {'':5}  base {g['base']:.3f}  fused {g['fused']:.3f}"
+                          f"  sink {g['fused_sink']:.3f}  one-node {g['fused_linear']:.3f}"
+                          f"  ref {g['reference']:.3f}  seq {g['sequential']:.3f}  lora {g['lora_only']:.3f} ms"
+                          f"  | b/a {c['fused_over_base_graph']:.3f}  c/b {c['reference_over_fused_graph']:.2f}"
+                          f"  d/b {c['sequential_over_fused_graph']:.2f}  lora {c['lora_only_achieved_TBps_graph']:.2f} TB/s",
+                          flush=True)
     hot = [c for c in cases if c["adapters"] == 8 and c["tokens_per_adapter"] == 512 and c["ranks"] == "r16"]
     note = ("8 adapters x 512 tokens, rank 16, bf16, no dropout; geometric mean over the three Llama-8B "
             "layer shapes 4096->4096, 4096->14336, 14336->4096 (per-shape figures in kernels JSON)")
@@ -220,9 +251,20 @@ def main():
     # Not an issue figure: the engine's path (gradient sink), beside (b) for the same case.
     extra = {k: {"value": round(gmean([c[k] for c in hot]), 4), "per_shape": {c["shape"]: c[k] for c in hot}}
              for k in ("fused_sink_over_base", "fused_linear_over_base")}
+    # The same ratios in device time (CUDA-graph replay, no host launch cost): named figures of
+    # their own beside the issue's, never in their place.
+    device_time = {}
+    if hot and "graph_ms" in hot[0]:
+        gnote = note + "; device time: each variant captured in a CUDA graph and replayed (no host launch cost)"
+        device_time = {f"{k}_graph": {"value": round(gmean([c[f"{k}_graph"] for c in hot]), 4), "device": dev_name,
+                                      "command": cmd, "note": gnote,
+                                      "per_shape": {c["shape"]: c[f"{k}_graph"] for c in hot}}
+                       for k in ("fused_over_base", "reference_over_fused", "sequential_over_fused",
+                                 "fused_sink_over_base", "fused_linear_over_base")}
     result = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "command": cmd,
               "timing": "triton.testing.do_bench median, ms, fwd+bwd, warm-up and autotune before timing, "
-                        "rotating random inputs",
+                        "rotating random inputs; graph_ms: triton.testing.do_bench_cudagraph median (the same "
+                        "calls captured unrolled in one CUDA graph and replayed: device time, no host cost)",
               "variants": {"base": "(a) frozen base linear, fwd + input grad",
                            "fused": "(b) base + fused_multi_lora",
                            "fused_sink": "(b') base + the engine's path: prepared plan, dA/dB into fp32 gradient sinks",
@@ -235,13 +277,13 @@ def main():
                                                  "(ALTO_DIRECT_LAUNCH=0), same run",
                            "fused_sink_jit_dispatch": "(b') likewise"},
               "direct_launch": _common_direct(),
-              "headline": headline, "engine_path": extra, "cases": cases, "seconds": round(time.time() - t0, 1)}
+              "headline": headline, "engine_path": extra, "device_time": device_time, "cases": cases, "seconds": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.summary:
-        merge_summary(args.summary, {f"kernel.{k}": v for k, v in headline.items()})
-    for k, v in headline.items():
+        merge_summary(args.summary, {f"kernel.{k}": v for k, v in (*headline.items(), *device_time.items())})
+    for k, v in (*headline.items(), *device_time.items()):
         print(f"kernel.{k} = {v['value']}  {v['per_shape']}")
     print(f"engine path (gradient sink): {extra}")
 
