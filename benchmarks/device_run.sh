@@ -41,17 +41,6 @@ for phase in "$@"; do
       slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
       run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
       mkdir -p kernels/tuned && cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
-    tune-ab)  # the engine's 8B step with the committed table, then tuned again (now with the one-node
-              # path's own lora_bwd_dx keys), then with the new table, then the old one again
-      slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
-      cp kernels/tuned/$slug.json /tmp/tuned_old.json
-      run engine-table-old python benchmarks/engine.py --shapes 8b --out $R/engine_h100_table_old.json --summary /tmp/ab_summary.json
-      run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
-      cp $R/tuned_$slug.json kernels/tuned/$slug.json
-      run engine-table-new python benchmarks/engine.py --shapes 8b --out $R/engine_h100_table_new.json --summary /tmp/ab_summary.json
-      cp /tmp/tuned_old.json kernels/tuned/$slug.json
-      run engine-table-old-again python benchmarks/engine.py --shapes 8b --out $R/engine_h100_table_old_again.json --summary /tmp/ab_summary.json
-      cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best

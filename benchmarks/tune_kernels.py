@@ -11,8 +11,7 @@ compile-and-time loop (see ``ALTO_AUTOTUNE`` in ``kernels/_common.py``).
 
 Grid: the layer shapes of Llama-1B and Llama-8B (q/k/v/o/gate/up/down), R ∈ {16, 64}, token
 buckets 1024…65536 (mixed ranks per call so the rank axis pads to R), bf16, dropout 0.05,
-the fused training path (fwd + bwd with dX), the gradient-sink path and the engine's one-node
-path (``apply_linear_multi_lora``: ``lora_bwd_dx`` adding into the base dX, its own variant). It also reports how long
+the fused training path (fwd + bwd with dX) and the gradient-sink path. It also reports how long
 the tuning took, which is what a process without the table pays on first use.
 """
 from __future__ import annotations
@@ -37,8 +36,8 @@ RANKS = {16: [8, 16, 16, 8], 64: [16, 64, 32, 8]}
 TOKENS = [1024, 4096, 16384, 65536]
 
 
-def run_case(K: int, N: int, T: int, ranks, dropout: float, sink: bool, linear: bool = False) -> None:
-    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
+def run_case(K: int, N: int, T: int, ranks, dropout: float, sink: bool) -> None:
+    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -58,11 +57,7 @@ def run_case(K: int, N: int, T: int, ranks, dropout: float, sink: bool, linear: 
         ga = [torch.zeros(a.shape, device=dev) for a in A]
         gb = [torch.zeros(b.shape, device=dev) for b in B]
         plan = prepare_multi_lora(x, base, A, B, offs, scales, ps, training=True, grad_a=ga, grad_b=gb)
-        if linear:  # the frozen weight inside the node: lora_bwd_dx adds into dY W (ADD_DX)
-            W = (torch.randn(N, K, device=dev) * K ** -0.5).to(dt)
-            y = apply_linear_multi_lora(plan, x, W, seed=1)
-        else:
-            y = apply_multi_lora(plan, x, base.clone(), seed=1)
+        y = apply_multi_lora(plan, x, base.clone(), seed=1)
     else:
         A = [a.requires_grad_() for a in A]
         B = [b.requires_grad_() for b in B]
@@ -91,7 +86,6 @@ def main() -> None:
                         t1 = time.perf_counter()
                         run_case(K, N, T, ranks, dropout, sink=False)
                         run_case(K, N, T, ranks, dropout, sink=True)
-                        run_case(K, N, T, ranks, dropout, sink=True, linear=True)
                         cases += 1
                         print(f"{shape} {K}->{N} R={R} T={T} p={dropout}: {time.perf_counter() - t1:.1f} s",
                               flush=True)
