@@ -145,10 +145,11 @@ def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
 
 
 def start_ticker(period_s: Optional[float]) -> None:
-    """Inside the coordinator actor: call its own `check_liveness` every `period_s` from a thread,
-    so a dead tenant's groups are freed even when no tenant calls. The call goes through the
-    actor's queue, so it never runs beside another call. Outside an actor (the class used
-    directly, tests) or with liveness off: nothing."""
+    """Inside the coordinator actor: call its own `check_liveness(force=True)` every `period_s`
+    from a thread, so a dead tenant's groups are freed within `period_s` even when no tenant
+    calls (forced: a check another call made just before must not push this one a period
+    later). The call goes through the actor's queue, so it never runs beside another call.
+    Outside an actor (the class used directly, tests) or with liveness off: nothing."""
     if not period_s or period_s <= 0 or not ray.is_initialized():
         return
     ctx = ray.get_runtime_context()
@@ -162,7 +163,7 @@ def start_ticker(period_s: Optional[float]) -> None:
         while True:
             time.sleep(period_s)
             try:
-                ray.get(me.check_liveness.remote())
+                ray.get(me.check_liveness.remote(force=True))
             except ray.exceptions.RayActorError:
                 return                           # the coordinator is going away
             except Exception as err:  # noqa: BLE001 - a missed tick is retried on the next
