@@ -145,7 +145,11 @@ def test_a_killed_tenant_is_abandoned_its_groups_freed_and_the_next_tenant_grant
     # Nobody calls the coordinator here: its own timer notices the dead job and frees the group.
     until(lambda: placement_group_table(pg)["state"] == "REMOVED", timeout_s=20)
 
-    metrics = ray.get(coord.metrics.remote())
+    def both_abandoned() -> dict | None:              # the other job may be marked dead just after that check
+        metrics = ray.get(coord.metrics.remote())
+        return metrics if len(metrics["abandoned"]) == 2 else None
+
+    metrics = until(both_abandoned)
     event, queued = sorted(metrics["abandoned"], key=lambda x: x["task_id"] != "doomed")
     assert (event["task_id"], event["job_id"], event["status"], list(event["pg_names"]), event["on_restart"]) == \
         ("doomed", job, "running", [pg_name], False)
