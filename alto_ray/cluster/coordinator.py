@@ -16,8 +16,9 @@ queues again; finished results are untouched) and the loss is recorded for the t
 start count as potential nodes, planned busy for `autoscale_delay_s`; a plan using them is only
 kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
 started for nothing). A queued task that fits no node now (its only large node died) is left out
-of the plan and reported, not planned, until one fits (`unfit.py`). The actor is pinned to the
-head node (`get_coordinator`).
+of the plan and reported, not planned, until one fits (`unfit.py`). A task whose tenant's driver
+died (its Ray job is dead) is abandoned: its groups are freed and the next tenant granted
+(`liveness.py`). The actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, Callable, Collection
 
 import ray
 
-from alto_ray.cluster import unfit
+from alto_ray.cluster import liveness, unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
@@ -82,6 +83,7 @@ class _Entry:
     groups: dict[int, GroupGrant] = field(default_factory=dict)
     progress: bool = False                     # has reported measured progress
     measured_at: tuple[float, float] | None = None   # (when, predicted remaining s) at the first measured step
+    job_id: str | None = None                  # Ray job of the tenant's driver (None: never abandoned)
 
 
 class Coordinator:
@@ -92,7 +94,8 @@ class Coordinator:
                  objective: str = "makespan", cpu_slots_per_node: int | None = None,
                  predictor: DurationPredictor | None = None, replan_after_s: float = 15.0,
                  autoscale_delay_s: float = 300.0, autoscale_gain: float = 0.05,
-                 bootstrap_config: str | None = None) -> None:
+                 bootstrap_config: str | None = None,
+                 liveness_check_s: float | None = liveness.DEFAULT_CHECK_S) -> None:
         self.state_path = Path(os.path.expanduser(state_path or DEFAULT_STATE_PATH))
         self.cpus_per_gpu = cpus_per_gpu
         self.replan_after_s = replan_after_s     # a plan ages (running groups near their end): refresh
@@ -103,6 +106,7 @@ class Coordinator:
         self._fixed = bool(nodes)                # explicit nodes (tests, benchmarks): never re-read
         self.bootstrap_config = bootstrap_config   # the launcher's config; None: env / the head's default
         self.losses = NodeLossLog()
+        self.liveness = liveness.LivenessWatch(liveness_check_s)
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
         self._types: list = []
@@ -121,12 +125,15 @@ class Coordinator:
         self._counter = 0
         self._load()
         self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
+        self.liveness.sweep(self.tasks, self.withdraw, force=True, on_restart=True)   # drivers that died meanwhile
+        liveness.start_ticker(liveness_check_s)  # as the actor: a dead tenant's groups go even if nobody calls
 
     # -- tenant API ----------------------------------------------------------------------------------
-    def register_task(self, spec: TaskSpec, requeue: bool = False) -> str:
+    def register_task(self, spec: TaskSpec, requeue: bool = False, job_id: str | None = None) -> str:
         """Register (or re-register: idempotent by name) a task; ValueError if a new one fits no
         node, alive or one the autoscaler can start. `requeue`: a tenant registered before (this
-        coordinator restarted): its task fit then, so it queues, blocked until a node fits."""
+        coordinator restarted): its task fit then, so it queues, blocked until a node fits.
+        `job_id`: the Ray job of the tenant's driver; once it is dead the task is abandoned."""
         try:
             if not requeue and spec.name not in self.tasks:
                 check_memory(spec, self.nodes_view())
@@ -140,6 +147,7 @@ class Coordinator:
             self.tasks[spec.name] = entry = _Entry(spec, order=self._counter)
         else:
             entry.spec = spec
+        entry.job_id = job_id                    # the driver registering last owns the task
         self.predictor.register_spec(spec)
         self._dirty = True
         return spec.name
@@ -240,6 +248,11 @@ class Coordinator:
         self._dirty = True
         self._save()
 
+    def check_liveness(self, force: bool = False) -> list[liveness.Abandonment]:
+        """Abandon the tasks whose tenant's driver job died: free their groups, drop them from the
+        plan, record it. Reads Ray's job table at most every `liveness_check_s` unless `force`."""
+        return self.liveness.sweep(self.tasks, self.withdraw, force)
+
     def node_losses(self, task_id: str | None = None) -> list[NodeLoss]:
         """Groups lost with their node (of one task, or all). Re-reads the nodes first, so a
         tenant polling this learns of a dead node even when nothing else makes a plan."""
@@ -251,18 +264,21 @@ class Coordinator:
         """The current plan (times relative to now); re-planned when the picture changed."""
         self._refresh_nodes()
         stale = self.replan_after_s > 0 and time.time() - self._plan_at > self.replan_after_s
+        self.check_liveness(force=self._dirty or self._plan is None or stale)   # never plan a dead tenant's task
         if self._dirty or self._plan is None or stale:
             self._replan()
         return self._plan
 
     def describe(self) -> str:
-        return self.plan().describe() + unfit.describe(self._unfit) + self.losses.describe()
+        return self.plan().describe() + unfit.describe(self._unfit) + self.losses.describe() + self.liveness.describe()
 
     def status(self) -> dict[str, str]:
-        """Task -> queued | blocked (queued, fits no node now) | running | finished."""
+        """Task -> queued | blocked (queued, fits no node now) | running | finished | abandoned."""
         self._refresh_nodes()
+        self.check_liveness()
         blocked = self._check_fit()
-        out = {t: unfit.BLOCKED if t in blocked else e.status for t, e in self.tasks.items()}
+        out = self.liveness.statuses()
+        out.update({t: unfit.BLOCKED if t in blocked else e.status for t, e in self.tasks.items()})
         out.update({t: "finished" for t in self.finished})
         return out
 
@@ -274,7 +290,7 @@ class Coordinator:
         counts = {s: sum(status[t] == s for t in self.tasks) for s in ("queued", unfit.BLOCKED, "running")}
         tasks = {t: {"status": status[t], "groups": len(e.groups), "measured": e.measured_at is not None,
                      "adapter_step_s": self.predictor.adapter_step_s(t) if t in self.predictor else None,
-                     "predicted_remaining_s": self._remaining(e),
+                     "predicted_remaining_s": self._remaining(e), "job_id": e.job_id,
                      **({"reason": self._unfit[t]} if t in self._unfit else {})} for t, e in self.tasks.items()}
         up = [n for n in self.nodes if n.name not in self.potential]
         return {**counts, "finished": len(self.finished), "nodes": len(up), "tasks": tasks,
@@ -284,6 +300,7 @@ class Coordinator:
                 "prediction_error": self.predictor.error_stats(),
                 "prediction_error_measured": measured_error_stats(self.finished),
                 "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
+                "abandoned": self.liveness.to_json(), "liveness": self.liveness.metrics(),
                 "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
@@ -447,13 +464,14 @@ class Coordinator:
 
     def _save(self) -> None:
         """Atomically write finished results and running groups (JSON; results via str if needed)."""
-        running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order,
+        running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id,
                        "groups": [g.to_json() for g in e.groups.values()]}
                    for t, e in self.tasks.items() if e.status == "running"}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running,
-                                   "node_losses": self.losses.to_json()}, indent=1, default=str))
+                                   "node_losses": self.losses.to_json(), "abandoned": self.liveness.to_json()},
+                                  indent=1, default=str))
         os.replace(tmp, self.state_path)
 
     def _load(self) -> None:
@@ -464,13 +482,14 @@ class Coordinator:
         data = json.loads(self.state_path.read_text())
         self.finished = dict(data.get("finished", {}))
         self.losses.load(data.get("node_losses", {}))
+        self.liveness.load(data.get("abandoned", []))
         for name, r in data.get("running", {}).items():
             groups = {} if name in self.finished else self.losses.reattach(
                 name, [GroupGrant.from_json(name, g) for g in r["groups"]], self.nodes)
             if groups:
                 spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
                 self._counter = max(self._counter, r.get("order", 0))
-                self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups)
+                self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups, job_id=r.get("job_id"))
                 self.predictor.register_spec(spec)
         self._save()                             # what was re-attached; the groups lost meanwhile leave the file
 

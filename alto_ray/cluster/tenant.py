@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
+from alto_ray.cluster.liveness import driver_job_id
 from alto_ray.cluster.node_loss import NodeLoss, drop_grant, grant_key, publish_grant, read_grant
 from alto_ray.cluster.plan import TaskSpec
 from alto_ray.tune.group import NAMESPACE
@@ -152,7 +153,8 @@ class Tenant:
                     time.sleep(0.5)             # the dead actor's name is not free yet
             self._coord = coord
             self.reconnects += 1
-            ray.get(coord.register_task.remote(self.spec, requeue=self.registered))   # it fit then: queue
+            ray.get(coord.register_task.remote(self.spec, requeue=self.registered,   # it fit then: queue
+                                               job_id=driver_job_id()))
             if self.grants:
                 ray.get(coord.adopt.remote(self.name, self.grants))
 
@@ -165,7 +167,7 @@ class Tenant:
             results = self.call("finished_results").get(self.name, {}).get("results")
             raise TaskAlreadyFinished(f"task {self.name!r} already finished on this cluster (results: "
                                       f"{results}); give the LoRATask another name to tune it again")
-        name = self.call("register_task", self.spec)
+        name = self.call("register_task", self.spec, job_id=driver_job_id())   # its death abandons the task
         self.registered = True
         return name
 
