@@ -41,6 +41,11 @@ for phase in "$@"; do
       slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
       run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
       mkdir -p kernels/tuned && cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
+    multi-tenant-gpu)  # the multi-tenant example with its groups on the GPU (coordinator in GPU mode)
+      run "$phase" python examples/multi_tenant.py --device cuda --workdir /tmp/alto_mt ;;
+    quickstart)  # README's main job (examples/quickstart.py; its set-up step needs a network, the
+                 # image has the packages): a GPU is present, so it trains there
+      run "$phase" python examples/quickstart.py ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best

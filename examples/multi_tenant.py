@@ -1,6 +1,7 @@
 """Two tenants, two backbones, one Ray cluster: the coordinator places both tasks' adapter groups.
 
     python examples/multi_tenant.py                    # both tasks at once, local Ray (CPU)
+    python examples/multi_tenant.py --device cuda      # the same with each group on a GPU
     python examples/multi_tenant.py --task a --address auto &   # or: two separate drivers / jobs
     python examples/multi_tenant.py --task b --address auto
     ray job submit --address http://HEAD:8265 --working-dir . -- python examples/multi_tenant.py
@@ -35,13 +36,13 @@ SIZES = {"a": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
          "b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3)}
 
 
-def build_task(which: str, root: str, steps: int) -> LoRATask:
+def build_task(which: str, root: str, steps: int, device: str = "cpu") -> LoRATask:
     """A tiny Llama of size `which` and its own arithmetic data set, both on local disk."""
     cfg = SIZES[which]
     model = make_tiny_llama(os.path.join(root, f"tiny-llama-{cfg['hidden_size']}"), seed=ord(which), **cfg)
     data = write_arithmetic_jsonl(os.path.join(root, f"arith-{which}.jsonl"), n=256, seed=ord(which))
     return LoRATask(model=model, dataset=data, max_steps=steps, eval_every=max(steps // 4, 1), eval_size=32,
-                    max_seq_len=32, device="cpu", idle_timeout_s=20.0,
+                    max_seq_len=32, device=device, idle_timeout_s=20.0,
                     adapter_defaults={"batch_size": 4, "warmup_steps": 2})
 
 
@@ -89,6 +90,8 @@ def main(argv: Any = None) -> None:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per trial")
     ap.add_argument("--max-groups", type=int, default=1, help="most groups (GPUs / CPU slots) per task")
     ap.add_argument("--workdir", default=None, help="models, data and Tune results (default: a temp dir)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="where the groups train (cuda: one GPU per group; the coordinator then places GPUs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -98,7 +101,7 @@ def main(argv: Any = None) -> None:
     root = args.workdir or tempfile.mkdtemp(prefix="alto-multi-tenant-")
     coord_opts: dict = {}
     which = ["a", "b"] if args.task == "both" else [args.task]
-    tasks = [build_task(w, root, args.steps) for w in which]
+    tasks = [build_task(w, root, args.steps, args.device) for w in which]
     for task in tasks:   # register all first, so the first plan already sees every tenant
         Tenant(task, args.samples, param_space=param_space(), max_groups=args.max_groups,
                coordinator_options=coord_opts).register()
