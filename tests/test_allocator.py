@@ -179,3 +179,19 @@ def test_predictor_prior_measurement_and_error_stats() -> None:
     stats = pred.error_stats()
     assert stats["count"] == 1 and stats["mean_abs_rel_error"] == pytest.approx(0.25)
     assert stats["per_task"]["t"] == {"predicted_s": 25.0, "actual_s": 20.0}
+
+
+def test_step_clock_leaves_the_groups_start_out() -> None:
+    """Load and compile before the first step are not a step time (they made the first
+    measured prediction ~20x too long on an H100)."""
+    from alto_ray.cluster.predict import StepClock
+
+    clock = StepClock()
+    assert clock.observe("g0", now=0.0, steps=0) is None       # loading
+    assert clock.observe("g0", now=30.0, steps=2) is None      # first steps done: the clock starts here
+    assert clock.observe("g0", now=31.0, steps=2) is None      # no step since
+    assert clock.observe("g0", now=32.0, steps=6) == pytest.approx(0.5)   # 4 steps since t=30
+    assert clock.observe("g1", now=32.0, steps=3) is None      # each group its own clock
+    assert clock.observe("g1", now=35.0, steps=9) == pytest.approx(0.5)
+    assert clock.observe("g0", now=40.0, steps=6) is None
+    assert clock.observe("g0", now=42.0, steps=10) == pytest.approx(2.5)  # from the last change (t=32)

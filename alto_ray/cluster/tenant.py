@@ -41,6 +41,7 @@ from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
 from alto_ray.cluster.liveness import driver_job_id
 from alto_ray.cluster.node_loss import NodeLoss, drop_grant, grant_key, publish_grant, read_grant
 from alto_ray.cluster.plan import TaskSpec
+from alto_ray.cluster.predict import StepClock
 from alto_ray.tune.group import NAMESPACE
 from alto_ray.tune.task import RANK_LOCAL_TRAINER, GroupSpec, LoRATask
 
@@ -113,7 +114,7 @@ class Tenant:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._seen: set[str] = set()
-        self._last_steps: dict[str, tuple[float, int]] = {}
+        self._clock = StepClock()
 
     # -- coordinator calls ----------------------------------------------------------------------
     @property
@@ -313,11 +314,9 @@ class Tenant:
             except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue                         # not created yet / idle-exited / busy
             found += 1
-            prev = self._last_steps.get(spec.name)
-            if prev is None or int(info["steps"]) != prev[1]:   # steps slower than polls: measure
-                self._last_steps[spec.name] = (now, int(info["steps"]))  # from the last change seen
-            if prev is not None and info["steps"] > prev[1]:
-                times.append((now - prev[0]) / (info["steps"] - prev[1]))
+            per_step = self._clock.observe(spec.name, now, int(info["steps"]))
+            if per_step is not None:
+                times.append(per_step)
             active += int(info.get("active", 0))
             for trial, m in info["members"].items():
                 self._seen.add(trial)
