@@ -165,8 +165,8 @@ def test_predictor_prior_measurement_and_error_stats() -> None:
     pred = DurationPredictor(peak_flops=1e12, mfu=0.5)
     pred.register("t", params=1e9, tokens_per_adapter_step=1000, num_adapters=4, steps_per_adapter=100)
     assert pred.prior_step_s("t") == pytest.approx(4 * 1e9 * 1000 / 0.5e12)        # 8 s per adapter-step
-    assert pred.work_s("t") == pytest.approx(400 * 8)
-    assert pred.duration_s("t", 4) == pytest.approx(800)                            # = critical path
+    assert pred.work_s("t") == pytest.approx(400 * 8 + pred.startup_s)              # + the groups' start
+    assert pred.duration_s("t", 4) == pytest.approx(800 + pred.startup_s)           # = critical path
     pred.observe_step("t", step_time_s=2.0, tokens_per_step=4000, adapters_in_group=4)  # 0.5 s per adapter-step
     assert pred.adapter_step_s("t") == pytest.approx(0.5)
     pred.trial_progress("t", "a", 50)

@@ -11,7 +11,9 @@ seconds per adapter-step come from FLOPs:
 
 with peak_flops = 780e12 (H100 bf16 matmul, measured), mfu = 0.30 (grouped multi-LoRA step;
 PEFT reaches 33% at 4x1024 on Llama-8B shapes) and efficiency 0.85 for multi-GPU groups
-(rank-local adapter parallelism).  Measured step times replace the prior (EMA per task).
+(rank-local adapter parallelism).  Until a task's groups have stepped, its duration also counts
+`startup_s` (group actor, backbone load, kernel compile: FLOPs say nothing of it, and for a small
+model it is most of the task).  Measured step times replace the prior (EMA per task).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from alto_ray.cluster.plan import TaskSpec
 H100_BF16_PEAK_FLOPS = 780e12
 DEFAULT_MFU = 0.30
 MULTI_GPU_EFFICIENCY = 0.85
+DEFAULT_STARTUP_S = 30.0   # a group's start before its first step; the multi-tenant example's tiny tasks took 34-42 s in all
 
 
 @dataclass
@@ -46,8 +49,9 @@ class DurationPredictor:
 
     def __init__(self, peak_flops: float = H100_BF16_PEAK_FLOPS, mfu: float = DEFAULT_MFU,
                  multi_gpu_efficiency: float = MULTI_GPU_EFFICIENCY, ema: float = 0.3,
-                 default_step_s: float = 1.0) -> None:
+                 default_step_s: float = 1.0, startup_s: float = DEFAULT_STARTUP_S) -> None:
         self.peak_flops = peak_flops
+        self.startup_s = startup_s
         self.mfu = mfu
         self.multi_gpu_efficiency = multi_gpu_efficiency
         self.ema = ema
@@ -112,13 +116,17 @@ class DurationPredictor:
         t = self._tasks[task_id]
         return t.measured_step_s if t.measured_step_s is not None else self.prior_step_s(task_id)
 
+    def _startup_s(self, task_id: str) -> float:
+        """The start still ahead: until a step is measured, the task's groups have not stepped."""
+        return self.startup_s if self._tasks[task_id].measured_step_s is None else 0.0
+
     def work_s(self, task_id: str) -> float:
         """Remaining time on one group."""
-        return self._tasks[task_id].remaining * self.adapter_step_s(task_id)
+        return self._tasks[task_id].remaining * self.adapter_step_s(task_id) + self._startup_s(task_id)
 
     def min_duration_s(self, task_id: str) -> float:
-        """Critical path: the longest trial's remaining steps run one after another."""
-        return self._tasks[task_id].max_trial_steps * self.adapter_step_s(task_id)
+        """Critical path: the start, then the longest trial's remaining steps one after another."""
+        return self._tasks[task_id].max_trial_steps * self.adapter_step_s(task_id) + self._startup_s(task_id)
 
     def duration_s(self, task_id: str, groups: int) -> float:
         return max(self.work_s(task_id) / max(groups, 1), self.min_duration_s(task_id))
