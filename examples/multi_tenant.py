@@ -1,7 +1,7 @@
 """Two tenants, two backbones, one Ray cluster: the coordinator places both tasks' adapter groups.
 
-    python examples/multi_tenant.py                    # both tasks at once, local Ray (CPU)
-    python examples/multi_tenant.py --device cuda      # the same with each group on a GPU
+    python examples/multi_tenant.py                    # both tasks at once, local Ray (its GPUs if any)
+    python examples/multi_tenant.py --device cpu       # the same, training on CPUs even beside a GPU
     python examples/multi_tenant.py --task a --address auto &   # or: two separate drivers / jobs
     python examples/multi_tenant.py --task b --address auto
     ray job submit --address http://HEAD:8265 --working-dir . -- python examples/multi_tenant.py
@@ -36,7 +36,7 @@ SIZES = {"a": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
          "b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3)}
 
 
-def build_task(which: str, root: str, steps: int, device: str = "cpu") -> LoRATask:
+def build_task(which: str, root: str, steps: int, device: str = "auto") -> LoRATask:
     """A tiny Llama of size `which` and its own arithmetic data set, both on local disk."""
     cfg = SIZES[which]
     model = make_tiny_llama(os.path.join(root, f"tiny-llama-{cfg['hidden_size']}"), seed=ord(which), **cfg)
@@ -90,8 +90,9 @@ def main(argv: Any = None) -> None:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per trial")
     ap.add_argument("--max-groups", type=int, default=1, help="most groups (GPUs / CPU slots) per task")
     ap.add_argument("--workdir", default=None, help="models, data and Tune results (default: a temp dir)")
-    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                    help="where the groups train (cuda: one GPU per group; the coordinator then places GPUs)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                    help="where the groups train (auto: on a GPU when the cluster has them, one per group; "
+                         "the coordinator then places GPUs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("ray").setLevel(logging.WARNING)
