@@ -234,3 +234,28 @@ def test_a_tenant_that_died_while_the_coordinator_was_down_is_abandoned_when_it_
     assert f"orphan: driver job {job} died at " in ray.get(coord.describe.remote())
     assert "as the coordinator restarted at " in ray.get(coord.describe.remote())
     ray.get(coord.task_finished.remote("kept", None))
+
+
+def test_a_coordinator_from_an_older_alto_ray_registers_the_task_without_liveness(coordinator, tiny_model_dir,
+                                                                                  tiny_dataset_path, caplog) -> None:
+    """The coordinator is detached, so it outlives an upgrade of the tenants: one whose
+    register_task takes no job id still registers them (with a warning), without liveness."""
+    from alto_ray.cluster.coordinator import COORDINATOR_NAME, COORDINATOR_NAMESPACE, Coordinator
+    from alto_ray.tune.capacity import driver_bootstrap_config
+
+    class OlderCoordinator(Coordinator):
+        def register_task(self, spec: TaskSpec, requeue: bool = False) -> str:   # as before liveness
+            return super().register_task(spec, requeue)
+
+    older = ray.remote(num_cpus=0)(OlderCoordinator).options(
+        name=COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE, lifetime="detached").remote(
+        **coordinator.options, bootstrap_config=driver_bootstrap_config())
+    task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name="upgraded", max_steps=8, device="cpu")
+    tenant = Tenant(task, 4, gpus_per_group=1, max_groups=1, backbone_bytes=GIB, adapter_bytes=GIB // 64,
+                    coordinator_options=coordinator.options)
+    with caplog.at_level("WARNING", logger="alto_ray.cluster.liveness"):
+        assert tenant.register() == "upgraded"
+    assert ray.get(tenant.coordinator.metrics.remote())["tasks"]["upgraded"]["job_id"] is None
+    assert ray.get(older.status.remote())["upgraded"] in ("queued", "running")
+    assert any("older alto-ray" in r.getMessage() for r in caplog.records)
+    tenant.withdraw()

@@ -120,6 +120,21 @@ def driver_job_id() -> Optional[str]:
         return None
 
 
+def register_with_job_id(register: Callable[..., str], tenant: str, requeue: bool = False) -> str:
+    """`register(requeue=..., job_id=...)`: a coordinator call registering the tenant's task
+    with its driver's job id. The coordinator is detached and outlives upgrades: one started by
+    an older alto-ray takes no job id (Ray checks a call against the running actor's signature:
+    TypeError), and the task then registers without (no liveness until it restarts)."""
+    job_id = driver_job_id()
+    if job_id is not None:
+        try:
+            return register(requeue=requeue, job_id=job_id)
+        except TypeError as err:
+            logger.warning("alto tenant %s: the coordinator runs an older alto-ray (%s); registering without "
+                           "liveness (restart the coordinator to turn it on)", tenant, err)
+    return register(requeue=requeue)
+
+
 def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
     """Those of `job_ids` that Ray's job table lists dead -> when they ended (s since the epoch,
     None if Ray does not say); None when the table cannot be read (the caller counts every

@@ -38,7 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator import GroupGrant, get_coordinator
-from alto_ray.cluster.liveness import driver_job_id
+from alto_ray.cluster.liveness import register_with_job_id
 from alto_ray.cluster.node_loss import NodeLoss, drop_grant, grant_key, publish_grant, read_grant
 from alto_ray.cluster.plan import TaskSpec
 from alto_ray.cluster.predict import StepClock
@@ -154,8 +154,8 @@ class Tenant:
                     time.sleep(0.5)             # the dead actor's name is not free yet
             self._coord = coord
             self.reconnects += 1
-            ray.get(coord.register_task.remote(self.spec, requeue=self.registered,   # it fit then: queue
-                                               job_id=driver_job_id()))
+            register_with_job_id(lambda **kw: ray.get(coord.register_task.remote(self.spec, **kw)), self.name,
+                                 requeue=self.registered)   # it fit then: queue
             if self.grants:
                 ray.get(coord.adopt.remote(self.name, self.grants))
 
@@ -168,7 +168,7 @@ class Tenant:
             results = self.call("finished_results").get(self.name, {}).get("results")
             raise TaskAlreadyFinished(f"task {self.name!r} already finished on this cluster (results: "
                                       f"{results}); give the LoRATask another name to tune it again")
-        name = self.call("register_task", self.spec, job_id=driver_job_id())   # its death abandons the task
+        name = register_with_job_id(lambda **kw: self.call("register_task", self.spec, **kw), self.name)
         self.registered = True
         return name
 
