@@ -46,6 +46,11 @@ for phase in "$@"; do
     quickstart)  # README's main job (examples/quickstart.py; its set-up step needs a network, the
                  # image has the packages): a GPU is present, so it trains there
       run "$phase" python examples/quickstart.py ;;
+    epilogue)  # the one-node linear's epilogue variant (GEMMs add into the stored LoRA deltas) against
+               # the in-kernel adds, same run: correctness, the 8x512 kernel cases, the engine
+      run kernel_check python benchmarks/kernel_check.py
+      run kernels-quick env ALTO_AUTOTUNE=full python benchmarks/kernels.py --quick --out $R/kernels_h100_epilogue_quick.json
+      run engine-epilogue python benchmarks/engine.py --shapes 1b,8b --off ALTO_LINEAR_EPILOGUE --out $R/engine_h100_epilogue.json --summary /tmp/epilogue_summary.json ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best

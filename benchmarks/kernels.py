@@ -92,6 +92,10 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
         x, dy = nxt()
         torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy)
 
+    def fused_linear_adds():  # (b'') before its epilogue variant: the LoRA kernels add into the GEMMs' outputs
+        x, dy = nxt()
+        torch.autograd.grad(apply_linear_multi_lora(plan, x, W, epilogue=False), [x], dy)
+
     def reference():
         x, dy = nxt()
         y = F.linear(x, W) + ak.multi_lora_reference(x, A, B, offs, scales)
@@ -113,6 +117,7 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
 
     res = {}
     for name, fn in (("base", base), ("fused", fused), ("fused_sink", fused_sink), ("fused_linear", fused_linear),
+                     ("fused_linear_adds", fused_linear_adds),
                      ("reference", reference),
                      ("sequential", sequential), ("lora_only", lora_only)):
         fn()  # autotune / warm-up outside the timing
@@ -122,6 +127,7 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
     if graph_rep_ms:  # device time: each variant captured (unrolled, rotating inputs) and replayed
         from triton.testing import do_bench_cudagraph
         for name, fn in (("base", base), ("fused", fused), ("fused_sink", fused_sink), ("fused_linear", fused_linear),
+                     ("fused_linear_adds", fused_linear_adds),
                          ("reference", reference), ("sequential", sequential), ("lora_only", lora_only)):
             try:
                 graph[name] = do_bench_cudagraph(fn, rep=graph_rep_ms, return_mode="median")
@@ -153,6 +159,7 @@ def ratios(ms: dict, T: int, K: int, N: int, suffix: str = "") -> dict:
     """The case's ratios from one set of timings (``suffix`` names the set)."""
     pairs = {"fused_over_base": ("fused", "base"), "fused_sink_over_base": ("fused_sink", "base"),
              "fused_linear_over_base": ("fused_linear", "base"), "reference_over_fused": ("reference", "fused"),
+             "fused_linear_adds_over_base": ("fused_linear_adds", "base"),
              "sequential_over_fused": ("sequential", "fused")}
     out = {k + suffix: round(ms[a] / ms[b], 4) for k, (a, b) in pairs.items()}
     out["lora_only_achieved_TBps" + suffix] = round(lora_bytes(T, K, N) / (ms["lora_only"] * 1e-3) / 1e12, 3)
@@ -229,7 +236,7 @@ def main():
                 cases.append(c)
                 m = c["median_ms"]
                 print(f"{c['shape']:>11} {n_ad:>2}x{tok:<4} {rk:>5}  base {m['base']:.3f}  fused {m['fused']:.3f}"
-                      f"  sink {m['fused_sink']:.3f}  one-node {m['fused_linear']:.3f}"
+                      f"  sink {m['fused_sink']:.3f}  one-node {m['fused_linear']:.3f} ({m['fused_linear_adds']:.3f} adds)"
                       f"  ref {m['reference']:.3f}  seq {m['sequential']:.3f}  lora {m['lora_only']:.3f} ms"
                       f"  | b/a {c['fused_over_base']:.3f}  c/b {c['reference_over_fused']:.2f}"
                       f"  d/b {c['sequential_over_fused']:.2f}  lora {c['lora_only_achieved_TBps']:.2f} TB/s",
@@ -237,7 +244,7 @@ def main():
                 if "graph_ms" in c:
                     g = c["graph_ms"]
                     print(f"{'graph':>11} {'':7} {'':5}  base {g['base']:.3f}  fused {g['fused']:.3f}"
-                          f"  sink {g['fused_sink']:.3f}  one-node {g['fused_linear']:.3f}"
+                          f"  sink {g['fused_sink']:.3f}  one-node {g['fused_linear']:.3f} ({g['fused_linear_adds']:.3f} adds)"
                           f"  ref {g['reference']:.3f}  seq {g['sequential']:.3f}  lora {g['lora_only']:.3f} ms"
                           f"  | b/a {c['fused_over_base_graph']:.3f}  c/b {c['reference_over_fused_graph']:.2f}"
                           f"  d/b {c['sequential_over_fused_graph']:.2f}  lora {c['lora_only_achieved_TBps_graph']:.2f} TB/s",
@@ -250,7 +257,7 @@ def main():
                 for k in ("fused_over_base", "reference_over_fused", "sequential_over_fused")}
     # Not an issue figure: the engine's path (gradient sink), beside (b) for the same case.
     extra = {k: {"value": round(gmean([c[k] for c in hot]), 4), "per_shape": {c["shape"]: c[k] for c in hot}}
-             for k in ("fused_sink_over_base", "fused_linear_over_base")}
+             for k in ("fused_sink_over_base", "fused_linear_over_base", "fused_linear_adds_over_base")}
     # The same ratios in device time (CUDA-graph replay, no host launch cost): named figures of
     # their own beside the issue's, never in their place.
     device_time = {}
@@ -268,8 +275,10 @@ def main():
               "variants": {"base": "(a) frozen base linear, fwd + input grad",
                            "fused": "(b) base + fused_multi_lora",
                            "fused_sink": "(b') base + the engine's path: prepared plan, dA/dB into fp32 gradient sinks",
+                           "fused_linear_adds": "(b'') with the LoRA kernels adding into the base GEMMs' outputs "
+                                                "(lora_expand in place, lora_bwd_dx with ADD_DX; epilogue=False)",
                            "fused_linear": "(b'') the engine's one-node path: base GEMM and LoRA in one autograd node, "
-                                           "LoRA dX added into dY W in lora_bwd_dx (apply_linear_multi_lora)",
+                                           "the GEMMs adding into the LoRA deltas (addmm_; apply_linear_multi_lora)",
                            "reference": "(c) base + multi_lora_reference",
                            "sequential": "(d) one adapter at a time: own base matmul + PEFT-style LoRA",
                            "lora_only": "(e) fused_multi_lora alone (no base)",

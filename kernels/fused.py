@@ -66,8 +66,9 @@ def _dot_prec(dtype):
 
 
 def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, seed: int, drop: tuple,
-                  w_ref: torch.Tensor) -> torch.Tensor:
-    """Shrink then expand into ``base_out`` (in place); returns ``H_s`` for the backward."""
+                  w_ref: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+    """Shrink then expand into ``base_out`` (in place; with ``accumulate`` off the delta is
+    stored there instead, every row being some adapter's); returns ``H_s`` for the backward."""
     T, K = x.shape
     N = base_out.shape[1]
     nc = plan.table.shape[0]
@@ -77,9 +78,10 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, 
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
             x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
             R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
-    _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])), _key(x.dtype, w_ref.dtype, prec, plan, N),
+    _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
+            _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,))),
             h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
-            R=plan.R, DOT_PREC=prec, device_index=dev)
+            R=plan.R, DOT_PREC=prec, ACCUMULATE=accumulate, device_index=dev)
     return h
 
 
@@ -195,16 +197,25 @@ class _FusedMultiLoRA(torch.autograd.Function):
 
 
 class _LinearMultiLoRA(torch.autograd.Function):
-    """A frozen linear and the LoRA deltas of a sink plan covering all its rows, as one node:
-    the backward's ``dY W`` is computed here and the LoRA dX added into it in ``lora_bwd_dx``."""
+    """A frozen linear and the LoRA deltas of a sink plan covering all its rows, as one node.
+
+    ``epilogue`` (no bias): the LoRA kernels store their Y and dX deltas and the base GEMMs add
+    into them in place (``addmm_``, beta 1), so cuBLAS reads each delta in its compute-bound
+    epilogue. Otherwise the base GEMMs come first and the LoRA kernels read and add into them
+    (``lora_expand`` in place, ``lora_bwd_dx`` with ``ADD_DX``): two memory-bound re-reads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, sink_token):
+    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, epilogue: bool, sink_token):
         x = x if x.stride(1) == 1 else x.contiguous()
-        y = torch.nn.functional.linear(x, weight, bias)
-        h = _lora_forward(plan, x, y, seed, drop, plan.weights[0])
+        if epilogue:
+            y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+            h = _lora_forward(plan, x, y, seed, drop, plan.weights[0], accumulate=False)
+            y.addmm_(x, weight.t())
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
+            h = _lora_forward(plan, x, y, seed, drop, plan.weights[0])
         ctx.save_for_backward(x, h, weight)
-        ctx.plan, ctx.seed, ctx.drop = plan, seed, drop
+        ctx.plan, ctx.seed, ctx.drop, ctx.epilogue = plan, seed, drop, epilogue
         return y
 
     @staticmethod
@@ -214,9 +225,14 @@ class _LinearMultiLoRA(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         dy = dy.to(x.dtype)
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
-        dx = torch.mm(dy, weight) if need_x else None
-        dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True, dx=dx)
-        return dx, None, None, None, None, None, None
+        if ctx.epilogue:
+            dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True)
+            if need_x:
+                dx.addmm_(dy, weight)
+        else:
+            dx = torch.mm(dy, weight) if need_x else None
+            dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True, dx=dx)
+        return dx, None, None, None, None, None, None, None
 
 
 def _seed_and_drop(plan: MultiLoRAPlan, x: torch.Tensor, seed: int, streams: Optional[torch.Tensor],
@@ -251,11 +267,14 @@ def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tenso
 
 def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, seed: int = 0,
-                            streams: Optional[torch.Tensor] = None, width: Optional[int] = None) -> torch.Tensor:
+                            streams: Optional[torch.Tensor] = None, width: Optional[int] = None,
+                            epilogue: bool = True) -> torch.Tensor:
     """``linear(x, weight, bias) + Σ_i scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for a frozen ``weight``
     and a plan with a gradient sink whose segments cover every row of ``x``. The same numbers as
-    ``apply_multi_lora(plan, x, linear(x, weight, bias))`` up to one rounding of dX, which comes
-    out of one kernel instead of an extra add (arguments as ``apply_multi_lora``)."""
+    ``apply_multi_lora(plan, x, linear(x, weight, bias))`` up to one rounding of Y and dX, each
+    summed once instead of twice (arguments as ``apply_multi_lora``). ``epilogue``: the base GEMMs
+    add into the LoRA deltas (``addmm_``) rather than the LoRA kernels into the GEMMs' outputs
+    (used without a bias only; ``_LinearMultiLoRA``)."""
     if not plan.grad_sink:
         raise ValueError("apply_linear_multi_lora needs a plan with a gradient sink (prepare_multi_lora(grad_a=...))")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -267,7 +286,7 @@ def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.
     if plan.tokens == 0:
         return torch.nn.functional.linear(x, weight, bias)
     seed, drop = _seed_and_drop(plan, x, seed, streams, width)
-    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, plan.sink_token)
+    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, bool(epilogue) and bias is None, plan.sink_token)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees

@@ -1,7 +1,9 @@
 """Forward expand: ``Y[t, :] += H_s[t, :r_i] B_iᵀ`` in place (the base output is the accumulator).
 
 Fusing the add into the second LoRA GEMM means Y is read once and written once and no
-[T, out] delta is ever materialised. Each program owns one chunk of one adapter's tokens and
+[T, out] delta is ever materialised. Without ``ACCUMULATE`` it stores the delta instead (Y is
+only written): the one-node linear then adds the base GEMM into it with ``addmm_``, whose
+compute-bound epilogue reads it nearly for free. Each program owns one chunk of one adapter's tokens and
 one ``BLOCK_N`` slice of the output features; B_iᵀ's tile is loaded once and reused over the
 chunk's row blocks (B_i is read in place, [out, r_i], through its address in the chunk table).
 """
@@ -21,7 +23,7 @@ EXPAND_CONFIGS = configs(
                   do_bench=quick_bench)
 @triton.jit
 def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
-                       R: tl.constexpr, DOT_PREC: tl.constexpr,
+                       R: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -41,6 +43,8 @@ def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_
         h = tl.load(h_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
         y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
-        y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        y = mma(h.to(b.dtype), b, y, DOT_PREC)
+        if ACCUMULATE:
+            y = mma(h.to(b.dtype), b, tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32), DOT_PREC)
+        else:
+            y = mma(h.to(b.dtype), b, None, DOT_PREC)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)

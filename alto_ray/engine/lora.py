@@ -150,6 +150,8 @@ class MultiLoRALinear(nn.Module):
         w = base.weight
         self._fused_linear = (os.environ.get("ALTO_FUSED_LINEAR", "1").strip().lower() not in ("0", "false", "no")
                               and type(w.data) is torch.Tensor and not w.requires_grad)
+        # ...and in it the base GEMMs add into the LoRA deltas (ALTO_LINEAR_EPILOGUE=0: the reverse)
+        self._linear_epilogue = os.environ.get("ALTO_LINEAR_EPILOGUE", "1").strip().lower() not in ("0", "false", "no")
         self.slots: Dict[int, LoRASlot] = {}
         self._slots_changed()
 
@@ -213,7 +215,8 @@ class MultiLoRALinear(nn.Module):
             where, scales, drops = self._run_static(run.slots)
             plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
             streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
-            y = alto_kernels.apply_linear_multi_lora(plan, x2, self.base.weight, self.base.bias, seed, **streams)
+            y = alto_kernels.apply_linear_multi_lora(plan, x2, self.base.weight, self.base.bias, seed, **streams,
+                                                     epilogue=self._linear_epilogue)
             return y.view(*x.shape[:-1], self.out_features)
         # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
         # delta into ``base_out`` in place, and an in-place op on a view of another op's output
