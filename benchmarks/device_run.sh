@@ -79,6 +79,8 @@ for phase in "$@"; do
       run "$phase" python benchmarks/sweep.py --arm asha --reuse-actors --out $R/sweep_asha.json --time-budget 540 ;;
     multigpu)  # rank-local vs FSDP; needs a 2-GPU kind (nvidia-h200-x2)
       run multigpu torchrun --nproc_per_node 2 benchmarks/multigpu.py --out $R/multigpu_h200x2.json --summary $S ;;
+    ranklocal-one)  # the Ray-actor rank-local path with one rank (NCCL world of one): any 1-GPU machine
+      run "$phase" python benchmarks/ranklocal_tune.py --ranks 1 --out $R/ranklocal_one_gpu_h100.json ;;
     ranklocal-tune)  # a gpus_per_group=2 task through Ray Tune vs one GPU; needs nvidia-h200-x2
       run ranklocal-tune python benchmarks/ranklocal_tune.py --out $R/ranklocal_tune_h200x2.json ;;
     sweep-full-*)

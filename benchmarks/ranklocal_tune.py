@@ -9,6 +9,13 @@ process on one GPU (``GroupedTrainer``) and compares the per-step losses: dropou
 bf16 rounding of the sharded vs unsharded backbone separates them. Exits 1 if a trial failed,
 a loss is not finite or the curves disagree beyond ``--tol``; writes wall time, tokens/s and the
 largest relative loss gap to ``--out``.
+
+    python benchmarks/ranklocal_tune.py --ranks 1 --out $OUT/ranklocal_one_gpu.json   # any GPU machine
+
+``--ranks 1`` checks the same Ray-actor path where only one GPU is lent: a ``RankLocalGroup`` of
+one rank (a NCCL world of one, the backbone through ``fully_shard``, each step a lock-step call
+into the actor) against ``GroupedTrainer`` on the same GPU, then exports an adapter and loads it
+with ``PeftModel.from_pretrained``. Everything but traffic between ranks.
 """
 from __future__ import annotations
 
@@ -34,7 +41,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/alto_ranklocal")
     ap.add_argument("--tol", type=float, default=0.03)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 gloo ranks on CPU: checks the script")
+    ap.add_argument("--ranks", type=int, default=2, choices=(1, 2),
+                    help="1: one rank of the Ray-actor path without Tune (one GPU suffices)")
     args = ap.parse_args()
+    if args.ranks == 1:
+        sys.exit(one_rank(args))
 
     import ray
     import torch
@@ -107,6 +118,91 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "reports"}, indent=1, default=str))
     print("OK" if ok else "FAILED")
     sys.exit(0 if ok else 1)
+
+
+def one_rank(args: argparse.Namespace) -> int:
+    """A one-rank RankLocalGroup (Ray actor, NCCL world of one on a GPU) against GroupedTrainer."""
+    import ray
+    import torch
+
+    from alto_ray import LoRATask
+    from alto_ray.cluster.ranklocal_ray import RankLocalGroup
+    from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
+    from sweep import SEQ_LEN, build_workdir
+
+    paths = build_workdir(args.workdir, n_records=300, smoke=args.smoke)
+    use_gpu = not args.smoke
+    task = LoRATask(model=paths["model"], dataset=paths["data"], max_seq_len=SEQ_LEN, name="ranklocal-one")
+    cfgs = {str(c["rank"]): AdapterConfig.from_dict(task.adapter_dict({**COMMON, **c})) for c in CONFIGS}
+    data = DatasetSpec(paths["data"], eval_size=16)
+    ray.init(include_dashboard=False)
+    t0 = time.perf_counter()
+    group = RankLocalGroup(paths["model"], data, num_ranks=1, use_gpu=use_gpu, trainer_kwargs={"eval_size": 16})
+    setup_s = time.perf_counter() - t0
+    out: dict = {"rank_info": [{k: v for k, v in i.items() if k != "model_config"} for i in group.rank_info],
+                 "setup_s": setup_s}
+    try:
+        for name, cfg in cfgs.items():
+            group.add_adapter(name, cfg)
+        losses: dict = {n: [] for n in cfgs}
+        t1 = time.perf_counter()
+        for step in range(args.steps):
+            if step == 1:
+                t1 = time.perf_counter()  # the first step compiles and autotunes
+            for name, r in group.step().items():
+                losses[name].append(float(r.loss))
+        out["group_step_s"] = (time.perf_counter() - t1) / max(args.steps - 1, 1)
+        out["group_eval"] = group.evaluate()
+        export = os.path.join(args.workdir, "export_one_rank")
+        group.save_adapter("16", export)
+        out["peak_bytes"] = group.last_peak_bytes
+    finally:
+        group.shutdown()
+        ray.shutdown()
+
+    device = "cuda" if use_gpu else "cpu"
+    torch.manual_seed(0)
+    ref = GroupedTrainer(paths["model"], data, device=device, eval_size=16)
+    for name, cfg in cfgs.items():
+        ref.add_adapter(name, cfg)
+    ref_losses: dict = {n: [] for n in cfgs}
+    t2 = time.perf_counter()
+    for step in range(args.steps):
+        if step == 1:
+            t2 = time.perf_counter()
+        for name, r in ref.step().items():
+            ref_losses[name].append(float(r.loss))
+    if use_gpu:
+        torch.cuda.synchronize()
+    out["reference_step_s"] = (time.perf_counter() - t2) / max(args.steps - 1, 1)
+    out["reference_eval"] = ref.evaluate()
+    gaps = [abs(a - b) / abs(b) for n in cfgs for a, b in zip(losses[n], ref_losses[n])]
+    out["max_rel_loss_gap"] = max(gaps)
+    out["max_rel_eval_gap"] = max(abs(out["group_eval"][n] - out["reference_eval"][n]) / abs(out["reference_eval"][n])
+                                  for n in cfgs)
+    del ref
+
+    # The exported adapter is a standard PEFT one: load it on the GPU and take a loss with it.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(paths["model"], torch_dtype=torch.bfloat16).to(device)
+    peft_model = PeftModel.from_pretrained(base, export)
+    ids = torch.randint(4, 19, (2, 64), device=device)
+    with torch.no_grad():
+        peft_loss = float(peft_model(input_ids=ids, labels=ids).loss)
+    out["peft_loaded_loss"] = peft_loss
+    out.update({"device": torch.cuda.get_device_name(0) if use_gpu else "cpu (smoke)", "steps": args.steps,
+                "losses": losses, "reference_losses": ref_losses,
+                "command": f"python benchmarks/ranklocal_tune.py --ranks 1 --out {args.out} --steps {args.steps}",
+                "shape": "Llama-1B (hidden 2048, 16 layers, vocab 128256), bf16 random weights"})
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    ok = (all(len(v) == args.steps and all(math.isfinite(x) for x in v) for v in losses.values())
+          and out["max_rel_loss_gap"] <= args.tol and out["max_rel_eval_gap"] <= args.tol and math.isfinite(peft_loss)
+          and (not use_gpu or "cuda" in out["rank_info"][0]["device"]))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("losses", "reference_losses")}, indent=1, default=str))
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
