@@ -4,6 +4,9 @@ with ``GroupedTrainer``, with no gradient collective at all. (The torchrun path 
 exercised by ``benchmarks/multigpu.py --smoke``; one multi-process launch keeps this file fast.)"""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any, Dict, List
 
 import pytest
@@ -106,3 +109,74 @@ def test_ray_group_routes_steps_and_pads_empty_rank(reference: Dict[str, Any], t
         if group is not None:
             group.shutdown()
         ray.shutdown()
+
+
+SHARDED_FUSED_SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()
+import alto_kernels.fused as fused
+from alto_ray.cluster.ranklocal import RankLocalTrainer
+from alto_ray.cluster.ranklocal_model import free_port, init_rank_process_group, load_sharded_backbone
+from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
+from alto_ray.engine.fused_modules import FusedGatedMLP, FusedRMSNorm
+model_dir, data_path = sys.argv[1], sys.argv[2]
+calls = [0]
+_apply_linear = fused.apply_linear_multi_lora
+def counted(*a, **k):
+    calls[0] += 1
+    return _apply_linear(*a, **k)
+fused.apply_linear_multi_lora = counted
+CFGS = {"a": AdapterConfig(rank=4, alpha=8, lr=1e-2, batch_size=2, max_seq_len=12, seed=1, lr_schedule="constant"),
+        "b": AdapterConfig(rank=8, alpha=8, lr=1e-2, batch_size=1, max_seq_len=12, seed=2, lr_schedule="constant")}
+def train(t):
+    for n, c in CFGS.items():
+        t.add_adapter(n, c)
+    with torch.no_grad():  # B starts at zero: nudge it so that the LoRA deltas and dA count
+        gen = torch.Generator().manual_seed(5)
+        inner = t.trainer if isinstance(t, RankLocalTrainer) else t
+        for w in inner.model.adapters.values():
+            for _, a, b in w.lora_pairs():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    losses = {n: [] for n in CFGS}
+    for _ in range(3):
+        for n, r in t.step().items():
+            losses[n].append(r.loss)
+    return losses, t.evaluate()
+init_rank_process_group(0, 1, "127.0.0.1", free_port(), "gloo", "cpu")
+rl = RankLocalTrainer(load_sharded_backbone(model_dir, "cpu", torch.float32), DatasetSpec(data_path, eval_size=8),
+                      device="cpu", backend="triton", eval_size=8)
+m = rl.trainer.model
+out = {"sharded_weight": type(m.backbone.get_decoder().layers[0].self_attn.q_proj.base.weight.data).__name__,
+       "norms": m.fused_norms, "mlps": m.fused_mlps, "layers": len(m.backbone.get_decoder().layers),
+       "norm_sources": sum(isinstance(x, FusedRMSNorm) and x.source is not None for x in m.backbone.modules()),
+       "mlp_modules": sum(isinstance(x, FusedGatedMLP) for x in m.backbone.modules())}
+out["sharded"], out["sharded_eval"] = train(rl)
+out["sharded_linear_calls"], calls[0] = calls[0], 0
+out["plain"], out["plain_eval"] = train(GroupedTrainer(model_dir, DatasetSpec(data_path, eval_size=8), device="cpu",
+                                                       backend="triton", eval_size=8))
+out["plain_linear_calls"] = calls[0]
+print(json.dumps(out))
+"""
+
+
+def test_sharded_backbone_keeps_the_fused_modules_and_one_node_linears(tiny_model_dir: str, tiny_dataset_path: str,
+                                                                       interpreted_triton_env: dict) -> None:
+    """FSDP2 shards (DTensors) are gathered onto their modules only inside each unit's forward:
+    the fused norms, gated MLPs and one-node linears must read the gathered weights there, in the
+    backward too (after FSDP freed and re-gathered them), and train what an unsharded backbone
+    trains (one gloo rank, Triton interpreted; the norm and SwiGLU use their CPU formula, which
+    is the module's own bit for bit)."""
+    proc = subprocess.run([sys.executable, "-c", SHARDED_FUSED_SCRIPT, tiny_model_dir, tiny_dataset_path],
+                          env=interpreted_triton_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    layers = res["layers"]
+    assert res["sharded_weight"] == "DTensor"
+    assert res["norms"] == res["norm_sources"] == 2 * layers + 1 and res["mlps"] == res["mlp_modules"] == layers
+    # Every linear of every step's forward in one node, sharded or not (7 per layer, 3 steps).
+    assert res["sharded_linear_calls"] == res["plain_linear_calls"] >= 3 * 7 * layers
+    for name in ("a", "b"):
+        assert res["sharded"][name] == pytest.approx(res["plain"][name], rel=1e-5, abs=1e-6)
+        assert res["sharded"][name][-1] != res["sharded"][name][0]
+    assert res["sharded_eval"] == pytest.approx(res["plain_eval"], rel=1e-5)

@@ -11,8 +11,15 @@ replacement off.
 Likewise a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU, Llama's
 ``LlamaMLP`` and its relatives) becomes ``FusedGatedMLP``, the same three child modules around
 ``alto_kernels.silu_mul`` (one pass each way; ``silu(g)`` is not kept for the backward):
-``ALTO_FUSED_MLP=0`` turns it off. Modules with sharded (DTensor) or meta parameters are left
-alone: their probe would need the sharding's collectives.
+``ALTO_FUSED_MLP=0`` turns it off.
+
+A backbone FSDP2-sharded for rank-local groups (``alto_ray.cluster.ranklocal_model``) holds
+DTensor shards that FSDP gathers onto their modules around each unit's forward. Its modules are
+probed on a twin with plain random weights of the same shapes (``_plain_twin``: the formula, not
+the values, is what the probe checks, and a twin needs no collectives); a sharded norm's fused
+module reads the weight from the norm it replaces at every call (FSDP swaps the gathered weight
+onto that module, not ours), and the gated MLP holds the same child modules anyway. Modules with
+unmaterialised (meta, unsharded) parameters are left alone.
 
 Rotary embeddings are not a module: attention forwards call their modeling file's
 ``apply_rotary_pos_emb``. ``fuse_rotary`` replaces that global in each modeling file whose
@@ -24,6 +31,7 @@ PEFT baseline, an argument the kernel does not take. ``ALTO_FUSED_ROPE=0`` turns
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import os
 import sys
@@ -38,24 +46,38 @@ from .lora import LoRARuntime
 
 
 class FusedRMSNorm(nn.Module):
-    """A frozen RMSNorm: the fused kernel where the model's kernels run, the same formula elsewhere."""
+    """A frozen RMSNorm: the fused kernel where the model's kernels run, the same formula elsewhere.
 
-    def __init__(self, weight: nn.Parameter, eps: float, runtime: LoRARuntime, replaces: str) -> None:
+    Holds the norm's ``weight`` Parameter under the same name, or, for a sharded norm, the norm
+    itself as ``source``: FSDP sets the gathered weight on that module for the length of its
+    unit's forward, so the weight is read there at each call."""
+
+    def __init__(self, weight: Optional[nn.Parameter], eps: float, runtime: LoRARuntime, replaces: str,
+                 source: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.weight = weight
+        if source is None:
+            self.weight = weight
+        self.source = source
         self.variance_epsilon = float(eps)
         self.runtime = runtime
         self.replaces = replaces  # the original class, for repr and debugging
 
+    def current_weight(self) -> torch.Tensor:
+        return self.weight if self.source is None else self.source.weight
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (hidden_states.is_cuda and not w.requires_grad and type(w.data) is torch.Tensor
+        w = self.current_weight()
+        plain = type(w.data) is torch.Tensor
+        if (hidden_states.is_cuda and not w.requires_grad and plain
                 and self.runtime.uses_triton(hidden_states.device)):
             return alto_kernels.rms_norm(hidden_states, w, self.variance_epsilon)
+        if not plain:  # a shard outside its unit's forward: only the module's own code knows
+            return self.source(hidden_states)
         return alto_kernels.rms_norm_reference(hidden_states, w, self.variance_epsilon)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, replaces={self.replaces}"
+        shard = ", sharded" if self.source is not None else ""
+        return f"{tuple(self.current_weight().shape)}, eps={self.variance_epsilon}, replaces={self.replaces}{shard}"
 
 
 def _eps(module: nn.Module):
@@ -82,9 +104,43 @@ def _enabled(var: str) -> bool:
     return os.environ.get(var, "1").strip().lower() not in ("0", "false", "no")
 
 
-def _plain(module: nn.Module) -> bool:
-    """Every parameter a materialised, unsharded tensor (a probe can run it on its own)."""
-    return all(type(p.data) is torch.Tensor and p.device.type != "meta" for p in module.parameters())
+def _is_shard(p: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2's shard of it): gathered onto its module around the unit's forward."""
+    return type(p.data) is not torch.Tensor and hasattr(p, "full_tensor")
+
+
+def _probe_target(module: nn.Module) -> Optional[nn.Module]:
+    """What a formula probe can run: the module itself when plain, a plain twin when some of
+    its parameters are shards, None when any is unmaterialised."""
+    params = list(module.parameters())
+    if all(type(p.data) is torch.Tensor and p.device.type != "meta" for p in params):
+        return module
+    if all(_is_shard(p) or (type(p.data) is torch.Tensor and p.device.type != "meta") for p in params):
+        return _plain_twin(module)
+    return None
+
+
+def _plain_twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (same class, code and settings) whose parameters are plain
+    random CPU tensors of the same shapes and dtypes, and whose children are twins too; hooks
+    are left off. ``module`` itself is untouched."""
+    gen = torch.Generator().manual_seed(0)
+
+    def twin(m: nn.Module) -> nn.Module:
+        t = copy.copy(m)
+        t._parameters = {n: None if p is None else nn.Parameter(
+            torch.randn(tuple(p.shape), generator=gen).to(p.dtype), requires_grad=False)
+            for n, p in m._parameters.items()}
+        t._buffers = {n: None if b is None else torch.zeros(tuple(b.shape), dtype=b.dtype)
+                      for n, b in m._buffers.items()}
+        t._modules = {n: None if c is None else twin(c) for n, c in m._modules.items()}
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if hasattr(m, hooks):
+                setattr(t, hooks, type(getattr(m, hooks))())
+        return t
+
+    return twin(module)
 
 
 def _swap(backbone: nn.Module, name: str, new: nn.Module) -> None:
@@ -98,16 +154,23 @@ def fuse_rms_norms(backbone: nn.Module, runtime: LoRARuntime) -> int:
     if not _enabled("ALTO_FUSED_NORM"):
         return 0
     replaced = 0
-    for name, module in list(backbone.named_modules()):
-        if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm):
+    modules = list(backbone.named_modules())
+    sources = {id(m.source) for _, m in modules if isinstance(m, FusedRMSNorm) and m.source is not None}
+    for name, module in modules:
+        if (not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm)
+                or id(module) in sources):
             continue
         w, eps = getattr(module, "weight", None), _eps(module)
-        if (not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None or w.requires_grad
-                or type(w.data) is not torch.Tensor or w.device.type == "meta"):
-            continue  # trainable, sharded (DTensor) or not materialised: keep the module
-        if not _same_formula(module, eps):
-            continue
-        _swap(backbone, name, FusedRMSNorm(w, eps, runtime, type(module).__name__))
+        if not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None or w.requires_grad:
+            continue  # trainable or not a plain norm: keep the module
+        probe = _probe_target(module)
+        if probe is None or not _same_formula(probe, eps):
+            continue  # not materialised, or another formula
+        if probe is module:
+            new = FusedRMSNorm(w, eps, runtime, type(module).__name__)
+        else:
+            new = FusedRMSNorm(None, eps, runtime, type(module).__name__, source=module)
+        _swap(backbone, name, new)
         replaced += 1
     return replaced
 
@@ -161,7 +224,10 @@ def fuse_gated_mlps(backbone: nn.Module, runtime: LoRARuntime) -> int:
         if isinstance(module, FusedGatedMLP) or not all(
                 isinstance(getattr(module, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj")):
             continue
-        if not _is_silu(getattr(module, "act_fn", None)) or not _plain(module) or not _same_mlp(module):
+        if not _is_silu(getattr(module, "act_fn", None)):
+            continue
+        probe = _probe_target(module)
+        if probe is None or not _same_mlp(probe):
             continue
         _swap(backbone, name, FusedGatedMLP(module.gate_proj, module.up_proj, module.down_proj, runtime,
                                             type(module).__name__))

@@ -145,11 +145,11 @@ class MultiLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.layer_index = layer_index  # varies the dropout seed between layers
         object.__setattr__(self, "runtime", runtime)  # shared, not a submodule
-        # The base GEMM inside the fused node (sink mode): only for a plain frozen weight (a
-        # sharded one is gathered by FSDP around the module's own forward), ALTO_FUSED_LINEAR=0 off.
-        w = base.weight
+        # The base GEMM inside the fused node (sink mode): for a frozen weight that is a plain
+        # tensor at the call (a sharded one is too inside its FSDP unit's forward, which gathers
+        # it onto ``base``), ALTO_FUSED_LINEAR=0 off.
         self._fused_linear = (os.environ.get("ALTO_FUSED_LINEAR", "1").strip().lower() not in ("0", "false", "no")
-                              and type(w.data) is torch.Tensor and not w.requires_grad)
+                              and not base.weight.requires_grad)
         # ...and in it the base GEMMs add into the LoRA deltas (ALTO_LINEAR_EPILOGUE=0: the reverse)
         self._linear_epilogue = os.environ.get("ALTO_LINEAR_EPILOGUE", "1").strip().lower() not in ("0", "false", "no")
         self.slots: Dict[int, LoRASlot] = {}
@@ -207,15 +207,16 @@ class MultiLoRALinear(nn.Module):
             seed = (self.layer_index * 1009 + 1) if use_dropout else 0
         else:
             seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
+        weight = self.base.weight
         if (rt.grads and self._fused_linear and len(runs) == 1 and runs[0].lo == 0
-                and runs[0].hi == x2.shape[0] and not self.base.weight.requires_grad):
+                and runs[0].hi == x2.shape[0] and not weight.requires_grad and type(weight.data) is torch.Tensor):
             # Every row is some adapter's: the base GEMM and the deltas as one autograd node
             # whose backward adds the LoRA dX into the base's (no separate add).
             run = runs[0]
             where, scales, drops = self._run_static(run.slots)
             plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
             streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
-            y = alto_kernels.apply_linear_multi_lora(plan, x2, self.base.weight, self.base.bias, seed, **streams,
+            y = alto_kernels.apply_linear_multi_lora(plan, x2, weight, self.base.bias, seed, **streams,
                                                      epilogue=self._linear_epilogue)
             return y.view(*x.shape[:-1], self.out_features)
         # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
