@@ -81,6 +81,13 @@ for phase in "$@"; do
       run multigpu torchrun --nproc_per_node 2 benchmarks/multigpu.py --out $R/multigpu_h200x2.json --summary $S ;;
     ranklocal-one)  # the Ray-actor rank-local path with one rank (NCCL world of one): any 1-GPU machine
       run "$phase" python benchmarks/ranklocal_tune.py --ranks 1 --out $R/ranklocal_one_gpu_h100.json ;;
+    ranklocal-fused)  # a sharded backbone with the fused norms, SwiGLU and one-node linears against
+                      # without them (the sharded path before), one rank, alternating; then ranklocal-one
+      for round in 1 2; do
+        run "unfused-$round" env ALTO_FUSED_NORM=0 ALTO_FUSED_MLP=0 ALTO_FUSED_LINEAR=0 torchrun --nproc_per_node 1 benchmarks/multigpu.py --out $R/ranklocal_one_rank_8b_unfused_$round.json
+        run "fused-$round" torchrun --nproc_per_node 1 benchmarks/multigpu.py --out $R/ranklocal_one_rank_8b_fused_$round.json
+      done
+      run ranklocal-one python benchmarks/ranklocal_tune.py --ranks 1 --out $R/ranklocal_one_gpu_h100_fused.json ;;
     ranklocal-tune)  # a gpus_per_group=2 task through Ray Tune vs one GPU; needs nvidia-h200-x2
       run ranklocal-tune python benchmarks/ranklocal_tune.py --out $R/ranklocal_tune_h200x2.json ;;
     sweep-full-*)
