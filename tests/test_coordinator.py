@@ -93,7 +93,7 @@ def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> Non
     running group's planned end for the FLOPs prior (an H100 figure, ~0 s for a tiny model), which
     granted the next tenant while this one still trained. No Ray: the coordinator's logic alone."""
     from alto_ray.cluster import NodeSpec
-    from alto_ray.cluster.coordinator import Coordinator, GroupGrant, _Entry
+    from alto_ray.cluster.coordinator import Coordinator, GroupGrant, TaskEntry
 
     coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[NodeSpec("n0", 2)])
     spec = _spec("slow", gpg=2)
@@ -101,7 +101,7 @@ def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> Non
     now = time.time()
     grant = GroupGrant("slow", 0, "n0", (0, 1), None, "alto:slow:0", [{"CPU": 1.0}] * 2, "STRICT_PACK",
                        now, now + 100.0)
-    coord.tasks["slow"] = entry = _Entry(spec, status="running", groups={0: grant})
+    coord.tasks["slow"] = entry = TaskEntry(spec, status="running", groups={0: grant})
     coord.report_progress("slow", 0.0, 20, max_trial_remaining_steps=20)
     assert coord._remaining(entry) == pytest.approx(100.0, abs=2.0)      # still the plan's end
     coord.report_progress("slow", 2.0, 20, adapters_in_group=1, max_trial_remaining_steps=20)

@@ -24,18 +24,17 @@ died (its Ray job is dead) is abandoned: its groups are freed and the next tenan
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
 import ray
 
-from alto_ray.cluster import liveness, unfit
+from alto_ray.cluster import coordinator_state, liveness, unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
+from alto_ray.cluster.coordinator_state import GroupGrant, TaskEntry
 from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
                                     alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, on_head_node,
@@ -47,43 +46,6 @@ from alto_ray.tune.capacity import driver_bootstrap_config
 COORDINATOR_NAME = "alto:coordinator"
 COORDINATOR_NAMESPACE = "alto"
 DEFAULT_STATE_PATH = "~/.alto/coordinator_state.json"
-
-
-@dataclass
-class GroupGrant:
-    """One granted group: its placement group and where the plan put it."""
-
-    task_id: str
-    group_index: int
-    node: str
-    gpu_ids: tuple[int, ...]
-    placement_group: Any
-    pg_name: str
-    bundles: list[dict[str, float]]
-    strategy: str
-    started_at: float
-    planned_end: float
-    node_id: str | None = None                 # Ray's id of `node` (None: a potential node)
-
-    def to_json(self) -> dict[str, Any]:
-        """For the state file: all but the task id (its key there) and the placement group handle."""
-        return {k: v for k, v in vars(self).items() if k not in ("task_id", "placement_group")}
-
-    @classmethod
-    def from_json(cls, task_id: str, saved: dict[str, Any]) -> "GroupGrant":
-        """A saved group, its placement group not looked up (None)."""
-        return cls(**{**saved, "task_id": task_id, "gpu_ids": tuple(saved["gpu_ids"]), "placement_group": None})
-
-
-@dataclass
-class _Entry:
-    spec: TaskSpec
-    status: str = "queued"                     # queued | running | finished
-    order: int = 0
-    groups: dict[int, GroupGrant] = field(default_factory=dict)
-    progress: bool = False                     # has reported measured progress
-    measured_at: tuple[float, float] | None = None   # (when, predicted remaining s) at the first measured step
-    job_id: str | None = None                  # Ray job of the tenant's driver (None: never abandoned)
 
 
 class Coordinator:
@@ -111,7 +73,7 @@ class Coordinator:
         self._alive_ids: frozenset[str] | None = None
         self._types: list = []
         self._ready: dict[str, float] = {}       # potential node -> s until it can be up
-        self.tasks: dict[str, _Entry] = {}
+        self.tasks: dict[str, TaskEntry] = {}
         self._unfit: dict[str, str] = {}         # queued task -> why it fits no node now (not planned)
         self._refresh_nodes(force=True)
         if not self.nodes:
@@ -144,7 +106,7 @@ class Coordinator:
         entry = self.tasks.get(spec.name)
         if entry is None:
             self._counter += 1
-            self.tasks[spec.name] = entry = _Entry(spec, order=self._counter)
+            self.tasks[spec.name] = entry = TaskEntry(spec, order=self._counter)
         else:
             entry.spec = spec
         entry.job_id = job_id                    # the driver registering last owns the task
@@ -311,12 +273,12 @@ class Coordinator:
         return list(self.nodes)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _entry(self, task_id: str) -> _Entry:
+    def _entry(self, task_id: str) -> TaskEntry:
         if task_id not in self.tasks:
             raise KeyError(f"task {task_id!r} is not registered (register_task first)")
         return self.tasks[task_id]
 
-    def _remaining(self, entry: _Entry) -> float:
+    def _remaining(self, entry: TaskEntry) -> float:
         """Predicted remaining seconds: from measurements once reported, else the plan's end."""
         n = max(len(entry.groups), 1)
         if entry.progress or entry.status != "running":
@@ -442,7 +404,7 @@ class Coordinator:
             for gi in hit:
                 self.release(t, gi)
 
-    def _grant(self, entry: _Entry, plan: Plan) -> list[GroupGrant]:
+    def _grant(self, entry: TaskEntry, plan: Plan) -> list[GroupGrant]:
         now = time.time()
         name = entry.spec.name
         bundles = {(b.task_id, b.group_index): b for b in
@@ -463,34 +425,19 @@ class Coordinator:
         return sorted(entry.groups.values(), key=lambda g: g.group_index)
 
     def _save(self) -> None:
-        """Atomically write finished results and running groups (JSON; results via str if needed)."""
-        running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id,
-                       "groups": [g.to_json() for g in e.groups.values()]}
-                   for t, e in self.tasks.items() if e.status == "running"}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running,
-                                   "node_losses": self.losses.to_json(), "abandoned": self.liveness.to_json()},
-                                  indent=1, default=str))
-        os.replace(tmp, self.state_path)
+        """Write the state file (`coordinator_state`): a restarted coordinator carries on from it."""
+        coordinator_state.save(self.state_path, self.tasks, self.finished, self.losses, self.liveness)
 
     def _load(self) -> None:
-        """Reload finished results and the running groups still on a node up whose placement
-        groups still exist; those of a node that died meanwhile are recorded lost (`reattach`)."""
-        if not self.state_path.exists():
+        """Reload the state file, if any: finished results, the logs, and the tasks it held
+        (running ones with the groups still up; `coordinator_state.load`)."""
+        saved = coordinator_state.load(self.state_path, self.losses, self.liveness, self.nodes)
+        if saved is None:
             return
-        data = json.loads(self.state_path.read_text())
-        self.finished = dict(data.get("finished", {}))
-        self.losses.load(data.get("node_losses", {}))
-        self.liveness.load(data.get("abandoned", []))
-        for name, r in data.get("running", {}).items():
-            groups = {} if name in self.finished else self.losses.reattach(
-                name, [GroupGrant.from_json(name, g) for g in r["groups"]], self.nodes)
-            if groups:
-                spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
-                self._counter = max(self._counter, r.get("order", 0))
-                self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups, job_id=r.get("job_id"))
-                self.predictor.register_spec(spec)
+        self.finished, self.tasks = saved
+        self._counter = max((e.order for e in self.tasks.values()), default=0)
+        for e in self.tasks.values():
+            self.predictor.register_spec(e.spec)
         self._save()                             # what was re-attached; the groups lost meanwhile leave the file
 
 
