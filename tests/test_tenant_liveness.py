@@ -236,6 +236,36 @@ def test_a_tenant_that_died_while_the_coordinator_was_down_is_abandoned_when_it_
     ray.get(coord.task_finished.remote("kept", None))
 
 
+def test_a_queued_tenant_that_died_while_the_coordinator_was_down_is_abandoned_when_it_restarts(
+        coordinator, spawn_tenant) -> None:
+    """The queue is in the state file: a queued tenant's task comes back queued, in its place,
+    and the liveness check the coordinator makes as it starts gives it up if its driver died."""
+    coord = coordinator(liveness_check_s=None)        # off: only the restarted coordinator may see it
+    me = ray.get_runtime_context().get_job_id()
+    ray.get(coord.register_task.remote(_spec("holder", 2), job_id=me))
+    assert ray.get(coord.request_groups.remote("holder"))["status"] == "granted"   # fills both slots
+    proc, _, _ = spawn_tenant("ghost", slots=2, granted=False)
+    until(lambda: "ghost" in ray.get(coord.status.remote()), timeout_s=60)
+    ray.get(coord.register_task.remote(_spec("later", 2), job_id=me))
+    job = ray.get(coord.metrics.remote())["tasks"]["ghost"]["job_id"]
+    assert job not in (None, me)
+
+    os.kill(proc.pid, signal.SIGKILL)                 # before the coordinator: it must not re-create it
+    proc.wait()
+    until(lambda: dead_jobs([job]))
+    kill_coordinator()
+    coord = coordinator(liveness_check_s=3600)        # only the check on restart can see it
+    metrics = ray.get(coord.metrics.remote())
+    (event,) = metrics["abandoned"]
+    assert (event["task_id"], event["job_id"], event["status"], list(event["pg_names"]), event["on_restart"]) == \
+        ("ghost", job, "queued", [], True)
+    assert ray.get(coord.status.remote()) == {"ghost": "abandoned", "holder": "running", "later": "queued"}
+    assert metrics["tasks"]["later"]["job_id"] == me
+    ray.get(coord.task_finished.remote("holder", None))
+    assert ray.get(coord.request_groups.remote("later"))["status"] == "granted"   # the dead one holds no place
+    ray.get(coord.task_finished.remote("later", None))
+
+
 def test_a_coordinator_from_an_older_alto_ray_registers_the_task_without_liveness(coordinator, tiny_model_dir,
                                                                                   tiny_dataset_path, caplog) -> None:
     """The coordinator is detached, so it outlives an upgrade of the tenants: one whose

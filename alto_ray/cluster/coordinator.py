@@ -5,8 +5,9 @@ allocator when the picture changes, and grants a task its groups as placement gr
 plan starts it now; otherwise the tenant is told to wait (with its queue position).
 
 Placement groups are created `lifetime="detached"` and named `alto:<task>:<group>`, so a
-coordinator restart does not take running groups down; the finished-results registry and the
-running groups are persisted to a small JSON file (head node) and reloaded on start.
+coordinator restart does not take running groups down; the finished-results registry, the
+running groups and the queue (its order) are persisted to a small JSON file (head node,
+`coordinator_state.py`) and reloaded on start.
 Running groups are never moved at runtime (migration would need the trainable to checkpoint).
 
 Unless given fixed `nodes=`, it re-reads the alive nodes whenever it plans (`nodes.py`): a node
@@ -112,6 +113,7 @@ class Coordinator:
         entry.job_id = job_id                    # the driver registering last owns the task
         self.predictor.register_spec(spec)
         self._dirty = True
+        self._save()                             # a queued task keeps its place across a restart
         return spec.name
 
     def request_groups(self, task_id: str) -> dict:

@@ -10,6 +10,9 @@ finished. It holds:
 * `running`: task -> spec, arrival order, driver job id and granted groups (node, node id,
   placement group name, bundles); reloaded if a group's node is up and its placement group
   still exists, recorded lost if its node died meanwhile;
+* `queued` (since version 2): task -> spec, arrival order, driver job id; reloaded queued, so a
+  restart keeps the queue's order (the tenants re-register within a poll, and a task registered
+  again keeps its place) and the liveness check on restart finds a queued tenant that died;
 * `node_losses`, `abandoned`: the coordinator's logs of groups lost with their node and of tasks
   whose tenant's driver died.
 
@@ -29,7 +32,7 @@ from alto_ray.cluster.liveness import LivenessWatch
 from alto_ray.cluster.node_loss import NodeLossLog
 from alto_ray.cluster.plan import NodeSpec, TaskSpec
 
-VERSION = 1
+VERSION = 2                                    # 2: queued tasks too
 
 
 @dataclass
@@ -74,23 +77,27 @@ class TaskEntry:
 def save(path: Path, tasks: Mapping[str, TaskEntry], finished: Mapping[str, dict], losses: NodeLossLog,
          liveness: LivenessWatch) -> None:
     """Atomically write the state (JSON; results via str if they are not JSON)."""
-    running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id,
-                   "groups": [g.to_json() for g in e.groups.values()]}
+    def saved(e: TaskEntry) -> dict[str, Any]:
+        return {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id}
+
+    running = {t: {**saved(e), "groups": [g.to_json() for g in e.groups.values()]}
                for t, e in tasks.items() if e.status == "running"}
+    queued = {t: saved(e) for t, e in tasks.items() if e.status == "queued"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"version": VERSION, "finished": dict(finished), "running": running,
-                               "node_losses": losses.to_json(), "abandoned": liveness.to_json()},
+                               "queued": queued, "node_losses": losses.to_json(), "abandoned": liveness.to_json()},
                               indent=1, default=str))
     os.replace(tmp, path)
 
 
 def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
          nodes: Sequence[NodeSpec]) -> Optional[tuple[dict[str, dict], dict[str, TaskEntry]]]:
-    """(finished, tasks) from the file, None without one; `losses` and `liveness` get their logs.
-    A running task keeps the groups still on a node of `nodes` whose placement groups exist; those
-    of a node that died meanwhile are recorded lost (`NodeLossLog.reattach`), and a task left with
-    none is not reloaded (its tenant re-registers)."""
+    """(finished, tasks by arrival order) from the file, None without one; `losses` and
+    `liveness` get their logs. A running task keeps the groups still on a node of `nodes` whose
+    placement groups exist; those of a node that died meanwhile are recorded lost
+    (`NodeLossLog.reattach`), and a task left with none is not reloaded (its tenant re-registers).
+    A queued task is reloaded queued."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -104,4 +111,7 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
         if groups:
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "running", r.get("order", 0), groups,
                                     job_id=r.get("job_id"))
-    return finished, tasks
+    for name, r in data.get("queued", {}).items():
+        if name not in finished and name not in tasks:
+            tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"))
+    return finished, dict(sorted(tasks.items(), key=lambda item: item[1].order))
