@@ -32,7 +32,7 @@ from typing import Any, Callable, Collection
 
 import ray
 
-from alto_ray.cluster import coordinator_state, liveness, unfit
+from alto_ray.cluster import coordinator_state, gcs, liveness, unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator_state import GroupGrant, TaskEntry
@@ -72,6 +72,7 @@ class Coordinator:
         self.liveness = liveness.LivenessWatch(liveness_check_s)
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
+        self.nodes_readable = True               # the last read of Ray's node table answered in time
         self._types: list = []
         self._ready: dict[str, float] = {}       # potential node -> s until it can be up
         self.tasks: dict[str, TaskEntry] = {}
@@ -265,6 +266,7 @@ class Coordinator:
                 "prediction_error_measured": measured_error_stats(self.finished),
                 "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
                 "abandoned": self.liveness.to_json(), "liveness": self.liveness.metrics(),
+                "node_table_readable": self.nodes_readable,
                 "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
@@ -355,10 +357,18 @@ class Coordinator:
 
     def _refresh_nodes(self, force: bool = False) -> None:
         """Re-read the alive nodes (one GCS call; the rest only when the set of node ids changed or
-        a group on a potential node got placed): new nodes join the plan, dead nodes leave it."""
+        a group on a potential node got placed): new nodes join the plan, dead nodes leave it.
+        A read the GCS does not answer in time (`gcs.bounded_read`) leaves the nodes as they were."""
         if self._fixed:
             return
-        raw = alive_ray_nodes()
+        try:
+            raw = gcs.bounded_read(gcs.NODES, alive_ray_nodes)
+        except gcs.GcsReadTimeout:
+            if not self.nodes:                   # nothing to go on yet (the coordinator is starting)
+                raise
+            self.nodes_readable = False          # unknown: plan on the nodes as they were
+            return
+        self.nodes_readable = True
         ids = frozenset(n["NodeID"] for n in raw)
         changed = (force or ids != self._alive_ids      # a blocked task: the launcher's config may gain a type
                    or (bool(self._unfit) and gpu_worker_types(self.bootstrap_config) != self._types))

@@ -11,7 +11,7 @@ groups too). A task whose job is dead is abandoned: its placement groups are rem
 the plan (the next tenant is granted) and an `Abandonment` is recorded (state file, `metrics()`,
 `describe()`, `status()`); finished results are never touched. A task registered without a job
 id (an older tenant, an older state file) is never abandoned, nor is any task while the job
-table cannot be read.
+table cannot be read (or does not answer within `gcs.READ_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Optional
 
 import ray
+
+from alto_ray.cluster.gcs import JOBS, bounded_read
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +139,8 @@ def register_with_job_id(register: Callable[..., str], tenant: str, requeue: boo
 
 def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
     """Those of `job_ids` that Ray's job table lists dead -> when they ended (s since the epoch,
-    None if Ray does not say); None when the table cannot be read (the caller counts every
-    tenant alive then). A job the table does not list counts as alive: only Ray saying it died
+    None if Ray does not say); None when the table cannot be read, or not in time
+    (`gcs.bounded_read`: the caller counts every tenant alive then). A job the table does not list counts as alive: only Ray saying it died
     abandons a task.
 
     Ray (2.60) has no public read of the job table that works without the dashboard:
@@ -150,8 +152,8 @@ def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
     try:
         from ray._private import state
 
-        table = state.jobs()
-    except Exception as err:  # noqa: BLE001 - GCS unreachable, Ray changed: nobody is abandoned
+        table = bounded_read(JOBS, state.jobs)
+    except Exception as err:  # noqa: BLE001 - GCS unreachable or slow, Ray changed: nobody is abandoned
         logger.debug("reading Ray's job table: %s", err)
         return None
     wanted = set(job_ids)
