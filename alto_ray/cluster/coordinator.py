@@ -36,7 +36,7 @@ from alto_ray.cluster import coordinator_state, gcs, liveness, unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
 from alto_ray.cluster.coordinator_state import GroupGrant, TaskEntry
-from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
+from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog, drop_grant
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
                                     alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, on_head_node,
                                     potential_hosts, potential_node_specs, rehome, remove_pg, startup_background)
@@ -89,15 +89,17 @@ class Coordinator:
         self._counter = 0
         self._load()
         self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
-        self.liveness.sweep(self.tasks, self.withdraw, force=True, on_restart=True)   # drivers that died meanwhile
+        self.liveness.sweep(self.tasks, self._abandon, force=True, on_restart=True)   # drivers that died meanwhile
         liveness.start_ticker(liveness_check_s)  # as the actor: a dead tenant's groups go even if nobody calls
 
     # -- tenant API ----------------------------------------------------------------------------------
-    def register_task(self, spec: TaskSpec, requeue: bool = False, job_id: str | None = None) -> str:
+    def register_task(self, spec: TaskSpec, requeue: bool = False, job_id: str | None = None,
+                      grant_key: str | None = None) -> str:
         """Register (or re-register: idempotent by name) a task; ValueError if a new one fits no
         node, alive or one the autoscaler can start. `requeue`: a tenant registered before (this
         coordinator restarted): its task fit then, so it queues, blocked until a node fits.
-        `job_id`: the Ray job of the tenant's driver; once it is dead the task is abandoned."""
+        `job_id`: the Ray job of the tenant's driver; once it is dead the task is abandoned.
+        `grant_key`: where the tenant publishes its placement (Ray's KV store), dropped then."""
         try:
             if not requeue and spec.name not in self.tasks:
                 check_memory(spec, self.nodes_view())
@@ -111,7 +113,7 @@ class Coordinator:
             self.tasks[spec.name] = entry = TaskEntry(spec, order=self._counter)
         else:
             entry.spec = spec
-        entry.job_id = job_id                    # the driver registering last owns the task
+        entry.job_id, entry.grant_key = job_id, grant_key   # the driver registering last owns the task
         self.predictor.register_spec(spec)
         self._dirty = True
         self._save()                             # a queued task keeps its place across a restart
@@ -213,10 +215,18 @@ class Coordinator:
         self._dirty = True
         self._save()
 
+    def _abandon(self, task_id: str) -> None:
+        """Its tenant's driver died: withdraw the task for it, and drop the placement it published
+        (the tenant drops it when it finishes or withdraws; a dead one never will)."""
+        key = self.tasks[task_id].grant_key
+        if key:
+            drop_grant(key)
+        self.withdraw(task_id)
+
     def check_liveness(self, force: bool = False) -> list[liveness.Abandonment]:
         """Abandon the tasks whose tenant's driver job died: free their groups, drop them from the
         plan, record it. Reads Ray's job table at most every `liveness_check_s` unless `force`."""
-        return self.liveness.sweep(self.tasks, self.withdraw, force)
+        return self.liveness.sweep(self.tasks, self._abandon, force)
 
     def node_losses(self, task_id: str | None = None) -> list[NodeLoss]:
         """Groups lost with their node (of one task, or all). Re-reads the nodes first, so a

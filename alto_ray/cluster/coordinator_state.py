@@ -7,12 +7,14 @@ rewritten atomically on every change) so that it neither forgets what it granted
 finished. It holds:
 
 * `finished`: task -> its results record (results, prediction error, node losses);
-* `running`: task -> spec, arrival order, driver job id and granted groups (node, node id,
+* `running`: task -> spec, arrival order, driver job id, the tenant's grant key (where it
+  publishes its placement, dropped if its driver dies) and granted groups (node, node id,
   placement group name, bundles); reloaded if a group's node is up and its placement group
   still exists, recorded lost if its node died meanwhile;
-* `queued` (since version 2): task -> spec, arrival order, driver job id; reloaded queued, so a
-  restart keeps the queue's order (the tenants re-register within a poll, and a task registered
-  again keeps its place) and the liveness check on restart finds a queued tenant that died;
+* `queued` (since version 2): task -> spec, arrival order, driver job id, grant key; reloaded
+  queued, so a restart keeps the queue's order (the tenants re-register within a poll, and a
+  task registered again keeps its place) and the liveness check on restart finds a queued
+  tenant that died;
 * `node_losses`, `abandoned`: the coordinator's logs of groups lost with their node and of tasks
   whose tenant's driver died.
 
@@ -72,13 +74,14 @@ class TaskEntry:
     progress: bool = False                     # has reported measured progress
     measured_at: tuple[float, float] | None = None   # (when, predicted remaining s) at the first measured step
     job_id: str | None = None                  # Ray job of the tenant's driver (None: never abandoned)
+    grant_key: str | None = None               # the tenant's published placement (Ray's KV), dropped if abandoned
 
 
 def save(path: Path, tasks: Mapping[str, TaskEntry], finished: Mapping[str, dict], losses: NodeLossLog,
          liveness: LivenessWatch) -> None:
     """Atomically write the state (JSON; results via str if they are not JSON)."""
     def saved(e: TaskEntry) -> dict[str, Any]:
-        return {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id}
+        return {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id, "grant_key": e.grant_key}
 
     running = {t: {**saved(e), "groups": [g.to_json() for g in e.groups.values()]}
                for t, e in tasks.items() if e.status == "running"}
@@ -110,8 +113,9 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
             name, [GroupGrant.from_json(name, g) for g in r["groups"]], nodes)
         if groups:
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "running", r.get("order", 0), groups,
-                                    job_id=r.get("job_id"))
+                                    job_id=r.get("job_id"), grant_key=r.get("grant_key"))
     for name, r in data.get("queued", {}).items():
         if name not in finished and name not in tasks:
-            tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"))
+            tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"),
+                                    grant_key=r.get("grant_key"))
     return finished, dict(sorted(tasks.items(), key=lambda item: item[1].order))
