@@ -18,8 +18,10 @@ start count as potential nodes, planned busy for `autoscale_delay_s`; a plan usi
 kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
 started for nothing). A queued task that fits no node now (its only large node died) is left out
 of the plan and reported, not planned, until one fits (`unfit.py`). A task whose tenant's driver
-died (its Ray job is dead) is abandoned: its groups are freed and the next tenant granted
-(`liveness.py`). The actor is pinned to the head node (`get_coordinator`).
+died (its Ray job is dead) is abandoned: its groups are freed, its published placement dropped and
+the next tenant granted (`liveness.py`). Its reads of Ray's node and job tables give up after a
+few seconds and count as unknown (`gcs.py`): a slow GCS must not hold every tenant's call. The
+actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
