@@ -118,8 +118,8 @@ def test_a_task_that_fits_no_node_now_is_left_out_of_the_plan_with_its_reason(tm
     large, small = NodeSpec("large", 2, 80 * GIB), NodeSpec("small", 2, 24 * GIB)
     coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[large, small], time_limit_s=0.5)
     big = _spec("big", backbone_gb=40, gpg=1)          # 40.25 GiB a GPU: the large node only
-    coord.register_task(big)
-    coord.register_task(_spec("tiny", backbone_gb=4, gpg=1))
+    coord.register_task(big, job_id="job-big")
+    coord.register_task(_spec("tiny", backbone_gb=4, gpg=1), job_id="job-tiny")
     assert coord.plan().for_task("big")[0].node == "large"
 
     coord._set_nodes([small])                          # as `_refresh_nodes` does when the node died
@@ -170,6 +170,10 @@ def test_queued_tasks_keep_their_order_across_a_restart(tmp_path) -> None:
     assert restarted.tasks["first"].job_id == "job-first-again"   # the driver registering last owns it
     assert restarted.status() == dict.fromkeys(by_order, "queued")
     assert list(json.loads(state.read_text())["queued"]) == by_order
+
+    # A task without a job id is not reloaded: nothing could tell that its tenant died.
+    again = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert list(again.tasks) == ["first", "second", "third"]
 
     # A state file from before the queue was saved (no "queued" key) still loads.
     data = json.loads(state.read_text())

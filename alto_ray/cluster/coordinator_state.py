@@ -14,7 +14,8 @@ finished. It holds:
 * `queued` (since version 2): task -> spec, arrival order, driver job id, grant key; reloaded
   queued, so a restart keeps the queue's order (the tenants re-register within a poll, and a
   task registered again keeps its place) and the liveness check on restart finds a queued
-  tenant that died;
+  tenant that died. One registered without a job id is not reloaded: nothing could tell that
+  its tenant died, and it would hold its place forever (its tenant, if alive, re-registers);
 * `node_losses`, `abandoned`: the coordinator's logs of groups lost with their node and of tasks
   whose tenant's driver died.
 
@@ -100,7 +101,7 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
     `liveness` get their logs. A running task keeps the groups still on a node of `nodes` whose
     placement groups exist; those of a node that died meanwhile are recorded lost
     (`NodeLossLog.reattach`), and a task left with none is not reloaded (its tenant re-registers).
-    A queued task is reloaded queued."""
+    A queued task is reloaded queued if it has a job id (liveness can give it up)."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -115,7 +116,7 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "running", r.get("order", 0), groups,
                                     job_id=r.get("job_id"), grant_key=r.get("grant_key"))
     for name, r in data.get("queued", {}).items():
-        if name not in finished and name not in tasks:
+        if name not in finished and name not in tasks and r.get("job_id"):
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"),
                                     grant_key=r.get("grant_key"))
     return finished, dict(sorted(tasks.items(), key=lambda item: item[1].order))
