@@ -93,7 +93,7 @@ def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> Non
     running group's planned end for the FLOPs prior (an H100 figure, ~0 s for a tiny model), which
     granted the next tenant while this one still trained. No Ray: the coordinator's logic alone."""
     from alto_ray.cluster import NodeSpec
-    from alto_ray.cluster.coordinator import Coordinator, GroupGrant, _Entry
+    from alto_ray.cluster.coordinator import Coordinator, GroupGrant, TaskEntry
 
     coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[NodeSpec("n0", 2)])
     spec = _spec("slow", gpg=2)
@@ -101,7 +101,7 @@ def test_a_report_without_a_measured_step_keeps_the_planned_end(tmp_path) -> Non
     now = time.time()
     grant = GroupGrant("slow", 0, "n0", (0, 1), None, "alto:slow:0", [{"CPU": 1.0}] * 2, "STRICT_PACK",
                        now, now + 100.0)
-    coord.tasks["slow"] = entry = _Entry(spec, status="running", groups={0: grant})
+    coord.tasks["slow"] = entry = TaskEntry(spec, status="running", groups={0: grant})
     coord.report_progress("slow", 0.0, 20, max_trial_remaining_steps=20)
     assert coord._remaining(entry) == pytest.approx(100.0, abs=2.0)      # still the plan's end
     coord.report_progress("slow", 2.0, 20, adapters_in_group=1, max_trial_remaining_steps=20)
@@ -118,8 +118,8 @@ def test_a_task_that_fits_no_node_now_is_left_out_of_the_plan_with_its_reason(tm
     large, small = NodeSpec("large", 2, 80 * GIB), NodeSpec("small", 2, 24 * GIB)
     coord = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[large, small], time_limit_s=0.5)
     big = _spec("big", backbone_gb=40, gpg=1)          # 40.25 GiB a GPU: the large node only
-    coord.register_task(big)
-    coord.register_task(_spec("tiny", backbone_gb=4, gpg=1))
+    coord.register_task(big, job_id="job-big")
+    coord.register_task(_spec("tiny", backbone_gb=4, gpg=1), job_id="job-tiny")
     assert coord.plan().for_task("big")[0].node == "large"
 
     coord._set_nodes([small])                          # as `_refresh_nodes` does when the node died
@@ -134,11 +134,51 @@ def test_a_task_that_fits_no_node_now_is_left_out_of_the_plan_with_its_reason(tm
     assert f"  big: {answer['reason']}" in coord.describe()
 
     restarted = Coordinator(state_path=str(tmp_path / "state.json"), nodes=[small], time_limit_s=0.5)
+    assert restarted.status() == {"big": "blocked", "tiny": "queued"}   # the queue is in its state file
+    lost = Coordinator(state_path=str(tmp_path / "lost.json"), nodes=[small], time_limit_s=0.5)   # no file
     with pytest.raises(InfeasibleTaskError, match="'big' does not fit"):
-        restarted.register_task(big)                   # a new task that fits no node is refused ...
-    restarted.register_task(big, requeue=True)         # ... one registered before the restart queues
-    assert restarted.status() == {"big": "blocked"}
+        lost.register_task(big)                        # a new task that fits no node is refused ...
+    lost.register_task(big, requeue=True)              # ... one registered before the restart queues
+    assert lost.status() == {"big": "blocked"}
 
     coord._set_nodes([large, small])                   # a node that fits is back: planned again
     assert coord.plan().for_task("big")[0].node == "large"
     assert coord.status() == {"big": "queued", "tiny": "queued"} and "fits no node" not in coord.describe()
+
+
+def test_queued_tasks_keep_their_order_across_a_restart(tmp_path) -> None:
+    """No Ray: the coordinator's logic over an explicit node. The queue is in the state file, so
+    a task registered first after a restart queues behind the ones queued before it, and their
+    tenants re-registering (requeue=True, in any order) keep their places, each once."""
+    import json
+
+    from alto_ray.cluster import NodeSpec
+    from alto_ray.cluster.coordinator import Coordinator
+
+    state = tmp_path / "state.json"
+    coord = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    for name in ("first", "second", "third"):
+        coord.register_task(_spec(name), job_id=f"job-{name}")
+
+    restarted = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert {t: e.job_id for t, e in restarted.tasks.items()} == {t: f"job-{t}" for t in ("first", "second", "third")}
+    restarted.register_task(_spec("late"))
+    for name in ("third", "first", "second"):
+        restarted.register_task(_spec(name), requeue=True, job_id=f"job-{name}-again")
+    by_order = sorted(restarted.tasks, key=lambda t: restarted.tasks[t].order)
+    assert by_order == list(restarted.tasks) == ["first", "second", "third", "late"]   # planned in that order
+    assert restarted.tasks["first"].job_id == "job-first-again"   # the driver registering last owns it
+    assert restarted.status() == dict.fromkeys(by_order, "queued")
+    assert list(json.loads(state.read_text())["queued"]) == by_order
+
+    # A task without a job id is not reloaded: nothing could tell that its tenant died.
+    again = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert list(again.tasks) == ["first", "second", "third"]
+
+    # A state file from before the queue was saved (no "queued" key) still loads.
+    data = json.loads(state.read_text())
+    data.pop("queued")
+    data["finished"] = {"old": {"results": {"best_loss": 1.0}}}
+    state.write_text(json.dumps(data))
+    older = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert older.status() == {"old": "finished"} and older.finished["old"]["results"] == {"best_loss": 1.0}

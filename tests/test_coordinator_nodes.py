@@ -8,6 +8,9 @@ its plan between calls; the actor is this class.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -16,8 +19,9 @@ ray = pytest.importorskip("ray")
 
 from ray.util.placement_group import placement_group_table  # noqa: E402
 
-from alto_ray.cluster import GIB, TaskSpec  # noqa: E402
+from alto_ray.cluster import GIB, TaskSpec, gcs  # noqa: E402
 from alto_ray.cluster.coordinator import Coordinator  # noqa: E402
+from alto_ray.cluster.liveness import dead_jobs  # noqa: E402
 from alto_ray.tune.capacity import BOOTSTRAP_ENV, launchable_worker_types  # noqa: E402
 from tune_support import local_cluster, until, write_bootstrap  # noqa: E402
 
@@ -238,3 +242,47 @@ def test_a_task_that_fits_no_node_left_is_planned_once_the_autoscaler_can_start_
         for node in (one, four):
             if any(n["NodeID"] == node.node_id for n in ray.nodes() if n["Alive"]):
                 cluster.remove_node(node)
+
+
+def test_a_gcs_read_that_does_not_answer_in_time_counts_as_unknown(cluster, tmp_path, monkeypatch) -> None:
+    """A slow GCS must not freeze the coordinator. While its reads of the node and job tables
+    wait (here an earlier read of each that timed out still waits, so `gcs.bounded_read` gives
+    up on the next at once) it plans on the nodes as they were (a node that joined is not seen,
+    the running group is kept) and counts every tenant alive (a dead driver's task is not
+    abandoned); once the GCS answers it sees both."""
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")
+    driver = "import ray, sys; ray.init(address=sys.argv[1]); print(ray.get_runtime_context().get_job_id())"
+    dead = subprocess.run([sys.executable, "-c", driver, cluster.address], capture_output=True, text=True,
+                          check=True, timeout=120).stdout.split()[-1]
+    until(lambda: dead_jobs([dead]))                  # a driver that has exited: its job is dead
+    coord = Coordinator(state_path=str(tmp_path / "coordinator.json"), time_limit_s=0.5, liveness_check_s=3600)
+    (head,) = coord.nodes_view()
+    coord.register_task(_spec("a"))
+    (ga,) = coord.request_groups("a")["groups"]
+
+    release = threading.Event()
+    for table in (gcs.NODES, gcs.JOBS):               # a read of each table that the GCS does not answer
+        with pytest.raises(gcs.GcsReadTimeout):
+            gcs.bounded_read(table, lambda: release.wait(60), timeout_s=0.1)
+    new = None
+    try:
+        new = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        coord.register_task(_spec("ghost"), job_id=dead)
+        t0 = time.monotonic()
+        assert coord.nodes_view() == [head] and coord.check_liveness(force=True) == []
+        assert coord.status() == {"a": "running", "ghost": "queued"} and time.monotonic() - t0 < 2
+        metrics = coord.metrics()
+        assert not metrics["node_table_readable"] and not metrics["liveness"]["job_table_readable"]
+    finally:
+        release.set()
+    try:
+        until(lambda: len(coord.nodes_view()) == 2)   # the GCS answers again: the new node is seen ...
+        (event,) = until(lambda: coord.check_liveness(force=True))   # ... and the dead driver
+        assert (event.task_id, event.job_id, event.status) == ("ghost", dead, "queued")
+        assert coord.status() == {"a": "running", "ghost": "abandoned"} and coord.metrics()["node_table_readable"]
+        assert coord.request_groups("a")["groups"] == [ga] and _state(ga) == "CREATED"
+        coord.withdraw("a")
+    finally:
+        if new is not None:
+            cluster.remove_node(new)

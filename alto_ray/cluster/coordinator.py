@@ -5,8 +5,9 @@ allocator when the picture changes, and grants a task its groups as placement gr
 plan starts it now; otherwise the tenant is told to wait (with its queue position).
 
 Placement groups are created `lifetime="detached"` and named `alto:<task>:<group>`, so a
-coordinator restart does not take running groups down; the finished-results registry and the
-running groups are persisted to a small JSON file (head node) and reloaded on start.
+coordinator restart does not take running groups down; the finished-results registry, the
+running groups and the queue (its order) are persisted to a small JSON file (head node,
+`coordinator_state.py`) and reloaded on start.
 Running groups are never moved at runtime (migration would need the trainable to checkpoint).
 
 Unless given fixed `nodes=`, it re-reads the alive nodes whenever it plans (`nodes.py`): a node
@@ -17,26 +18,27 @@ start count as potential nodes, planned busy for `autoscale_delay_s`; a plan usi
 kept when it ends at least `autoscale_gain` sooner than the plan over the nodes up (no node
 started for nothing). A queued task that fits no node now (its only large node died) is left out
 of the plan and reported, not planned, until one fits (`unfit.py`). A task whose tenant's driver
-died (its Ray job is dead) is abandoned: its groups are freed and the next tenant granted
-(`liveness.py`). The actor is pinned to the head node (`get_coordinator`).
+died (its Ray job is dead) is abandoned: its groups are freed, its published placement dropped and
+the next tenant granted (`liveness.py`). Its reads of Ray's node and job tables give up after a
+few seconds and count as unknown (`gcs.py`): a slow GCS must not hold every tenant's call. The
+actor is pinned to the head node (`get_coordinator`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
 import ray
 
-from alto_ray.cluster import liveness, unfit
+from alto_ray.cluster import coordinator_state, gcs, liveness, unfit
 from alto_ray.cluster.allocator import Allocator
 from alto_ray.cluster.allocator_problem import check_memory
-from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog
+from alto_ray.cluster.coordinator_state import GroupGrant, TaskEntry
+from alto_ray.cluster.node_loss import NodeLoss, NodeLossLog, drop_grant
 from alto_ray.cluster.nodes import (DEFAULT_GPU_MEMORY_GB, GPU_MEMORY_RESOURCE, alive_node_specs,  # noqa: F401
                                     alive_ray_nodes, create_pg, gpu_mode, gpu_worker_types, is_potential, on_head_node,
                                     potential_hosts, potential_node_specs, rehome, remove_pg, startup_background)
@@ -47,43 +49,6 @@ from alto_ray.tune.capacity import driver_bootstrap_config
 COORDINATOR_NAME = "alto:coordinator"
 COORDINATOR_NAMESPACE = "alto"
 DEFAULT_STATE_PATH = "~/.alto/coordinator_state.json"
-
-
-@dataclass
-class GroupGrant:
-    """One granted group: its placement group and where the plan put it."""
-
-    task_id: str
-    group_index: int
-    node: str
-    gpu_ids: tuple[int, ...]
-    placement_group: Any
-    pg_name: str
-    bundles: list[dict[str, float]]
-    strategy: str
-    started_at: float
-    planned_end: float
-    node_id: str | None = None                 # Ray's id of `node` (None: a potential node)
-
-    def to_json(self) -> dict[str, Any]:
-        """For the state file: all but the task id (its key there) and the placement group handle."""
-        return {k: v for k, v in vars(self).items() if k not in ("task_id", "placement_group")}
-
-    @classmethod
-    def from_json(cls, task_id: str, saved: dict[str, Any]) -> "GroupGrant":
-        """A saved group, its placement group not looked up (None)."""
-        return cls(**{**saved, "task_id": task_id, "gpu_ids": tuple(saved["gpu_ids"]), "placement_group": None})
-
-
-@dataclass
-class _Entry:
-    spec: TaskSpec
-    status: str = "queued"                     # queued | running | finished
-    order: int = 0
-    groups: dict[int, GroupGrant] = field(default_factory=dict)
-    progress: bool = False                     # has reported measured progress
-    measured_at: tuple[float, float] | None = None   # (when, predicted remaining s) at the first measured step
-    job_id: str | None = None                  # Ray job of the tenant's driver (None: never abandoned)
 
 
 class Coordinator:
@@ -109,9 +74,10 @@ class Coordinator:
         self.liveness = liveness.LivenessWatch(liveness_check_s)
         self.nodes, self.use_gpu, self.potential = list(nodes or []), True, set()
         self._alive_ids: frozenset[str] | None = None
+        self.nodes_readable = True               # the last read of Ray's node table answered in time
         self._types: list = []
         self._ready: dict[str, float] = {}       # potential node -> s until it can be up
-        self.tasks: dict[str, _Entry] = {}
+        self.tasks: dict[str, TaskEntry] = {}
         self._unfit: dict[str, str] = {}         # queued task -> why it fits no node now (not planned)
         self._refresh_nodes(force=True)
         if not self.nodes:
@@ -125,15 +91,17 @@ class Coordinator:
         self._counter = 0
         self._load()
         self._refresh_nodes(force=True)          # keep potential nodes that hold reloaded groups
-        self.liveness.sweep(self.tasks, self.withdraw, force=True, on_restart=True)   # drivers that died meanwhile
+        self.liveness.sweep(self.tasks, self._abandon, force=True, on_restart=True)   # drivers that died meanwhile
         liveness.start_ticker(liveness_check_s)  # as the actor: a dead tenant's groups go even if nobody calls
 
     # -- tenant API ----------------------------------------------------------------------------------
-    def register_task(self, spec: TaskSpec, requeue: bool = False, job_id: str | None = None) -> str:
+    def register_task(self, spec: TaskSpec, requeue: bool = False, job_id: str | None = None,
+                      grant_key: str | None = None) -> str:
         """Register (or re-register: idempotent by name) a task; ValueError if a new one fits no
         node, alive or one the autoscaler can start. `requeue`: a tenant registered before (this
         coordinator restarted): its task fit then, so it queues, blocked until a node fits.
-        `job_id`: the Ray job of the tenant's driver; once it is dead the task is abandoned."""
+        `job_id`: the Ray job of the tenant's driver; once it is dead the task is abandoned.
+        `grant_key`: where the tenant publishes its placement (Ray's KV store), dropped then."""
         try:
             if not requeue and spec.name not in self.tasks:
                 check_memory(spec, self.nodes_view())
@@ -144,12 +112,13 @@ class Coordinator:
         entry = self.tasks.get(spec.name)
         if entry is None:
             self._counter += 1
-            self.tasks[spec.name] = entry = _Entry(spec, order=self._counter)
+            self.tasks[spec.name] = entry = TaskEntry(spec, order=self._counter)
         else:
             entry.spec = spec
-        entry.job_id = job_id                    # the driver registering last owns the task
+        entry.job_id, entry.grant_key = job_id, grant_key   # the driver registering last owns the task
         self.predictor.register_spec(spec)
         self._dirty = True
+        self._save()                             # a queued task keeps its place across a restart
         return spec.name
 
     def request_groups(self, task_id: str) -> dict:
@@ -248,10 +217,18 @@ class Coordinator:
         self._dirty = True
         self._save()
 
+    def _abandon(self, task_id: str) -> None:
+        """Its tenant's driver died: withdraw the task for it, and drop the placement it published
+        (the tenant drops it when it finishes or withdraws; a dead one never will)."""
+        key = self.tasks[task_id].grant_key
+        if key:
+            drop_grant(key)
+        self.withdraw(task_id)
+
     def check_liveness(self, force: bool = False) -> list[liveness.Abandonment]:
         """Abandon the tasks whose tenant's driver job died: free their groups, drop them from the
         plan, record it. Reads Ray's job table at most every `liveness_check_s` unless `force`."""
-        return self.liveness.sweep(self.tasks, self.withdraw, force)
+        return self.liveness.sweep(self.tasks, self._abandon, force)
 
     def node_losses(self, task_id: str | None = None) -> list[NodeLoss]:
         """Groups lost with their node (of one task, or all). Re-reads the nodes first, so a
@@ -301,6 +278,7 @@ class Coordinator:
                 "prediction_error_measured": measured_error_stats(self.finished),
                 "node_losses": self.losses.to_json(), "bootstrap_config": self.bootstrap_config,
                 "abandoned": self.liveness.to_json(), "liveness": self.liveness.metrics(),
+                "node_table_readable": self.nodes_readable,
                 "on_node": ray.get_runtime_context().get_node_id(),
                 "plan": None if p is None else {"status": p.status, "makespan_s": p.makespan_s,
                                                 "lower_bound_s": p.lower_bound_s, "solve_seconds": p.solve_seconds}}
@@ -311,12 +289,12 @@ class Coordinator:
         return list(self.nodes)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _entry(self, task_id: str) -> _Entry:
+    def _entry(self, task_id: str) -> TaskEntry:
         if task_id not in self.tasks:
             raise KeyError(f"task {task_id!r} is not registered (register_task first)")
         return self.tasks[task_id]
 
-    def _remaining(self, entry: _Entry) -> float:
+    def _remaining(self, entry: TaskEntry) -> float:
         """Predicted remaining seconds: from measurements once reported, else the plan's end."""
         n = max(len(entry.groups), 1)
         if entry.progress or entry.status != "running":
@@ -391,10 +369,18 @@ class Coordinator:
 
     def _refresh_nodes(self, force: bool = False) -> None:
         """Re-read the alive nodes (one GCS call; the rest only when the set of node ids changed or
-        a group on a potential node got placed): new nodes join the plan, dead nodes leave it."""
+        a group on a potential node got placed): new nodes join the plan, dead nodes leave it.
+        A read the GCS does not answer in time (`gcs.bounded_read`) leaves the nodes as they were."""
         if self._fixed:
             return
-        raw = alive_ray_nodes()
+        try:
+            raw = gcs.bounded_read(gcs.NODES, alive_ray_nodes)
+        except gcs.GcsReadTimeout:
+            if not self.nodes:                   # nothing to go on yet (the coordinator is starting)
+                raise
+            self.nodes_readable = False          # unknown: plan on the nodes as they were
+            return
+        self.nodes_readable = True
         ids = frozenset(n["NodeID"] for n in raw)
         changed = (force or ids != self._alive_ids      # a blocked task: the launcher's config may gain a type
                    or (bool(self._unfit) and gpu_worker_types(self.bootstrap_config) != self._types))
@@ -442,7 +428,7 @@ class Coordinator:
             for gi in hit:
                 self.release(t, gi)
 
-    def _grant(self, entry: _Entry, plan: Plan) -> list[GroupGrant]:
+    def _grant(self, entry: TaskEntry, plan: Plan) -> list[GroupGrant]:
         now = time.time()
         name = entry.spec.name
         bundles = {(b.task_id, b.group_index): b for b in
@@ -463,34 +449,19 @@ class Coordinator:
         return sorted(entry.groups.values(), key=lambda g: g.group_index)
 
     def _save(self) -> None:
-        """Atomically write finished results and running groups (JSON; results via str if needed)."""
-        running = {t: {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id,
-                       "groups": [g.to_json() for g in e.groups.values()]}
-                   for t, e in self.tasks.items() if e.status == "running"}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "finished": self.finished, "running": running,
-                                   "node_losses": self.losses.to_json(), "abandoned": self.liveness.to_json()},
-                                  indent=1, default=str))
-        os.replace(tmp, self.state_path)
+        """Write the state file (`coordinator_state`): a restarted coordinator carries on from it."""
+        coordinator_state.save(self.state_path, self.tasks, self.finished, self.losses, self.liveness)
 
     def _load(self) -> None:
-        """Reload finished results and the running groups still on a node up whose placement
-        groups still exist; those of a node that died meanwhile are recorded lost (`reattach`)."""
-        if not self.state_path.exists():
+        """Reload the state file, if any: finished results, the logs, and the tasks it held
+        (running ones with the groups still up; `coordinator_state.load`)."""
+        saved = coordinator_state.load(self.state_path, self.losses, self.liveness, self.nodes)
+        if saved is None:
             return
-        data = json.loads(self.state_path.read_text())
-        self.finished = dict(data.get("finished", {}))
-        self.losses.load(data.get("node_losses", {}))
-        self.liveness.load(data.get("abandoned", []))
-        for name, r in data.get("running", {}).items():
-            groups = {} if name in self.finished else self.losses.reattach(
-                name, [GroupGrant.from_json(name, g) for g in r["groups"]], self.nodes)
-            if groups:
-                spec = TaskSpec(**{k: v for k, v in r["spec"].items()})
-                self._counter = max(self._counter, r.get("order", 0))
-                self.tasks[name] = _Entry(spec, "running", r.get("order", 0), groups, job_id=r.get("job_id"))
-                self.predictor.register_spec(spec)
+        self.finished, self.tasks = saved
+        self._counter = max((e.order for e in self.tasks.values()), default=0)
+        for e in self.tasks.values():
+            self.predictor.register_spec(e.spec)
         self._save()                             # what was re-attached; the groups lost meanwhile leave the file
 
 

@@ -8,10 +8,11 @@ driver's job dead as soon as the driver's connection drops, so the coordinator r
 table (`dead_jobs`) at most every `liveness_check_s`, before each re-plan, when it (re)starts
 with tasks in its state file, and on its own timer (`start_ticker`: an idle coordinator frees the
 groups too). A task whose job is dead is abandoned: its placement groups are removed, it leaves
-the plan (the next tenant is granted) and an `Abandonment` is recorded (state file, `metrics()`,
+the plan (the next tenant is granted), the placement its tenant published for its trials (Ray's
+KV store, the grant key it registered with) is dropped, and an `Abandonment` is recorded (state file, `metrics()`,
 `describe()`, `status()`); finished results are never touched. A task registered without a job
 id (an older tenant, an older state file) is never abandoned, nor is any task while the job
-table cannot be read.
+table cannot be read (or does not answer within `gcs.READ_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Optional
 
 import ray
+
+from alto_ray.cluster.gcs import JOBS, bounded_read
 
 logger = logging.getLogger(__name__)
 
@@ -120,26 +123,31 @@ def driver_job_id() -> Optional[str]:
         return None
 
 
-def register_with_job_id(register: Callable[..., str], tenant: str, requeue: bool = False) -> str:
-    """`register(requeue=..., job_id=...)`: a coordinator call registering the tenant's task
-    with its driver's job id. The coordinator is detached and outlives upgrades: one started by
-    an older alto-ray takes no job id (Ray checks a call against the running actor's signature:
-    TypeError), and the task then registers without (no liveness until it restarts)."""
+def register_with_job_id(register: Callable[..., str], tenant: str, requeue: bool = False,
+                         grant_key: Optional[str] = None) -> str:
+    """`register(requeue=..., job_id=..., grant_key=...)`: a coordinator call registering the
+    tenant's task with its driver's job id and the key of the placement it publishes (dropped by
+    the coordinator if the driver dies). The coordinator is detached and outlives upgrades: one
+    started by an older alto-ray takes no grant key, or no job id either (Ray checks a call
+    against the running actor's signature: TypeError), and the task then registers with what it
+    takes (no liveness, or a dead tenant's grant left in Ray's KV store, until it restarts)."""
     job_id = driver_job_id()
-    if job_id is not None:
+    extra = {} if job_id is None else {"job_id": job_id, **({"grant_key": grant_key} if grant_key else {})}
+    while extra:
         try:
-            return register(requeue=requeue, job_id=job_id)
+            return register(requeue=requeue, **extra)
         except TypeError as err:
+            dropped, _ = extra.popitem()         # the newest argument first
             logger.warning("alto tenant %s: the coordinator runs an older alto-ray (%s); registering without "
-                           "liveness (restart the coordinator to turn it on)", tenant, err)
+                           "its %s (restart the coordinator to use it)", tenant, err, dropped)
     return register(requeue=requeue)
 
 
 def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
     """Those of `job_ids` that Ray's job table lists dead -> when they ended (s since the epoch,
-    None if Ray does not say); None when the table cannot be read (the caller counts every
-    tenant alive then). A job the table does not list counts as alive: only Ray saying it died
-    abandons a task.
+    None if Ray does not say); None when the table cannot be read, or not in time
+    (`gcs.bounded_read`: the caller counts every tenant alive then). A job the table does not
+    list counts as alive: only Ray saying it died abandons a task.
 
     Ray (2.60) has no public read of the job table that works without the dashboard:
     `ray.util.state.list_jobs` and `JobSubmissionClient` both go through it. This reads the GCS
@@ -150,8 +158,8 @@ def dead_jobs(job_ids: Collection[str]) -> Optional[dict[str, Optional[float]]]:
     try:
         from ray._private import state
 
-        table = state.jobs()
-    except Exception as err:  # noqa: BLE001 - GCS unreachable, Ray changed: nobody is abandoned
+        table = bounded_read(JOBS, state.jobs)
+    except Exception as err:  # noqa: BLE001 - GCS unreachable or slow, Ray changed: nobody is abandoned
         logger.debug("reading Ray's job table: %s", err)
         return None
     wanted = set(job_ids)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import ray
 
+from alto_ray.cluster.gcs import NODES, bounded_read
 from alto_ray.cluster.nodes import is_potential, lookup_pg, remove_pg
 from alto_ray.cluster.plan import NodeSpec
 
@@ -148,10 +149,11 @@ class NodeLossLog:
 
 
 def _dead_nodes() -> dict[str, dict[str, Any]]:
-    """`ray.nodes()` entries of the dead nodes, by node id (Ray keeps them, with the reason)."""
+    """`ray.nodes()` entries of the dead nodes, by node id (Ray keeps them, with the reason);
+    none when the GCS does not answer in time."""
     try:
-        return {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
-    except Exception:  # noqa: BLE001 - the loss is recorded without the address then
+        return {n["NodeID"]: n for n in bounded_read(NODES, ray.nodes) if not n.get("Alive")}
+    except Exception:  # noqa: BLE001 - the loss is recorded without the address then (a timeout too)
         return {}
 
 

@@ -155,7 +155,7 @@ class Tenant:
             self._coord = coord
             self.reconnects += 1
             register_with_job_id(lambda **kw: ray.get(coord.register_task.remote(self.spec, **kw)), self.name,
-                                 requeue=self.registered)   # it fit then: queue
+                                 requeue=self.registered, grant_key=self.grant_key)   # it fit then: queue
             if self.grants:
                 ray.get(coord.adopt.remote(self.name, self.grants))
 
@@ -168,7 +168,8 @@ class Tenant:
             results = self.call("finished_results").get(self.name, {}).get("results")
             raise TaskAlreadyFinished(f"task {self.name!r} already finished on this cluster (results: "
                                       f"{results}); give the LoRATask another name to tune it again")
-        name = register_with_job_id(lambda **kw: self.call("register_task", self.spec, **kw), self.name)
+        name = register_with_job_id(lambda **kw: self.call("register_task", self.spec, **kw), self.name,
+                                    grant_key=self.grant_key)
         self.registered = True
         return name
 
