@@ -64,6 +64,10 @@ for phase in "$@"; do
       run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
     engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run
       run engine-sdpa python benchmarks/engine.py --shapes 1b,8b --off ALTO_SDPA_SKIP_CUDNN --out $R/engine_h100.json --summary $S ;;
+    pack)  # host time of packing a step's batch, before/after, GPU idle and busy
+      run pack python benchmarks/pack_host.py --out $R/pack_host_h100.json ;;
+    hprofile)  # where the 1B step's host time goes (it is host-bound) and its kernels
+      run hprofile python benchmarks/engine_profile.py --shape 1b --host ;;
     eprofile)  # where the grouped engine's 8B step spends its device time
       run eprofile python benchmarks/engine_profile.py --shape 8b ;;
     engine-nosink)  # the same with the kernels returning LoRA grads through autograd (A/B of the sink)

@@ -5,7 +5,10 @@ weights), warms up, then profiles a few steps with ``torch.profiler`` and prints
 take the most device time, grouped into families (GEMM, LoRA, attention, elementwise, loss, ...),
 next to the step's wall time.
 
-    python benchmarks/engine_profile.py [--shape 8b] [--steps 3]
+    python benchmarks/engine_profile.py [--shape 8b] [--steps 3] [--host]
+
+``--host`` adds where the host's time goes (a host-bound step, like the 1B one): the CPU-side
+events by self time, CUDA runtime and driver calls included, per step.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--host", action="store_true", help="also the host-side events by self CPU time")
     args = ap.parse_args()
     from alto_ray.engine import AdapterConfig, GroupedTrainer, TaskData
 
@@ -61,7 +65,8 @@ def main() -> None:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.host,
+                 record_shapes=args.host) as prof:
         for _ in range(args.steps):
             trainer.step()
         torch.cuda.synchronize()
@@ -83,6 +88,27 @@ def main() -> None:
     print("top kernels (ms per step, calls per step):")
     for us, count, key in sorted(rows, reverse=True)[:25]:
         print(f"  {us / args.steps / 1e3:8.2f}  {count // args.steps:5d}  {key[:110]}")
+    if args.host:
+        host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU
+                and e.self_cpu_time_total > 0]
+        busy = sum(e.self_cpu_time_total for e in host)
+        print(f"host: {busy / args.steps / 1e3:.1f} ms of self CPU time per step in profiled events "
+              f"(Python between them not counted); top events (ms per step, calls per step, us per call):")
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:30]:
+            print(f"  {e.self_cpu_time_total / args.steps / 1e3:8.2f}  {e.count // args.steps:5d}  "
+                  f"{e.self_cpu_time_total / max(e.count, 1):8.1f}  {e.key[:90]}")
+        # Where the slowest single aten calls come from (a long one is usually a host sync).
+        slow = sorted((e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+                       or e.name in ("aten::index", "aten::nonzero", "aten::item", "aten::_local_scalar_dense")),
+                      key=lambda e: -e.cpu_time_total)[:6]
+        for e in slow:
+            chain, p = [], e.cpu_parent
+            while p is not None and len(chain) < 12:
+                if not p.name.startswith(("aten::", "autograd::")):
+                    chain.append(p.name)
+                p = p.cpu_parent
+            print(f"  {e.name} {e.cpu_time_total / 1e3:.2f} ms, thread {e.thread}, shapes {e.input_shapes}, "
+                  f"children {[c.name for c in e.cpu_children][:6]}, from: " + " <- ".join(chain))
 
 
 if __name__ == "__main__":
