@@ -66,6 +66,8 @@ for phase in "$@"; do
       run engine-sdpa python benchmarks/engine.py --shapes 1b,8b --off ALTO_SDPA_SKIP_CUDNN --out $R/engine_h100.json --summary $S ;;
     pack)  # host time of packing a step's batch, before/after, GPU idle and busy
       run pack python benchmarks/pack_host.py --out $R/pack_host_h100.json ;;
+    blas)  # host and device time of the base GEMMs per BLAS library (cuBLASLt, cuBLAS)
+      run blas python benchmarks/blas_host.py --out $R/blas_host_h100.json ;;
     hprofile)  # where the 1B step's host time goes (it is host-bound) and its kernels
       run hprofile python benchmarks/engine_profile.py --shape 1b --host ;;
     eprofile)  # where the grouped engine's 8B step spends its device time
