@@ -182,3 +182,29 @@ def test_queued_tasks_keep_their_order_across_a_restart(tmp_path) -> None:
     state.write_text(json.dumps(data))
     older = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
     assert older.status() == {"old": "finished"} and older.finished["old"]["results"] == {"best_loss": 1.0}
+
+
+def test_queued_tasks_of_another_ray_cluster_are_not_reloaded(ray_cluster, tmp_path) -> None:
+    """Job ids restart with every Ray cluster: a queue saved under another session must not come
+    back (its job ids may name this cluster's live drivers); finished results do."""
+    import json
+
+    from alto_ray.cluster import NodeSpec
+    from alto_ray.cluster.coordinator import Coordinator
+
+    state = tmp_path / "state.json"
+    coord = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    for name in ("first", "second"):
+        coord.register_task(_spec(name), job_id=f"job-{name}")
+    data = json.loads(state.read_text())
+    assert data["ray_session"].startswith("session_")  # written under this cluster's session
+    same = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert list(same.tasks) == ["first", "second"]      # this cluster's file: the queue comes back
+
+    data = json.loads(state.read_text())
+    data["ray_session"] = "session_of_an_earlier_cluster"
+    data["finished"] = {"old": {"results": {"best_loss": 1.0}}}
+    state.write_text(json.dumps(data))
+    later = Coordinator(state_path=str(state), nodes=[NodeSpec("n0", 2)], time_limit_s=0.5)
+    assert later.tasks == {} and later.status() == {"old": "finished"}
+    assert json.loads(state.read_text())["queued"] == {}

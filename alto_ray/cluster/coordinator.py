@@ -450,12 +450,14 @@ class Coordinator:
 
     def _save(self) -> None:
         """Write the state file (`coordinator_state`): a restarted coordinator carries on from it."""
-        coordinator_state.save(self.state_path, self.tasks, self.finished, self.losses, self.liveness)
+        coordinator_state.save(self.state_path, self.tasks, self.finished, self.losses, self.liveness,
+                               coordinator_state.ray_session())
 
     def _load(self) -> None:
         """Reload the state file, if any: finished results, the logs, and the tasks it held
         (running ones with the groups still up; `coordinator_state.load`)."""
-        saved = coordinator_state.load(self.state_path, self.losses, self.liveness, self.nodes)
+        saved = coordinator_state.load(self.state_path, self.losses, self.liveness, self.nodes,
+                                       coordinator_state.ray_session())
         if saved is None:
             return
         self.finished, self.tasks = saved

@@ -17,7 +17,11 @@ finished. It holds:
   tenant that died. One registered without a job id is not reloaded: nothing could tell that
   its tenant died, and it would hold its place forever (its tenant, if alive, re-registers);
 * `node_losses`, `abandoned`: the coordinator's logs of groups lost with their node and of tasks
-  whose tenant's driver died.
+  whose tenant's driver died;
+* `ray_session`: the Ray cluster's session name when it was written. Job ids restart with every
+  new cluster (`01000000`, ...), so a queued task saved under another session is not reloaded:
+  its job id may name another cluster's live driver, which would keep the task queued (and
+  granted GPUs) with no tenant behind it. Its tenant, if one is alive, registers again.
 
 A key an older file lacks loads empty.
 """
@@ -36,6 +40,17 @@ from alto_ray.cluster.node_loss import NodeLossLog
 from alto_ray.cluster.plan import NodeSpec, TaskSpec
 
 VERSION = 2                                    # 2: queued tasks too
+
+
+def ray_session() -> Optional[str]:
+    """The connected Ray cluster's session name (new each time the cluster starts); None without
+    Ray. Ray has no public read of it: one guarded private attribute."""
+    try:
+        from ray._private import worker
+
+        return getattr(getattr(worker.global_worker, "node", None), "session_name", None)
+    except Exception:  # noqa: BLE001 - another Ray: sessions are then never compared
+        return None
 
 
 @dataclass
@@ -79,7 +94,7 @@ class TaskEntry:
 
 
 def save(path: Path, tasks: Mapping[str, TaskEntry], finished: Mapping[str, dict], losses: NodeLossLog,
-         liveness: LivenessWatch) -> None:
+         liveness: LivenessWatch, session: Optional[str] = None) -> None:
     """Atomically write the state (JSON; results via str if they are not JSON)."""
     def saved(e: TaskEntry) -> dict[str, Any]:
         return {"spec": dataclasses.asdict(e.spec), "order": e.order, "job_id": e.job_id, "grant_key": e.grant_key}
@@ -90,18 +105,20 @@ def save(path: Path, tasks: Mapping[str, TaskEntry], finished: Mapping[str, dict
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"version": VERSION, "finished": dict(finished), "running": running,
-                               "queued": queued, "node_losses": losses.to_json(), "abandoned": liveness.to_json()},
+                               "queued": queued, "node_losses": losses.to_json(), "abandoned": liveness.to_json(),
+                               "ray_session": session},
                               indent=1, default=str))
     os.replace(tmp, path)
 
 
-def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
-         nodes: Sequence[NodeSpec]) -> Optional[tuple[dict[str, dict], dict[str, TaskEntry]]]:
+def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch, nodes: Sequence[NodeSpec],
+         session: Optional[str] = None) -> Optional[tuple[dict[str, dict], dict[str, TaskEntry]]]:
     """(finished, tasks by arrival order) from the file, None without one; `losses` and
     `liveness` get their logs. A running task keeps the groups still on a node of `nodes` whose
     placement groups exist; those of a node that died meanwhile are recorded lost
     (`NodeLossLog.reattach`), and a task left with none is not reloaded (its tenant re-registers).
-    A queued task is reloaded queued if it has a job id (liveness can give it up)."""
+    A queued task is reloaded queued if it has a job id (liveness can give it up) and the file
+    was written in this Ray `session` (job ids restart with a new cluster)."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -115,7 +132,9 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch,
         if groups:
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "running", r.get("order", 0), groups,
                                     job_id=r.get("job_id"), grant_key=r.get("grant_key"))
-    for name, r in data.get("queued", {}).items():
+    saved_session = data.get("ray_session")
+    same_cluster = session is None or saved_session is None or saved_session == session
+    for name, r in (data.get("queued", {}) if same_cluster else {}).items():
         if name not in finished and name not in tasks and r.get("job_id"):
             tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"),
                                     grant_key=r.get("grant_key"))
