@@ -62,6 +62,8 @@ for phase in "$@"; do
       run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)  # with same-run A/Bs: all fused backbone ops off (the backbone's own), then each of the two newest off
       run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
+    engine-check)  # the engine's figures with the current code, not written to the summary (a check)
+      run "$phase" python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json ;;
     engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run
       run engine-sdpa python benchmarks/engine.py --shapes 1b,8b --off ALTO_SDPA_SKIP_CUDNN --out $R/engine_h100.json --summary $S ;;
     pack)  # host time of packing a step's batch, before/after, GPU idle and busy
