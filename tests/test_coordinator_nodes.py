@@ -22,6 +22,7 @@ from ray.util.placement_group import placement_group_table  # noqa: E402
 from alto_ray.cluster import GIB, TaskSpec, gcs  # noqa: E402
 from alto_ray.cluster.coordinator import Coordinator  # noqa: E402
 from alto_ray.cluster.liveness import dead_jobs  # noqa: E402
+from alto_ray.cluster.nodes import remove_pg  # noqa: E402
 from alto_ray.tune.capacity import BOOTSTRAP_ENV, launchable_worker_types  # noqa: E402
 from tune_support import local_cluster, until, write_bootstrap  # noqa: E402
 
@@ -84,6 +85,23 @@ def test_a_node_that_joins_is_planned_on_and_one_that_dies_leaves_the_plan(clust
     again.task_finished("b", None)
     assert again.finished_results()["b"]["node_losses"][0]["node_id"] == new.node_id
     assert _state(b["groups"][0]) == "REMOVED"
+
+
+def test_a_running_task_whose_placement_group_is_gone_but_not_its_node_is_not_reloaded(cluster, tmp_path,
+                                                                                        monkeypatch) -> None:
+    """Unlike a task whose node died while the coordinator was down (reloaded queued, the loss
+    told to its tenant), one whose placement group went while its node lives is no node loss:
+    nothing is recorded, nothing would tell its tenant to ask for new groups, so it is not
+    reloaded; its tenant re-registers when it next calls."""
+    monkeypatch.setenv(BOOTSTRAP_ENV, "none")
+    state = str(tmp_path / "coordinator.json")
+    coord = Coordinator(state_path=state, time_limit_s=0.5)
+    coord.register_task(_spec("gone"), job_id=ray.get_runtime_context().get_job_id())
+    (g,) = coord.request_groups("gone")["groups"]
+    ray.get(g.placement_group.ready(), timeout=30)
+    remove_pg(g.placement_group)                      # by hand, while no coordinator runs
+    again = Coordinator(state_path=state, time_limit_s=0.5)
+    assert again.status() == {} and again.node_losses("gone") == []
 
 
 def test_with_no_gpu_up_a_task_is_granted_a_node_the_autoscaler_will_start(cluster, tmp_path, monkeypatch) -> None:

@@ -7,6 +7,7 @@ tenants create (`get_coordinator`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -162,14 +163,16 @@ def test_a_tenant_is_told_its_node_died_and_its_trials_find_the_new_groups(clust
 def test_a_node_that_died_while_the_coordinator_was_down_is_told_after_its_restart(
         cluster, tmp_path, monkeypatch, caplog, tiny_model_dir, tiny_dataset_path) -> None:
     """The coordinator reloads its state: the groups on a node that died meanwhile are recorded
-    lost for their tenant (once, though the tenant's re-attach names them too), and the tenant
-    is told as for a live loss."""
+    lost for their tenant (once, though the tenant's re-attach names them too), the task left
+    with none comes back queued in its place (ahead of one queued after it), as for a live loss,
+    and the tenant is told and granted new groups."""
     c, _worker = cluster
     kill_coordinator()                                # one of an earlier test would keep its own state file
     added = c.add_node(num_cpus=2)                    # the module's worker may be gone already
     c.wait_for_nodes()
     monkeypatch.setenv(BOOTSTRAP_ENV, "none")
-    opts = {"state_path": str(tmp_path / "coordinator.json"), "time_limit_s": 0.5}
+    state = tmp_path / "coordinator.json"
+    opts = {"state_path": str(state), "time_limit_s": 0.5}
 
     def tenant(name: str) -> Tenant:                  # 2 slots a group: one tenant fills a node
         task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path, name=name, max_steps=8, device="cpu")
@@ -177,14 +180,18 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_told_after_its_resta
                       coordinator_options=opts, poll_s=0.2)
 
     try:
-        a, b = tenant("down-a"), tenant("down-b")
+        a, b, later = tenant("down-a"), tenant("down-b"), tenant("down-later")
         a.register(), b.register()
         a.acquire(), b.acquire()
+        later.register()                              # queued behind both (it never asks for groups)
         node_of = {t: placement_group_table(t.grants[0].placement_group)["bundles_to_node_id"][0] for t in (a, b)}
         lost = next(t for t in (a, b) if node_of[t] != _head_id())
         kept = ({a, b} - {lost}).pop()
         (old,) = lost.grants
         dying = next(n for n in c.list_all_nodes() if n.node_id == node_of[lost])
+        saved = json.loads(state.read_text())["running"][lost.name]
+        me = ray.get_runtime_context().get_job_id()
+        assert (saved["job_id"], saved["grant_key"]) == (me, lost.grant_key)
 
         kill_coordinator()
         c.remove_node(dying)                          # while no coordinator runs
@@ -198,6 +205,12 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_told_after_its_resta
         assert loss.reason == "received SIGTERM"      # Ray's death reason, from its node table
         assert "died, received SIGTERM while the coordinator was down" in ray.get(coord.describe.remote())
         until(lambda: placement_group_table(old.placement_group)["state"] == "REMOVED")
+        metrics = ray.get(coord.metrics.remote())     # queued again, in its place: ahead of `later`
+        assert [(t, x["status"], x["job_id"]) for t, x in metrics["tasks"].items()] == \
+            [(lost.name, "queued", me), (later.name, "queued", me)]
+        requeued = json.loads(state.read_text())["queued"][lost.name]
+        assert (requeued["order"], requeued["grant_key"]) == (saved["order"], lost.grant_key)
+        later.withdraw()                              # it would compete for the node kept frees
 
         caplog.set_level(logging.WARNING, logger="alto_ray.cluster.tenant")
         assert lost.check_losses() == [loss]          # reconnects, re-attaches, is told, queues: a node is free
@@ -205,6 +218,7 @@ def test_a_node_that_died_while_the_coordinator_was_down_is_told_after_its_resta
         assert any("while the coordinator was down" in r.getMessage() for r in caplog.records)
         (new,) = lost.grants
         assert placement_group_table(new.placement_group)["bundles_to_node_id"][0] != dying.node_id
+        assert json.loads(state.read_text())["running"][lost.name]["order"] == saved["order"]   # re-registered in place
         lost.finish(None)
         assert ray.get(coord.finished_results.remote())[lost.name]["node_losses"][0]["while_coordinator_down"]
     finally:

@@ -455,7 +455,8 @@ class Coordinator:
 
     def _load(self) -> None:
         """Reload the state file, if any: finished results, the logs, and the tasks it held
-        (running ones with the groups still up; `coordinator_state.load`)."""
+        (running ones with the groups still up, queued again if all died with their node(s);
+        `coordinator_state.load`)."""
         saved = coordinator_state.load(self.state_path, self.losses, self.liveness, self.nodes,
                                        coordinator_state.ray_session())
         if saved is None:

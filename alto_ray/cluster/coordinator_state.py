@@ -10,7 +10,12 @@ finished. It holds:
 * `running`: task -> spec, arrival order, driver job id, the tenant's grant key (where it
   publishes its placement, dropped if its driver dies) and granted groups (node, node id,
   placement group name, bundles); reloaded if a group's node is up and its placement group
-  still exists, recorded lost if its node died meanwhile;
+  still exists, recorded lost if its node died meanwhile. A task that lost all its groups so
+  is reloaded queued, keeping its place (arrival order), job id and grant key, as a task whose
+  node dies while the coordinator runs: its tenant, re-registering, is told of the loss and
+  granted new groups. One whose groups are gone with no node loss (its placement groups removed
+  on a live node) is not reloaded, as nothing would tell its tenant to ask for new ones; it
+  re-registers. Reloaded queued only under the queued tasks' conditions below;
 * `queued` (since version 2): task -> spec, arrival order, driver job id, grant key; reloaded
   queued, so a restart keeps the queue's order (the tenants re-register within a poll, and a
   task registered again keeps its place) and the liveness check on restart finds a queued
@@ -19,7 +24,7 @@ finished. It holds:
 * `node_losses`, `abandoned`: the coordinator's logs of groups lost with their node and of tasks
   whose tenant's driver died;
 * `ray_session`: the Ray cluster's session name when it was written. Job ids restart with every
-  new cluster (`01000000`, ...), so a queued task saved under another session is not reloaded:
+  new cluster (`01000000`, ...), so a task saved under another session is not reloaded queued:
   its job id may name another cluster's live driver, which would keep the task queued (and
   granted GPUs) with no tenant behind it. Its tenant, if one is alive, registers again.
 
@@ -116,26 +121,36 @@ def load(path: Path, losses: NodeLossLog, liveness: LivenessWatch, nodes: Sequen
     """(finished, tasks by arrival order) from the file, None without one; `losses` and
     `liveness` get their logs. A running task keeps the groups still on a node of `nodes` whose
     placement groups exist; those of a node that died meanwhile are recorded lost
-    (`NodeLossLog.reattach`), and a task left with none is not reloaded (its tenant re-registers).
-    A queued task is reloaded queued if it has a job id (liveness can give it up) and the file
-    was written in this Ray `session` (job ids restart with a new cluster)."""
+    (`NodeLossLog.reattach`). A task that lost all its groups so is reloaded queued, in its place,
+    as one whose node dies while the coordinator runs; one left with none otherwise (its placement
+    groups gone, no node died) is not reloaded (its tenant re-registers). A task is reloaded
+    queued only if it has a job id (liveness can give it up) and the file was written in this
+    Ray `session` (job ids restart with a new cluster)."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     finished = dict(data.get("finished", {}))
     losses.load(data.get("node_losses", {}))
     liveness.load(data.get("abandoned", []))
-    tasks: dict[str, TaskEntry] = {}
-    for name, r in data.get("running", {}).items():
-        groups = {} if name in finished else losses.reattach(
-            name, [GroupGrant.from_json(name, g) for g in r["groups"]], nodes)
-        if groups:
-            tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "running", r.get("order", 0), groups,
-                                    job_id=r.get("job_id"), grant_key=r.get("grant_key"))
     saved_session = data.get("ray_session")
     same_cluster = session is None or saved_session is None or saved_session == session
+    tasks: dict[str, TaskEntry] = {}
+    for name, r in data.get("running", {}).items():
+        if name in finished:
+            continue
+        before = losses.of(name)
+        groups = losses.reattach(name, [GroupGrant.from_json(name, g) for g in r["groups"]], nodes)
+        if groups:
+            tasks[name] = _entry(r, "running", groups)
+        elif same_cluster and r.get("job_id") and any(x.requeued and x not in before for x in losses.of(name)):
+            tasks[name] = _entry(r, "queued")     # its groups died with their node(s) meanwhile
     for name, r in (data.get("queued", {}) if same_cluster else {}).items():
         if name not in finished and name not in tasks and r.get("job_id"):
-            tasks[name] = TaskEntry(TaskSpec(**r["spec"]), "queued", r.get("order", 0), job_id=r.get("job_id"),
-                                    grant_key=r.get("grant_key"))
+            tasks[name] = _entry(r, "queued")
     return finished, dict(sorted(tasks.items(), key=lambda item: item[1].order))
+
+
+def _entry(saved: dict[str, Any], status: str, groups: Optional[dict[int, GroupGrant]] = None) -> TaskEntry:
+    """A task of the file: spec, arrival order, job id, grant key (and its groups, running)."""
+    return TaskEntry(TaskSpec(**saved["spec"]), status, saved.get("order", 0), groups or {},
+                     job_id=saved.get("job_id"), grant_key=saved.get("grant_key"))
