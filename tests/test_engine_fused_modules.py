@@ -162,3 +162,35 @@ def test_rotary_is_dispatched_only_for_the_same_formula_and_inside_a_batch(tiny_
 
     assert fuse_rotary(PairRotaryAttention()) == 0
     assert not hasattr(globals()["apply_rotary_pos_emb"], "alto_original")
+
+
+def test_a_plain_twin_probes_a_module_without_touching_it() -> None:
+    """Sharded (or otherwise unprobeable) modules are probed on a twin: same class and settings,
+    plain random CPU weights of the same shapes and dtypes, no hooks; the module is untouched.
+    Unmaterialised (meta) modules get no probe at all."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    from alto_ray.engine.fused_modules import _plain_twin, _probe_target, _same_formula, _same_mlp
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+    mlp = LlamaMLP(cfg).to(torch.bfloat16)
+    before = {n: (p, p.detach().clone()) for n, p in mlp.named_parameters()}
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the twin ran the module's hooks")
+
+    mlp.register_forward_pre_hook(refuse)
+    twin = _plain_twin(mlp)
+    assert type(twin) is LlamaMLP and twin is not mlp and twin.gate_proj is not mlp.gate_proj
+    for name, p in twin.named_parameters():
+        orig, value = before[name]
+        assert p is not orig and p.shape == orig.shape and p.dtype == orig.dtype and not torch.equal(p, value)
+    assert all(p is before[n][0] and torch.equal(p, before[n][1]) for n, p in mlp.named_parameters())
+    assert _same_mlp(twin)                     # the formula holds on the twin's own weights
+    norm = LlamaRMSNorm(16, eps=1e-6)
+    assert _same_formula(_plain_twin(norm), 1e-6)
+    assert _probe_target(norm) is norm         # a plain module is probed as it is
+    with torch.device("meta"):
+        ghost = LlamaMLP(cfg)
+    assert _probe_target(ghost) is None
