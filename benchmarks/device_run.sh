@@ -15,9 +15,9 @@ mkdir -p "$OUT" benchmarks/results /tmp/site
 if [ -f .device/site-py312.tar.xz ]; then
   tar xJf .device/site-py312.tar.xz -C /tmp/site
 fi
-# kernels/ is imported as alto_kernels (pyproject's package-dir); the repo is not pip-installed there.
-mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/alto_kernels
-export PYTHONPATH=/tmp/site:/tmp/alias:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# kernels/alto_kernels is imported as alto_kernels (pyproject's package-dir); the repo is not
+# pip-installed there.
+export PYTHONPATH=/tmp/site:$PWD/kernels:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LOG=$OUT/device_run.log
 touch /tmp/device_run.start
 R=benchmarks/results
@@ -37,10 +37,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for phase in "$@"; do
   case "$phase" in
     tune)  # the config table: autotune the kernels over the shapes alto-ray meets; later phases of
-           # this call use it (commit it to kernels/tuned/ from $OUT)
+           # this call use it (commit it to kernels/alto_kernels/tuned/ from $OUT)
       slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
       run tune python benchmarks/tune_kernels.py --out $R/tuned_$slug.json
-      mkdir -p kernels/tuned && cp $R/tuned_$slug.json kernels/tuned/$slug.json ;;
+      mkdir -p kernels/alto_kernels/tuned && cp $R/tuned_$slug.json kernels/alto_kernels/tuned/$slug.json ;;
     multi-tenant-gpu)  # the multi-tenant example with its groups on the GPU (coordinator in GPU mode)
       run "$phase" python examples/multi_tenant.py --device cuda --workdir /tmp/alto_mt ;;
     quickstart)  # README's main job (examples/quickstart.py; its set-up step needs a network, the
@@ -49,17 +49,17 @@ for phase in "$@"; do
     epilogue)  # the one-node linear's epilogue variant (GEMMs add into the stored LoRA deltas) against
                # the in-kernel adds, same run: correctness, the 8x512 kernel cases, the engine
       run kernel_check python benchmarks/kernel_check.py
-      run kernels-quick env ALTO_AUTOTUNE=full python benchmarks/kernels.py --quick --out $R/kernels_h100_epilogue_quick.json
+      run kernels-quick env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_h100_epilogue_quick.json
       run engine-epilogue python benchmarks/engine.py --shapes 1b,8b --off ALTO_LINEAR_EPILOGUE --out $R/engine_h100_epilogue.json --summary /tmp/epilogue_summary.json ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best
       run kernel_check python benchmarks/kernel_check.py
-      run kernels env ALTO_AUTOTUNE=full python benchmarks/kernels.py --out $R/kernels_h100.json --summary $S ;;
+      run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases
-      run kprofile python benchmarks/kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
+      run kprofile python benchmarks/lora_kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)  # with same-run A/Bs: all fused backbone ops off (the backbone's own), then each of the two newest off
       run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
     engine-check)  # the engine's figures with the current code, not written to the summary (a check)

@@ -21,14 +21,14 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
 def import_alto_kernels():
-    """``alto_kernels`` when installed, else straight from the repo's kernels/ (device machine)."""
+    """``alto_kernels`` when installed, else straight from the repo's kernels/alto_kernels/ (device machine)."""
     try:
         import alto_kernels
         return alto_kernels
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "alto_kernels", os.path.join(REPO, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(REPO, "kernels")])
+            "alto_kernels", os.path.join(REPO, "kernels", "alto_kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(REPO, "kernels", "alto_kernels")])
         mod = importlib.util.module_from_spec(spec)
         sys.modules["alto_kernels"] = mod
         spec.loader.exec_module(mod)

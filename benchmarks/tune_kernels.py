@@ -1,13 +1,13 @@
 """Autotune the fused multi-LoRA kernels over the shapes alto-ray meets and write the config table.
 
-    python benchmarks/tune_kernels.py --out kernels/tuned/<GPU>.json     # on the GPU it is for
+    python benchmarks/tune_kernels.py --out kernels/alto_kernels/tuned/<GPU>.json     # on the GPU it is for
 
 With ``ALTO_AUTOTUNE=full`` every launch key (dtypes, flags, feature size, padded rank R, token
 bucket) is tuned from the full config lists; the chosen configs are written as the table that
-``alto_kernels`` loads for this GPU model (``kernels/tuned/<device>.json``). With the table, a
+``alto_kernels`` loads for this GPU model (``kernels/alto_kernels/tuned/<device>.json``). With the table, a
 process compiles one config per kernel variant instead of every config for every new key: the
 first grouped step of a sweep and every step that meets a new rank or batch size skip the
-compile-and-time loop (see ``ALTO_AUTOTUNE`` in ``kernels/_common.py``).
+compile-and-time loop (see ``ALTO_AUTOTUNE`` in ``kernels/alto_kernels/_common.py``).
 
 Grid: the layer shapes of Llama-1B and Llama-8B (q/k/v/o/gate/up/down), R ∈ {16, 64}, token
 buckets 1024…65536 (mixed ranks per call so the rank axis pads to R), bf16, dropout 0.05,

@@ -18,7 +18,7 @@ one layer at a time waits for, host launch cost included) and replayed from a CU
 queue full pays, as the engine's 8B step does). At 8 × 512 tokens the first is host-bound for
 every variant with LoRA in it, the second is not; the two are reported side by side.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json [--quick]
+    python benchmarks/lora_kernels.py --out benchmarks/results/kernels_h100.json [--quick]
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def main():
     import triton
     from triton.testing import do_bench
     ak = import_alto_kernels()
-    cmd = "python benchmarks/kernels.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/lora_kernels.py " + " ".join(sys.argv[1:])
     dev_name = torch.cuda.get_device_name()
     cases = []
     t0 = time.time()

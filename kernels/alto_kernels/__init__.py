@@ -1,6 +1,7 @@
 """alto_kernels: fused multi-LoRA for training (Triton) and its PyTorch reference.
 
-Import as ``alto_kernels`` (the folder is ``kernels/``). No Ray and no model code here.
+Import as ``alto_kernels`` (the folder is ``kernels/alto_kernels/``: ``kernels`` is a PyPI package
+transformers imports, so ``kernels/`` itself is no package). No Ray and no model code here.
 ``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink;
 ``apply_linear_multi_lora``: with the frozen base linear in the same autograd node) and
 ``dropout_mask`` import Triton on first use (``alto_kernels.fused``), as do the fused RMSNorm
