@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
+import inspect
 import os
 import sys
 from contextlib import contextmanager
@@ -288,7 +289,10 @@ def fuse_rotary(backbone: nn.Module) -> int:
         return 0
     count = 0
     for module in backbone.modules():
+        # unwrap: with the `kernels` package installed, transformers wraps attention forwards
+        # (``use_kernelized_func``); the modeling file's own forward is the one that names it.
         forward = getattr(type(module), "forward", None)
+        forward = inspect.unwrap(forward) if callable(forward) else forward
         if ROTARY_FUNCTION not in getattr(getattr(forward, "__code__", None), "co_names", ()):
             continue
         namespace = vars(sys.modules[type(module).__module__])
