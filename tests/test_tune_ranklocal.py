@@ -158,7 +158,9 @@ def test_early_stop_frees_the_slot_for_the_queued_trial(sweep) -> None:
     first = {}
     for row in rec.rows:
         first.setdefault(row["trial"], row)
-    queued = max(first, key=lambda t: first[t]["queue_wait_s"])   # max 2 adapters: one trial waited
+    # Max 2 adapters: the trial that reported last waited for a slot. (Not the longest
+    # queue_wait_s: the first trial to join also waits, while the group's ranks start.)
+    queued = max(first, key=lambda t: first[t]["t"])
     assert queued != victim and first[queued]["queue_wait_s"] > 0
     victim_last = max(row["t"] for row in rec.rows if row["trial"] == victim)
     assert first[queued]["t"] >= victim_last      # admitted only once the stopped trial left,
