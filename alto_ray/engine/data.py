@@ -6,6 +6,7 @@ where no loss is taken; the shift happens in the loss.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -202,6 +203,32 @@ class PackedBatch:
     loss_owner: torch.Tensor    # [N] index of the owning adapter in ``row_layout``
     label_counts: List[int]     # loss tokens per adapter, in ``row_layout`` order
     loss_divisor: torch.Tensor  # [adapters] max(1, label_counts) on the device
+    # The one int64 device buffer every device tensor above (but ``loss_divisor``, a float32
+    # copy) is a view of: ids | mask | loss_index | loss_targets | loss_owner | divisor.
+    device_buffer: Optional[torch.Tensor] = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether any row has padding (the attention mask is not all ones)."""
+        return sum(self.tokens.values()) != self.input_ids.numel()
+
+    def on_buffer(self, flat: torch.Tensor) -> "PackedBatch":
+        """This batch with its device tensors as views of ``flat``, a buffer of the same size and
+        layout as ``device_buffer`` (a CUDA graph's static copy: a replay reads what was copied
+        into it, with no host work)."""
+        if self.device_buffer is None or flat.shape != self.device_buffer.shape:
+            raise ValueError("on_buffer: needs a buffer shaped like this batch's device_buffer")
+        n, width = self.input_ids.shape
+        sizes = (n * width, n * width, self.loss_index.numel(), self.loss_targets.numel(),
+                 self.loss_owner.numel(), self.loss_divisor.numel())
+        views, start = [], 0
+        for size in sizes:
+            views.append(flat[start:start + size])
+            start += size
+        ids_t, mask_t, index_t, targets_t, owner_t, divisor_t = views
+        return dataclasses.replace(self, input_ids=ids_t.view(n, width), attention_mask=mask_t.view(n, width),
+                                   loss_index=index_t, loss_targets=targets_t, loss_owner=owner_t,
+                                   loss_divisor=divisor_t.to(torch.float32), device_buffer=flat)
 
 
 def truncated_sequences(parts: Sequence[Tuple[str, Sequence[Example], int]]
@@ -255,7 +282,7 @@ def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
         start += piece.size
     ids_t, mask_t, index_t, targets_t, owner_t, divisor_t = views
     return PackedBatch(ids_t.view(n, width), mask_t.view(n, width), torch.from_numpy(labels), row_layout, seq_ranges,
-                       tokens, index_t, targets_t, owner_t, label_counts, divisor_t.to(torch.float32))
+                       tokens, index_t, targets_t, owner_t, label_counts, divisor_t.to(torch.float32), sent)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

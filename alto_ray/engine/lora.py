@@ -175,6 +175,9 @@ class MultiLoRALinear(nn.Module):
         self._static: Dict[Tuple[int, ...], tuple] = {}
         self._plans: Dict[tuple, object] = {}  # fused-kernel plans of this layer (sink mode)
 
+    def cached_plans(self) -> List[object]:
+        return list(self._plans.values())
+
     def _run_static(self, slots: Tuple[int, ...]) -> tuple:
         """Per-run constants (piece indices, scales, dropout), cached until membership changes."""
         cached = self._static.get(slots)

@@ -201,6 +201,8 @@ class MultiLoRAModel(nn.Module):
         self.fused_norms = fuse_rms_norms(self.backbone, self.runtime)
         self.fused_mlps = fuse_gated_mlps(self.backbone, self.runtime)
         self.fused_rotary = fuse_rotary(self.backbone)
+        self._stream_table: Optional[torch.Tensor] = None  # dropout streams by slot (load_streams)
+        self._stream_values: Dict[int, int] = {}
 
     # -- injection -------------------------------------------------------------------------
     def wrap_targets(self, target_modules: Sequence[str]) -> None:
@@ -273,6 +275,31 @@ class MultiLoRAModel(nn.Module):
         return next(iter(self.lora_layers.values())).base.weight.dtype
 
     # -- per-step context ----------------------------------------------------------------------
+    def kernel_plans(self) -> List[object]:
+        """Every LoRA layer's cached kernel plans (their device tables: what a captured step reads)."""
+        return [plan for layer in self.lora_layers.values() for plan in layer.cached_plans()]
+
+    def load_streams(self, streams: Dict[str, int]) -> torch.Tensor:
+        """Write the adapters' dropout streams into the persistent device table (by slot) and
+        return it. The table keeps its address (a captured step reads it at replay), and a
+        write of the values it already holds is skipped: the capture of a step whose streams
+        were loaded just before it records no copy from host memory that is gone at replay."""
+        values = {self.adapters[n].slot: int(v) % 2 ** 31 for n, v in streams.items()}
+        need = max(values) + 1
+        table = self._stream_table
+        device = self.backbone_device()
+        if table is None or table.numel() < need or table.device != device:
+            table = self._stream_table = torch.zeros(max(64, 2 * need), dtype=torch.int64, device=device)
+            self._stream_values = {}
+        if any(self._stream_values.get(k) != v for k, v in values.items()):
+            host = torch.zeros(table.numel(), dtype=torch.int64)
+            merged = {**self._stream_values, **values}
+            for slot, v in merged.items():
+                host[slot] = v
+            table.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+            self._stream_values = merged
+        return table
+
     @contextmanager
     def batch(self, layout: Sequence[Tuple[str, int, int]], total_rows: int, training: bool,
               seed: int = 0, streams: Optional[Dict[str, int]] = None,
@@ -301,11 +328,7 @@ class MultiLoRAModel(nn.Module):
         rt.weights = {self.adapters[n].slot: p for n, p in pieces.items()}
         rt.training, rt.seed = training, seed
         if streams is not None and training:
-            table = torch.zeros(max(self.adapters[n].slot for n, _, _ in layout) + 1, dtype=torch.int64)
-            for n, _, _ in layout:
-                table[self.adapters[n].slot] = int(streams[n]) % 2 ** 31
-            device = self.backbone_device()
-            rt.streams = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+            rt.streams = self.load_streams({n: streams[n] for n, _, _ in layout})
             rt.stream_values = {self.adapters[n].slot: int(streams[n]) % 2 ** 31 for n, _, _ in layout}
             rt.width = width
         try:
