@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +24,7 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig, lr_at
 from .data import (AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch,
                    to_device)
+from .graphs import StepGraphs
 from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ class GroupedTrainer:
 
     ``dataset`` is a ``DatasetSpec`` (tokenised with the backbone's tokenizer, or ``tokenizer``)
     or a ready ``TaskData``. ``eval_size`` caps the held-out examples that ``evaluate`` uses.
+    ``cuda_graphs`` (default: ``ALTO_CUDA_GRAPHS``, off) replays each micro-step whose batch shape
+    repeats as one CUDA graph (``graphs.py``): for models small enough that the step is
+    host-bound; it keeps the step's activation memory reserved between steps.
     """
 
     def __init__(self, model: Union[str, nn.Module], dataset: Union[DatasetSpec, TaskData],
@@ -84,7 +89,7 @@ class GroupedTrainer:
                  backend: str = "auto", eval_size: int = 64, tokenizer: Any = None,
                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, eval_batch_size: int = 8,
                  eval_token_budget: int = 16384,
-                 attn_implementation: str = "sdpa") -> None:
+                 attn_implementation: str = "sdpa", cuda_graphs: Optional[bool] = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -111,6 +116,8 @@ class GroupedTrainer:
         self.eval_token_budget = int(eval_token_budget)
         self._runs: Dict[str, _AdapterRun] = {}
         self._micro_steps = 0
+        self._generation = 0  # bumped when adapters join or leave (keys of captured steps)
+        self._graphs = _step_graphs(cuda_graphs, self.device, self.model)
         # Called as ``grad_hook(adapter, master.grad)`` once per step after the last backward,
         # before clipping: where a data-parallel user all-reduces an adapter's gradient (on a
         # GPU the kernels write master.grad directly, so autograd's tensor hooks never fire).
@@ -145,6 +152,7 @@ class GroupedTrainer:
                 self.model.remove_adapter(name)
                 raise
         self._runs[name] = run
+        self._membership_changed()
 
     def remove_adapter(self, name: str) -> None:
         """Drop an adapter and free its slot (reused by the next ``add_adapter``)."""
@@ -152,6 +160,13 @@ class GroupedTrainer:
             raise KeyError(f"no adapter {name!r}")
         del self._runs[name]
         self.model.remove_adapter(name)
+        self._membership_changed()
+
+    def _membership_changed(self) -> None:
+        """Captured steps hold the adapters' buffers and plans by address: drop them."""
+        self._generation += 1
+        if self._graphs is not None:
+            self._graphs.invalidate()
 
     # -- the grouped step ---------------------------------------------------------------------
     def step(self) -> Dict[str, StepResult]:
@@ -172,9 +187,8 @@ class GroupedTrainer:
             streams = {runs[i].name: runs[i].dropout_stream() for i in active}
             for i in active:
                 runs[i].micro_steps += 1
-            losses = self._token_loss_sums(batch, training=True, streams=streams) / batch.loss_divisor
-            (losses * inv_accum).sum().backward()
-            loss_acc.index_add_(0, idx, losses.detach() * inv_accum)
+            losses = self._forward_backward(batch, inv_accum, streams)
+            loss_acc.index_add_(0, idx, losses * inv_accum)
             for j, i in enumerate(active):
                 tokens[i] += batch.tokens[runs[i].name]
                 loss_tokens[i] += batch.label_counts[j]
@@ -202,6 +216,36 @@ class GroupedTrainer:
             results[run.name] = StepResult(run.step, loss, tokens[i], lr, norm, finite)
         return results
 
+    def _forward_backward(self, batch: PackedBatch, inv_accum: torch.Tensor,
+                          streams: Dict[str, int]) -> torch.Tensor:
+        """One packed forward + backward; each adapter's mean token loss (detached, row_layout
+        order). With CUDA graphs on, replayed from a capture where the batch's shape repeats."""
+        def body(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+            flat, inv = inputs
+            b = batch if flat is batch.device_buffer else batch.on_buffer(flat)
+            losses = self._token_loss_sums(b, training=True, streams=streams) / b.loss_divisor
+            (losses * inv).sum().backward()
+            return losses.detach()
+
+        graphs = self._graphs
+        if graphs is None or batch.device_buffer is None:
+            return body((batch.device_buffer, inv_accum))
+        table = self.model.load_streams(streams)  # before the graph, which reads the table
+        key = (self._generation, tuple(batch.row_layout), tuple(batch.input_ids.shape),
+               batch.device_buffer.numel(), batch.padded, table.data_ptr())
+        return graphs.run(key, (batch.device_buffer, inv_accum), body, keep=self.model.kernel_plans)
+
+    def use_cuda_graphs(self, on: bool) -> bool:
+        """Turn CUDA graphs of the micro-step on or off (as ``cuda_graphs`` at construction);
+        returns whether they are on (not on a CPU, or without the fused kernels)."""
+        self._graphs = _step_graphs(bool(on), self.device, self.model)
+        return self._graphs is not None
+
+    @property
+    def graph_stats(self) -> Optional[Dict[str, int]]:
+        """Micro-steps run eagerly / captured / replayed (None: CUDA graphs off)."""
+        return dict(self._graphs.stats) if self._graphs is not None else None
+
     def _take(self, run: _AdapterRun) -> List[Example]:
         train = self.data.train_examples
         return [train[j] for j in run.stream.take(run.cfg.batch_size)]
@@ -223,15 +267,18 @@ class GroupedTrainer:
         """Σ token losses per adapter (row_layout order), logits only where a label is."""
         n_rows, width = batch.input_ids.shape
         self._micro_steps += 1
+        # No padding, no mask: what HF concludes itself after reading the mask on the device (a
+        # host sync, and not possible inside a CUDA graph capture).
+        mask = batch.attention_mask if batch.padded else None
         with self.model.batch(batch.row_layout, n_rows * width, training, seed=self._micro_steps,
                               streams=streams, width=width):
             if self._decoder is not None:
-                hidden = self._decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                hidden = self._decoder(input_ids=batch.input_ids, attention_mask=mask,
                                        use_cache=False).last_hidden_state
                 hidden = hidden.reshape(n_rows * width, -1).index_select(0, batch.loss_index)
                 logits = self._head(hidden)
             else:
-                logits = self.model.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                logits = self.model.backbone(input_ids=batch.input_ids, attention_mask=mask,
                                              use_cache=False).logits
                 logits = logits.reshape(n_rows * width, -1).index_select(0, batch.loss_index)
         token_loss = F.cross_entropy(logits.float(), batch.loss_targets, reduction="none")
@@ -348,6 +395,20 @@ class GroupedTrainer:
 
         base = getattr(getattr(self.model.backbone, "config", None), "_name_or_path", None)
         return peft_snapshot(self.model.adapters[name], base), self.adapter_state(name)
+
+
+def _step_graphs(requested: Optional[bool], device: torch.device, model: MultiLoRAModel) -> Optional[StepGraphs]:
+    """CUDA graphs of the micro-step: where asked (``cuda_graphs``, default ``ALTO_CUDA_GRAPHS``,
+    off) and possible (a CUDA device whose LoRA layers run the fused kernels with gradient sinks;
+    elsewhere the request is logged and the step runs eagerly)."""
+    if requested is None:
+        requested = os.environ.get("ALTO_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "yes", "on")
+    if not requested:
+        return None
+    if device.type != "cuda" or not model.runtime.use_grad_sink(device):
+        logger.info("cuda_graphs: needs a CUDA device with the fused kernels' gradient sinks; the step runs eagerly")
+        return None
+    return StepGraphs()
 
 
 def _entry_rows(weights: AdapterWeights) -> List[list]:
