@@ -31,7 +31,8 @@ def make_trainer(task: LoRATask, spec: GroupSpec, device: str, dtype: Any) -> An
 
     model = task.model if isinstance(task.model, str) else task.model()
     return GroupedTrainer(model=model, dataset=_dataset_spec(task), device=device, dtype=dtype,
-                          eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES)
+                          eval_size=task.eval_size, target_modules=task.target_modules or DEFAULT_TARGET_MODULES,
+                          cuda_graphs=task.cuda_graphs)
 
 
 def resolve_device(device: str) -> str:

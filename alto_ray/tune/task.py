@@ -103,6 +103,10 @@ class LoRATask:
     idle_timeout_s: float = 60.0  # a group with no members exits after this long
     nonfinite_patience: int = 3  # consecutive non-finite steps before the trial ends itself
     memory_headroom: float = 0.1  # fraction of free device memory admission leaves unused
+    # Replay each group step whose batch shape repeats as a CUDA graph (engine `cuda_graphs`):
+    # 1.8x the tokens/s of a Llama-1B-shape group, 1.1x at 8B (BENCHMARKS.md). None → the
+    # ALTO_CUDA_GRAPHS environment variable of the group actor, off by default. Single-GPU groups.
+    cuda_graphs: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
@@ -145,6 +149,8 @@ class LoRATask:
                 raise ValueError(f"LoRATask.{name}: must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.memory_headroom) < 1.0:
             raise ValueError(f"LoRATask.memory_headroom: must be in [0, 1), got {self.memory_headroom!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"LoRATask.cuda_graphs: expected True, False or None, got {self.cuda_graphs!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"LoRATask.device: expected one of {_DEVICES}, got {self.device!r}")
         if self.dtype not in _DTYPES:
