@@ -106,3 +106,26 @@ def test_a_forward_in_the_causal_mask_skip_matches_one_outside(tiny_model_dir):
         with causal_mask_skip(capturing=lambda: True):
             inside = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(inside, outside)
+
+
+def test_rounded_batch_shapes_give_the_same_losses(tiny_model_dir, tiny_dataset_path):
+    from alto_ray.engine.data import IGNORE_INDEX
+
+    t = GroupedTrainer(tiny_model_dir, DatasetSpec(tiny_dataset_path), device="cpu")
+    t.add_adapter("x", _cfg(seed=1))
+    t.add_adapter("y", _cfg(rank=8, seed=2, batch_size=3))
+    train = t.data.train_examples
+    parts = [("x", train[:2], 48), ("y", train[5:8], 48)]
+    plain = pack_batch(parts, t.data.pad_id, torch.device("cpu"))
+    rounded = pack_batch(parts, t.data.pad_id, torch.device("cpu"), width_multiple=64, loss_buckets=4)
+    n, width = rounded.input_ids.shape
+    assert width == 64 and width > plain.input_ids.shape[1] and rounded.padded
+    step = -(-n * width // 4)
+    assert rounded.loss_index.numel() % step == 0 and rounded.loss_index.numel() > plain.loss_index.numel()
+    assert bool((rounded.loss_targets[plain.loss_index.numel():] == IGNORE_INDEX).all())
+    assert rounded.label_counts == plain.label_counts
+    with torch.no_grad():
+        got = t._token_loss_sums(rounded, training=False)
+        want = t._token_loss_sums(plain, training=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float(want.min()) > 0

@@ -248,12 +248,17 @@ def truncated_sequences(parts: Sequence[Tuple[str, Sequence[Example], int]]
 
 
 def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
-               device: torch.device) -> PackedBatch:
+               device: torch.device, width_multiple: int = 1, loss_buckets: int = 0) -> PackedBatch:
     """Each part is (adapter, examples, max_seq_len). Sequences are truncated, then padded on
     the right to the longest in the whole batch; no sequence shares a row with another, so
-    attention never crosses a sequence boundary."""
+    attention never crosses a sequence boundary.
+
+    For CUDA-graph replay, whose batches must repeat their shapes: ``width_multiple`` rounds the
+    width up, and ``loss_buckets`` > 0 rounds the loss positions up to one of that many sizes
+    per width (the extra positions point at token 0 with an ignored target: they add 0)."""
     seqs, seq_ranges, tokens = truncated_sequences(parts)
-    width = max(len(ids) for ids, _ in seqs)
+    longest = max(len(ids) for ids, _ in seqs)
+    width = -(-longest // max(1, int(width_multiple))) * max(1, int(width_multiple))
     n = len(seqs)
     # Built in numpy and sent as one pinned int64 buffer: torch's CPU indexing ops were seen
     # taking 0.1-2 ms each on a GPU host while the GPU was busy (27 us idle), and each tensor
@@ -274,7 +279,15 @@ def pack_batch(parts: Sequence[Tuple[str, Sequence[Example], int]], pad_id: int,
     loss_owner = owner_of_row[loss_index // width]
     label_counts = np.bincount(loss_owner, minlength=len(seq_ranges)).tolist()
     divisor = np.array([max(1, c) for c in label_counts], dtype=np.int64)
-    pieces = (input_ids.reshape(-1), mask.reshape(-1), loss_index, shifted.reshape(-1)[loss_index], loss_owner, divisor)
+    if loss_buckets > 0:
+        step = -(-n * width // int(loss_buckets))
+        extra = min(-(-loss_index.size // step) * step, n * width) - loss_index.size
+        loss_index = np.concatenate([loss_index, np.zeros(extra, dtype=np.int64)])
+        loss_owner = np.concatenate([loss_owner, np.zeros(extra, dtype=np.int64)])
+    targets = shifted.reshape(-1)[loss_index]
+    if loss_buckets > 0 and extra:
+        targets[-extra:] = IGNORE_INDEX
+    pieces = (input_ids.reshape(-1), mask.reshape(-1), loss_index, targets, loss_owner, divisor)
     sent = to_device(torch.from_numpy(np.concatenate(pieces)), device)
     views, start = [], 0
     for piece in pieces:

@@ -29,6 +29,11 @@ from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, l
 
 logger = logging.getLogger(__name__)
 
+# With CUDA graphs on: batch widths round up to a multiple of 64 tokens and loss positions to
+# one of 4 sizes per width, so a group on data of varying lengths meets a handful of shapes;
+# up to 8 captured shapes are kept (they share one memory pool: about one step's activations).
+GRAPH_WIDTH_MULTIPLE, GRAPH_LOSS_BUCKETS, GRAPH_MAX_SHAPES = 64, 4, 8
+
 STATE_FORMAT = "alto-ray/adapter-state/1"
 # Architectures whose logits are exactly lm_head(final hidden): the loss can skip positions
 # without a label. Others (soft-capping, logit scaling, ...) go through the model's own logits.
@@ -181,7 +186,9 @@ class GroupedTrainer:
         for micro in range(n_micro):
             active = [i for i, r in enumerate(runs) if micro < r.cfg.grad_accum]
             parts = [(runs[i].name, self._take(runs[i]), runs[i].cfg.max_seq_len) for i in active]
-            batch = pack_batch(parts, self.data.pad_id, self.device)
+            # With CUDA graphs, shapes are rounded so that batches of varying lengths repeat them.
+            batch = (pack_batch(parts, self.data.pad_id, self.device, GRAPH_WIDTH_MULTIPLE, GRAPH_LOSS_BUCKETS)
+                     if self._graphs is not None else pack_batch(parts, self.data.pad_id, self.device))
             inv_accum = to_device(torch.tensor([1.0 / runs[i].cfg.grad_accum for i in active]), self.device)
             idx = to_device(torch.tensor(active), self.device)
             streams = {runs[i].name: runs[i].dropout_stream() for i in active}
@@ -408,7 +415,7 @@ def _step_graphs(requested: Optional[bool], device: torch.device, model: MultiLo
     if device.type != "cuda" or not model.runtime.use_grad_sink(device):
         logger.info("cuda_graphs: needs a CUDA device with the fused kernels' gradient sinks; the step runs eagerly")
         return None
-    return StepGraphs()
+    return StepGraphs(max_graphs=GRAPH_MAX_SHAPES)
 
 
 def _entry_rows(weights: AdapterWeights) -> List[list]:
