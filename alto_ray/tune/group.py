@@ -407,6 +407,7 @@ class AdapterGroup:
             "alto_task": self.task_name, "alto_group": self.spec.name,
             "alto_active": load["active"], "alto_queued": load["queued"],
             "queue_wait_s": m.queue_wait_s, "group_step_s": seconds,
+            "alto_graph_replays": (getattr(self.trainer, "graph_stats", None) or {}).get("replays", 0),
         }
 
     def _summary(self, m: _Member) -> Dict[str, Any]:

@@ -104,7 +104,7 @@ class LoRATask:
     nonfinite_patience: int = 3  # consecutive non-finite steps before the trial ends itself
     memory_headroom: float = 0.1  # fraction of free device memory admission leaves unused
     # Replay each group step whose batch shape repeats as a CUDA graph (engine `cuda_graphs`):
-    # 1.8x the tokens/s of a Llama-1B-shape group, 1.1x at 8B (BENCHMARKS.md). None → the
+    # 1.8x the tokens/s of a Llama-1B-shape group step, 1.01-1.13x at 8B (BENCHMARKS.md). None → the
     # ALTO_CUDA_GRAPHS environment variable of the group actor, off by default. Single-GPU groups.
     cuda_graphs: Optional[bool] = None
 

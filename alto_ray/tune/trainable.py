@@ -10,6 +10,7 @@ metric: computed on the first step, every `eval_every` steps and the last one, c
 between; `eval_step` says when), `tokens` (cumulative), `lr`, `grad_norm`, `step`, `max_steps`
 (AltoScheduler's planned steps), `done`, and diagnostics `alto_task`, `alto_group`,
 `alto_active`, `alto_queued`, `queue_wait_s`, `group_step_s` (the last step's engine time),
+`alto_graph_replays` (the group's CUDA-graph replays so far; 0 with `cuda_graphs` off),
 `time_in_group_s` and `group_idle_s` (engine time and the group's idle time before each step,
 summed over the report's steps: idle time means the group waited for a trial), and the split of
 the former into `group_lock_wait_s` (membership changes and checkpoints of other trials),
