@@ -68,6 +68,8 @@ for phase in "$@"; do
       run engine-sdpa python benchmarks/engine.py --shapes 1b,8b --off ALTO_SDPA_SKIP_CUDNN --out $R/engine_h100.json --summary $S ;;
     graphs)  # the grouped step eager vs replayed as a CUDA graph: losses/weights check, then timing
       run graphs python benchmarks/graph_step.py --shapes 1b,8b --profile --out $R/graph_step_h100.json --summary $S ;;
+    graph-tune)  # the same Tune sweep with LoRATask(cuda_graphs=False) and True, text of varying length
+      run graph-tune python benchmarks/graph_tune.py --out $R/graph_tune_h100.json ;;
     pack)  # host time of packing a step's batch, before/after, GPU idle and busy
       run pack python benchmarks/pack_host.py --out $R/pack_host_h100.json ;;
     blas)  # host and device time of the base GEMMs per BLAS library (cuBLASLt, cuBLAS)
