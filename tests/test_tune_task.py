@@ -36,6 +36,7 @@ def test_valid_task_and_derived_name(tiny_model_dir: str, tiny_dataset_path: str
     ({"name": "bad name!"}, "name"),
     ({"warmup_steps": -1}, "warmup_steps"),
     ({"cuda_graphs": "yes"}, "cuda_graphs"),
+    ({"cuda_graphs": True, "gpus_per_group": 2}, "cuda_graphs"),
 ])
 def test_validate_names_the_field(tiny_model_dir: str, tiny_dataset_path: str, changes: dict, field: str) -> None:
     task = LoRATask(model=tiny_model_dir, dataset=tiny_dataset_path).replace(**changes)

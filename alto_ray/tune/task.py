@@ -151,6 +151,9 @@ class LoRATask:
             raise ValueError(f"LoRATask.memory_headroom: must be in [0, 1), got {self.memory_headroom!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"LoRATask.cuda_graphs: expected True, False or None, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.gpus_per_group > 1:
+            raise ValueError("LoRATask.cuda_graphs: only for single-GPU groups; rank-local groups "
+                             f"(gpus_per_group={self.gpus_per_group}) step eagerly")
         if self.device not in _DEVICES:
             raise ValueError(f"LoRATask.device: expected one of {_DEVICES}, got {self.device!r}")
         if self.dtype not in _DTYPES:
