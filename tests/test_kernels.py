@@ -169,21 +169,15 @@ def test_gradient_sink_accumulates_into_fp32_buffers(dtype):
         fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, grad_a=[g.half() for g in ga], grad_b=gb)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_with_lora_adds_the_lora_dx_into_the_base_dx(dtype, with_bias):
-    # The engine's full-run path: the frozen base GEMM and the deltas as one autograd node. With a
-    # bias the LoRA kernels add into the GEMMs' outputs (Y in place, dX with ADD_DX); without,
-    # the GEMMs add into the deltas the kernels stored (addmm_, the epilogue path). Same numbers
-    # as the two-node path up to one rounding of dX (and of Y on the epilogue path).
-    p = [0.2, 0.0, 0.1]
+def _linear_paths(paths, dtype, p, with_bias=False, **linear_kw):
+    """Y, dX and the dA/dB sinks of each path over one weight; "two nodes" is F.linear + apply_multi_lora."""
     seed, x, _, A, B, offs, scales, dy = make([26, 0, 39], [16, 1, 8], K=40, N=24, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     weight = (torch.randn(24, 40, generator=g) * 40 ** -0.5).to(DEVICE, dtype)
     bias = torch.randn(24, generator=g).to(DEVICE, dtype) if with_bias else None
     Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
-    sinks = {}
-    for path in ("two nodes", "one node"):
+    got = {}
+    for path in paths:
         ga = [torch.zeros(a.shape, device=DEVICE) for a in A]
         gb = [torch.zeros(b.shape, device=DEVICE) for b in B]
         xs = x.detach().clone().requires_grad_()
@@ -192,23 +186,54 @@ def test_linear_with_lora_adds_the_lora_dx_into_the_base_dx(dtype, with_bias):
         if path == "two nodes":
             y = fused.apply_multi_lora(plan, xs, torch.nn.functional.linear(xs, weight, bias), seed=5)
         else:
-            y = fused.apply_linear_multi_lora(plan, xs, weight, bias, seed=5)
+            y = fused.apply_linear_multi_lora(plan, xs, weight, bias, seed=5, **linear_kw)
         (dx,) = torch.autograd.grad(y, [xs], dy)
-        sinks[path] = (y.detach(), dx, ga + gb)
-    (y0, dx0, s0), (y1, dx1, s1) = sinks["two nodes"], sinks["one node"]
+        got[path] = (y.detach(), dx, ga + gb)
+    return seed, got, (plan, xs, weight)
+
+
+def _assert_one_rounding_apart(seed, want, got, dtype):
+    (y0, dx0, s0), (y1, dx1, s1) = want, got
     tol = TOL[dtype]
-    if with_bias:
-        assert torch.equal(y0, y1), f"seed={seed}: forward differs"
     assert rel(y1, y0) <= tol / 4, f"seed={seed}: Y {rel(y1, y0):.2e}"
     assert rel(dx1, dx0) <= tol / 4, f"seed={seed}: dX {rel(dx1, dx0):.2e}"
     if dtype == torch.float32:
-        assert rel(y1, y0) <= 1e-6 and rel(dx1, dx0) <= 1e-6
+        assert rel(y1, y0) <= 1e-6 and rel(dx1, dx0) <= 1e-6, (rel(y1, y0), rel(dx1, dx0))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(s0, s1)), f"seed={seed}: dA/dB differ"
     assert any(t.abs().sum() > 0 for t in s1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_with_lora_adds_the_lora_dx_into_the_base_dx(dtype, with_bias):
+    # The engine's full-run path: the frozen base GEMM and the deltas as one autograd node. With a
+    # bias the LoRA kernels add into the GEMMs' outputs (Y in place, dX with ADD_DX); without,
+    # the GEMMs add into the deltas the kernels stored (addmm_, the epilogue path). Same numbers
+    # as the two-node path up to one rounding of dX (and of Y on the epilogue path).
+    p = [0.2, 0.0, 0.1]
+    seed, sinks, (plan, xs, weight) = _linear_paths(("two nodes", "one node"), dtype, p, with_bias=with_bias)
+    if with_bias:
+        assert torch.equal(sinks["two nodes"][0], sinks["one node"][0]), f"seed={seed}: forward differs"
+    _assert_one_rounding_apart(seed, sinks["two nodes"], sinks["one node"], dtype)
     with pytest.raises(ValueError, match="weight must be"):
         fused.apply_linear_multi_lora(plan, xs, weight[:, :8], None)
     with pytest.raises(ValueError, match="require grad"):
         fused.apply_linear_multi_lora(plan, xs, weight.clone().requires_grad_(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [None, [0.2, 0.0, 0.1]])
+def test_linear_gemm_puts_the_lora_expand_in_the_base_gemm(dtype, p, monkeypatch):
+    # gemm=True: the base GEMMs are lora_gemm_kernel with H_s B_aᵀ (forward) and c_a G A_a
+    # (backward, without dropout) added to the accumulator; rows of one 16-row tile belong to
+    # two adapters and the rank-1 adapter's segment sits between them. Same numbers as the
+    # two-node path up to one rounding of Y and dX.
+    calls = []
+    real = fused.lora_gemm
+    monkeypatch.setattr(fused, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
+    seed, got, _ = _linear_paths(("two nodes", "gemm"), dtype, p, gemm=True)
+    assert calls == ([True, False] if p is None else [True]), calls  # with dropout, dX as the epilogue path
+    _assert_one_rounding_apart(seed, got["two nodes"], got["gemm"], dtype)
 
 
 def test_no_dropout_unless_training():

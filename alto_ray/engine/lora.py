@@ -152,6 +152,9 @@ class MultiLoRALinear(nn.Module):
                               and not base.weight.requires_grad)
         # ...and in it the base GEMMs add into the LoRA deltas (ALTO_LINEAR_EPILOGUE=0: the reverse)
         self._linear_epilogue = os.environ.get("ALTO_LINEAR_EPILOGUE", "1").strip().lower() not in ("0", "false", "no")
+        # ...or the base GEMMs are alto's own with the LoRA expand in their epilogue (lora_gemm;
+        # Hopper, no bias): ALTO_LINEAR_GEMM=1
+        self._linear_gemm = os.environ.get("ALTO_LINEAR_GEMM", "0").strip().lower() in ("1", "true", "yes")
         self.slots: Dict[int, LoRASlot] = {}
         self._slots_changed()
 
@@ -220,7 +223,7 @@ class MultiLoRALinear(nn.Module):
             plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
             streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
             y = alto_kernels.apply_linear_multi_lora(plan, x2, weight, self.base.bias, seed, **streams,
-                                                     epilogue=self._linear_epilogue)
+                                                     epilogue=self._linear_epilogue, gemm=self._linear_gemm)
             return y.view(*x.shape[:-1], self.out_features)
         # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
         # delta into ``base_out`` in place, and an in-place op on a view of another op's output

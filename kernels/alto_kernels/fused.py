@@ -37,6 +37,7 @@ from .dropout import dropout_mask_kernel
 from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
 from .lora_expand import lora_expand_kernel
+from .lora_gemm import lora_gemm_kernel
 from .lora_shrink import lora_shrink_kernel
 from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, validate
 
@@ -65,12 +66,12 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, not tf32
 
 
-def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, seed: int, drop: tuple,
+def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch.Tensor], seed: int, drop: tuple,
                   w_ref: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
     """Shrink then expand into ``base_out`` (in place; with ``accumulate`` off the delta is
-    stored there instead, every row being some adapter's); returns ``H_s`` for the backward."""
+    stored there instead, every row being some adapter's); returns ``H_s`` for the backward.
+    Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand)."""
     T, K = x.shape
-    N = base_out.shape[1]
     nc = plan.table.shape[0]
     h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
     prec = _dot_prec(x.dtype)
@@ -78,6 +79,9 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, 
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
             x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
             R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
+    if base_out is None:
+        return h
+    N = base_out.shape[1]
     _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
             _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,))),
             h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
@@ -87,7 +91,7 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tensor, 
 
 def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor, w_ref: torch.Tensor,
                    seed: int, drop: tuple, need_x: bool, need_a: bool, dx: Optional[torch.Tensor] = None):
-    """The LoRA part of the backward: ``(dx, da, db)``. With a gradient sink dA/dB go to the
+    """The LoRA part of the backward: ``(dx, da, db, G)``. With a gradient sink dA/dB go to the
     plan's buffers (``da``, ``db`` empty); otherwise into one fp32 workspace, returned as its
     dA ``[Σr·K]`` and dB parts. A ``dx`` passed in (the base's input gradient) is added to."""
     sink = plan.grad_sink
@@ -145,7 +149,7 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     bwd_dy(g, db, sink)
     if need_x or need_a:
         bwd_dx(g, dx, da, sink)
-    return dx, da, db
+    return dx, da, db, g
 
 
 class _FusedMultiLoRA(torch.autograd.Function):
@@ -183,7 +187,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
         K, N = x.shape[1], dy.shape[1]
         w_ref = plan.weights[0] if sink else weights[0]
-        dx, da, db = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a)
+        dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a)
         if sink:
             return (dx, d_base, None, None, None, None)
         wdt = w_ref.dtype                       # one conversion for all adapters, then views
@@ -196,18 +200,85 @@ class _FusedMultiLoRA(torch.autograd.Function):
         return (dx, d_base, None, None, None, *grads_a, *grads_b)
 
 
+# How the one-node linear orders its base GEMMs and LoRA kernels (``_LinearMultiLoRA``).
+LINEAR_ADDS, LINEAR_EPILOGUE, LINEAR_GEMM = "adds", "epilogue", "gemm"
+
+
+def _row_chunks(plan: MultiLoRAPlan) -> torch.Tensor:
+    """int32 ``[T]``: the chunk (row of ``plan.table``) of every row, built once per plan."""
+    rc = plan.derived.get("row_chunks")
+    if rc is None:
+        t = plan.table
+        rc = torch.repeat_interleave(torch.arange(t.shape[0], device=t.device, dtype=torch.int32),
+                                     t[:, 2] - t[:, 1], output_size=plan.tokens)
+        plan.derived["row_chunks"] = rc
+    return rc
+
+
+def gemm_supported(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``lora_gemm`` can take these operands: TMA needs 16-byte aligned bases and rows."""
+    if not (a.is_cuda or _common.INTERPRET) or a.dtype != weight.dtype:
+        return False
+    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    es = a.element_size()
+    return (weight.dim() == 2 and all((d * es) % 16 == 0 for d in weight.shape)
+            and all(t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, weight)))
+
+
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if _common.INTERPRET or device.type != "cuda":
+        return 4
+    n = _NUM_SMS.get(device.index)
+    if n is None:
+        n = _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def lora_gemm(plan: MultiLoRAPlan, a: torch.Tensor, weight: torch.Tensor, skinny: torch.Tensor,
+              forward: bool) -> torch.Tensor:
+    """``a Wᵀ + H_s B_aᵀ`` (``forward``: a = X, skinny = H_s) or ``a W + c_a G A_a`` (a = dY,
+    skinny = G), the LoRA term of each row from its adapter; one kernel (``lora_gemm.py``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = weight.shape[0] if forward else weight.shape[1]
+    if weight.shape[1 if forward else 0] != K or M != plan.tokens or skinny.shape != (M, plan.R):
+        raise ValueError(f"lora_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)}, skinny "
+                         f"{tuple(skinny.shape)} do not fit the plan ({plan.tokens} rows, R={plan.R})")
+    if a.data_ptr() % 16:  # a view at an odd offset (dY from a slice): TMA needs an aligned base
+        a = a.clone()
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    block = [1, 1]  # set per config by lora_gemm._block_shapes
+    descs = (TensorDescriptor.from_tensor(a, block), TensorDescriptor.from_tensor(weight, block),
+             TensorDescriptor.from_tensor(c, block))
+    sms = _num_sms(a.device)
+    grid = lambda m: (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
+    lora_gemm_kernel[grid](*descs, skinny, _row_chunks(plan), plan.table, plan.ptrs, plan.weights[0], M, N, K,
+                           plan.R, forward, sms, _dot_prec(a.dtype))
+    return c
+
+
 class _LinearMultiLoRA(torch.autograd.Function):
     """A frozen linear and the LoRA deltas of a sink plan covering all its rows, as one node.
 
-    ``epilogue`` (no bias): the LoRA kernels store their Y and dX deltas and the base GEMMs add
-    into them in place (``addmm_``, beta 1), so cuBLAS reads each delta in its compute-bound
-    epilogue. Otherwise the base GEMMs come first and the LoRA kernels read and add into them
+    ``mode``: ``LINEAR_GEMM`` runs the base GEMMs as alto's own Triton GEMMs with the LoRA
+    expand in their epilogue (``lora_gemm``; the backward's only where the plan has no dropout).
+    ``LINEAR_EPILOGUE`` (no bias): the LoRA kernels store their Y and dX deltas and cuBLAS adds
+    into them in place (``addmm_``, beta 1), reading each in its compute-bound epilogue.
+    ``LINEAR_ADDS``: the base GEMMs come first and the LoRA kernels read and add into them
     (``lora_expand`` in place, ``lora_bwd_dx`` with ``ADD_DX``): two memory-bound re-reads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, epilogue: bool, sink_token):
+    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, sink_token):
         x = x if x.stride(1) == 1 else x.contiguous()
-        if epilogue:
+        if mode == LINEAR_GEMM:
+            h = _lora_forward(plan, x, None, seed, drop, plan.weights[0])
+            y = lora_gemm(plan, x, weight, h, forward=True)
+        elif mode == LINEAR_EPILOGUE:
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
             h = _lora_forward(plan, x, y, seed, drop, plan.weights[0], accumulate=False)
             y.addmm_(x, weight.t())
@@ -215,7 +286,7 @@ class _LinearMultiLoRA(torch.autograd.Function):
             y = torch.nn.functional.linear(x, weight, bias)
             h = _lora_forward(plan, x, y, seed, drop, plan.weights[0])
         ctx.save_for_backward(x, h, weight)
-        ctx.plan, ctx.seed, ctx.drop, ctx.epilogue = plan, seed, drop, epilogue
+        ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
         return y
 
     @staticmethod
@@ -225,13 +296,17 @@ class _LinearMultiLoRA(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         dy = dy.to(x.dtype)
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
-        if ctx.epilogue:
-            dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True)
+        w_ref = plan.weights[0]
+        if ctx.mode == LINEAR_GEMM and not plan.has_dropout:
+            _, _, _, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True)
+            dx = lora_gemm(plan, dy, weight, g, forward=False) if need_x else None
+        elif ctx.mode in (LINEAR_GEMM, LINEAR_EPILOGUE):
+            dx, _, _, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True)
             if need_x:
                 dx.addmm_(dy, weight)
         else:
             dx = torch.mm(dy, weight) if need_x else None
-            dx, _, _ = _lora_backward(plan, x, h, dy, plan.weights[0], ctx.seed, ctx.drop, need_x, True, dx=dx)
+            dx, _, _, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx)
         return dx, None, None, None, None, None, None, None
 
 
@@ -268,13 +343,15 @@ def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tenso
 def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, seed: int = 0,
                             streams: Optional[torch.Tensor] = None, width: Optional[int] = None,
-                            epilogue: bool = True) -> torch.Tensor:
+                            epilogue: bool = True, gemm: bool = False) -> torch.Tensor:
     """``linear(x, weight, bias) + Σ_i scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for a frozen ``weight``
     and a plan with a gradient sink whose segments cover every row of ``x``. The same numbers as
     ``apply_multi_lora(plan, x, linear(x, weight, bias))`` up to one rounding of Y and dX, each
     summed once instead of twice (arguments as ``apply_multi_lora``). ``epilogue``: the base GEMMs
     add into the LoRA deltas (``addmm_``) rather than the LoRA kernels into the GEMMs' outputs
-    (used without a bias only; ``_LinearMultiLoRA``)."""
+    (used without a bias only; ``_LinearMultiLoRA``). ``gemm``: the base GEMMs are alto's own, with
+    the LoRA expand in their epilogue (``lora_gemm``; without a bias, on Hopper or the
+    interpreter, where ``gemm_supported``; elsewhere ``epilogue`` decides)."""
     if not plan.grad_sink:
         raise ValueError("apply_linear_multi_lora needs a plan with a gradient sink (prepare_multi_lora(grad_a=...))")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -286,7 +363,11 @@ def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.
     if plan.tokens == 0:
         return torch.nn.functional.linear(x, weight, bias)
     seed, drop = _seed_and_drop(plan, x, seed, streams, width)
-    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, bool(epilogue) and bias is None, plan.sink_token)
+    if gemm and bias is None and gemm_supported(x if x.stride(1) == 1 else x.contiguous(), weight):
+        mode = LINEAR_GEMM
+    else:
+        mode = LINEAR_EPILOGUE if epilogue and bias is None else LINEAR_ADDS
+    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, mode, plan.sink_token)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees

@@ -55,6 +55,7 @@ class MultiLoRAPlan:
     sink_token: Optional[torch.Tensor] = None
     n_streams: int = 0      # the stream table must have more entries than the largest stream index
     launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
+    derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # device tables built on first use (fused.py)
 
     @property
     def grad_sink(self) -> bool:
