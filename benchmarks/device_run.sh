@@ -62,6 +62,11 @@ for phase in "$@"; do
       run kprofile python benchmarks/lora_kernels.py --profile --chunks 32,64,128,256 --quick --out /tmp/kquick.json ;;
     engine)  # with same-run A/Bs: all fused backbone ops off (the backbone's own), then each of the two newest off
       run engine python benchmarks/engine.py --shapes 1b,8b --eager-ops-too --off ALTO_FUSED_ROPE --off ALTO_FUSED_LINEAR --out $R/engine_h100.json --summary $S ;;
+    lgemm)  # the one-node linear with alto's own GEMMs (LoRA expand in the epilogue) vs cuBLAS, then
+            # the engine's 8B step with them (ALTO_LINEAR_GEMM=1) beside the engine check
+      run lgemm python benchmarks/lora_gemm.py --out $R/lora_gemm_h100.json
+      run engine-check python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json
+      run engine-gemm env ALTO_LINEAR_GEMM=1 python benchmarks/engine.py --shapes 8b --out $R/engine_h100_gemm.json --summary /tmp/gemm_summary.json ;;
     engine-check)  # the engine's figures with the current code, not written to the summary (a check)
       run "$phase" python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json ;;
     engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run

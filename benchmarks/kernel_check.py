@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 
@@ -39,6 +40,20 @@ def make_weights(ranks, K, N, dtype, device, gen):
     A = [(torch.randn(r, K, device=device, generator=gen) * K ** -0.5).to(dtype).requires_grad_() for r in ranks]
     B = [(torch.randn(N, r, device=device, generator=gen) * r ** -0.5).to(dtype).requires_grad_() for r in ranks]
     return A, B
+
+
+def rotating_inputs(T, K, N, dtype, device, gen):
+    """A function giving the next (X, dY) pair, cycling through enough pairs to outgrow the 50 MB L2."""
+    per_set = 2 * T * (K + N) * 2
+    nrot = max(1, min(4, math.ceil(256e6 / per_set)))
+    sets = [(torch.randn(T, K, device=device, generator=gen).to(dtype).requires_grad_(),
+             torch.randn(T, N, device=device, generator=gen).to(dtype)) for _ in range(nrot)]
+    it = [0]
+
+    def nxt():
+        it[0] = (it[0] + 1) % nrot
+        return sets[it[0]]
+    return nxt
 
 
 def rel(a, b):

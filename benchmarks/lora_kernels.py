@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_check import SHAPES, import_alto_kernels, make_weights  # noqa: E402
+from kernel_check import SHAPES, import_alto_kernels, make_weights, rotating_inputs  # noqa: E402
 
 RANKS = {"r16": [16], "mixed": [8, 16, 32, 64]}
 
@@ -54,15 +54,7 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
     gen = torch.Generator(device=dev).manual_seed(0)
     W = (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt)          # frozen
     A, B = make_weights(ranks, K, N, dt, dev, gen)
-    per_set = 2 * T * (K + N) * 2
-    nrot = max(1, min(4, math.ceil(256e6 / per_set)))  # rotate so the sets outgrow the 50 MB L2
-    sets = [((torch.randn(T, K, device=dev, generator=gen)).to(dt).requires_grad_(),
-             torch.randn(T, N, device=dev, generator=gen).to(dt)) for _ in range(nrot)]
-    it = [0]
-
-    def nxt():
-        it[0] = (it[0] + 1) % nrot
-        return sets[it[0]]
+    nxt = rotating_inputs(T, K, N, dt, dev, gen)
 
     def base():
         x, dy = nxt()
