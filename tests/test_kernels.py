@@ -169,9 +169,9 @@ def test_gradient_sink_accumulates_into_fp32_buffers(dtype):
         fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, grad_a=[g.half() for g in ga], grad_b=gb)
 
 
-def _linear_paths(paths, dtype, p, with_bias=False, **linear_kw):
+def _linear_paths(paths, dtype, p, with_bias=False, lens=(26, 0, 39), ranks=(16, 1, 8), **linear_kw):
     """Y, dX and the dA/dB sinks of each path over one weight; "two nodes" is F.linear + apply_multi_lora."""
-    seed, x, _, A, B, offs, scales, dy = make([26, 0, 39], [16, 1, 8], K=40, N=24, dtype=dtype)
+    seed, x, _, A, B, offs, scales, dy = make(list(lens), list(ranks), K=40, N=24, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     weight = (torch.randn(24, 40, generator=g) * 40 ** -0.5).to(DEVICE, dtype)
     bias = torch.randn(24, generator=g).to(DEVICE, dtype) if with_bias else None
@@ -234,6 +234,21 @@ def test_linear_gemm_puts_the_lora_expand_in_the_base_gemm(dtype, p, monkeypatch
     seed, got, _ = _linear_paths(("two nodes", "gemm"), dtype, p, gemm=True)
     assert calls == ([True, False] if p is None else [True]), calls  # with dropout, dX as the epilogue path
     _assert_one_rounding_apart(seed, got["two nodes"], got["gemm"], dtype)
+
+
+@pytest.mark.parametrize("max_static,segs", [(8, 0), (16, 16)])
+def test_linear_gemm_walks_many_segments_in_one_tile(max_static, segs, monkeypatch):
+    # Ten adapters' rows (one empty segment) in 48 rows: a 16-row tile holds up to five segments.
+    # Above MAX_STATIC_SEGS the epilogue walks them in a dynamic loop (SEGS = 0), else in a static
+    # one of SEGS guarded steps; both give the two-node path's numbers.
+    monkeypatch.setattr(fused, "MAX_STATIC_SEGS", max_static)
+    lens, ranks = (5, 3, 0, 9, 2, 7, 4, 6, 1, 8, 3), (16, 1, 8, 4, 16, 2, 8, 16, 1, 4, 8)
+    seed, got, (plan, _, _) = _linear_paths(("two nodes", "gemm"), torch.bfloat16, None, lens=lens, ranks=ranks,
+                                            gemm=True)
+    row_segs, table, n_segs = fused._segment_tables(plan)
+    assert n_segs == segs and table.shape == (10, 3)
+    assert row_segs.tolist() == [i for i, n in enumerate(v for v in lens if v) for _ in range(n)]
+    _assert_one_rounding_apart(seed, got["two nodes"], got["gemm"], torch.bfloat16)
 
 
 def test_no_dropout_unless_training():

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 
@@ -204,15 +205,35 @@ class _FusedMultiLoRA(torch.autograd.Function):
 LINEAR_ADDS, LINEAR_EPILOGUE, LINEAR_GEMM = "adds", "epilogue", "gemm"
 
 
-def _row_chunks(plan: MultiLoRAPlan) -> torch.Tensor:
-    """int32 ``[T]``: the chunk (row of ``plan.table``) of every row, built once per plan."""
-    rc = plan.derived.get("row_chunks")
-    if rc is None:
-        t = plan.table
-        rc = torch.repeat_interleave(torch.arange(t.shape[0], device=t.device, dtype=torch.int32),
-                                     t[:, 2] - t[:, 1], output_size=plan.tokens)
-        plan.derived["row_chunks"] = rc
-    return rc
+# The static segment walk of lora_gemm_kernel unrolls up to this many guarded steps.
+MAX_STATIC_SEGS = 8
+
+
+def _segment_tables(plan: MultiLoRAPlan) -> tuple:
+    """``(row_segs, segs, SEGS)`` for ``lora_gemm``, built once per plan from its host offsets:
+    int32 ``[T]`` segment of every row, int32 ``[S, 3]`` (first row, end row, first chunk) of
+    each non-empty segment, and the most segments any 256-row window holds (rounded up to a
+    power of two; 0 above ``MAX_STATIC_SEGS``: the kernel's dynamic walk)."""
+    got = plan.derived.get("segments")
+    if got is None:
+        offs, chunk = plan.offsets, plan.chunk
+        rows, first = [], 0
+        for lo, hi in zip(offs, offs[1:]):
+            if hi > lo:
+                rows.append((lo, hi, first))
+                first += -(-(hi - lo) // chunk)
+        segs = np.array(rows, dtype=np.int32).reshape(-1, 3)
+        row_segs = np.repeat(np.arange(len(rows), dtype=np.int32), segs[:, 1] - segs[:, 0])
+        # Row tiles (BLOCK_M ≤ 256, a power of two) lie inside 256-row windows; segments are monotone.
+        starts = np.arange(0, len(row_segs), 256)
+        ends = np.minimum(starts + 256, len(row_segs)) - 1
+        most = int((row_segs[ends] - row_segs[starts]).max()) + 1 if len(row_segs) else 1
+        most = 1 << (most - 1).bit_length()
+        dev = plan.table.device
+        got = (torch.from_numpy(row_segs).to(dev), torch.from_numpy(segs).to(dev),
+               most if most <= MAX_STATIC_SEGS else 0)
+        plan.derived["segments"] = got
+    return got
 
 
 def gemm_supported(a: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -257,8 +278,9 @@ def lora_gemm(plan: MultiLoRAPlan, a: torch.Tensor, weight: torch.Tensor, skinny
              TensorDescriptor.from_tensor(c, block))
     sms = _num_sms(a.device)
     grid = lambda m: (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-    lora_gemm_kernel[grid](*descs, skinny, _row_chunks(plan), plan.table, plan.ptrs, plan.weights[0], M, N, K,
-                           plan.R, forward, sms, _dot_prec(a.dtype))
+    row_segs, segs, n_segs = _segment_tables(plan)
+    lora_gemm_kernel[grid](*descs, skinny, row_segs, segs, plan.table, plan.ptrs, plan.weights[0], M, N, K,
+                           plan.R, forward, n_segs, sms, _dot_prec(a.dtype))
     return c
 
 

@@ -54,6 +54,7 @@ class MultiLoRAPlan:
     sinks: Tuple[torch.Tensor, ...] = ()
     sink_token: Optional[torch.Tensor] = None
     n_streams: int = 0      # the stream table must have more entries than the largest stream index
+    offsets: Tuple[int, ...] = ()  # the segment offsets (host copy: tables derived later need no sync)
     launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
     derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # device tables built on first use (fused.py)
 
@@ -228,4 +229,5 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
                      sink_token=torch.zeros((), device=x.device, requires_grad=True))
     return MultiLoRAPlan(len(ranks), ranks, roffs, padded_rank(max(ranks)), table, ptrs,
                          chunk, has_dropout, _common.t_hint(offs[-1]), offs[-1], int(x.shape[1]),
-                         int(lora_b[0].shape[0]), x.dtype, x.device, **extra, n_streams=max(streams) + 1)
+                         int(lora_b[0].shape[0]), x.dtype, x.device, **extra, n_streams=max(streams) + 1,
+                         offsets=offs)
