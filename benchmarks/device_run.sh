@@ -67,6 +67,11 @@ for phase in "$@"; do
       run lgemm python benchmarks/lora_gemm.py --out $R/lora_gemm_h100.json
       run engine-check python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json
       run engine-gemm env ALTO_LINEAR_GEMM=1 python benchmarks/engine.py --shapes 8b --out $R/engine_h100_gemm.json --summary /tmp/gemm_summary.json ;;
+    lgemm-flat)  # lora_gemm with and without the flattened configs (static segment walk), same call
+      run lgemm-noflat python benchmarks/lora_gemm.py --flatten off --ranks r16 --out $R/lora_gemm_h100_noflat.json
+      run lgemm python benchmarks/lora_gemm.py --out $R/lora_gemm_h100.json ;;
+    engine-gemm)  # the engine's 8B step with ALTO_LINEAR_GEMM=1 and (arm engine_off_linear_gemm) without, same run
+      run engine-gemm env ALTO_LINEAR_GEMM=1 python benchmarks/engine.py --shapes 8b --off ALTO_LINEAR_GEMM --out $R/engine_h100_gemm.json --summary /tmp/gemm_summary.json ;;
     engine-check)  # the engine's figures with the current code, not written to the summary (a check)
       run "$phase" python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json ;;
     engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run

@@ -11,9 +11,11 @@ time (``do_bench_cudagraph``), medians in ms, every arm in the same process:
   gemm_bwd (lora_gemm, backward)
 
 First it checks Y, dX, dA and dB of ``gemm`` against an fp32 reference (and ``epilogue``'s errors
-beside them). Writes JSON (``--out``).
+beside them). Writes JSON (``--out``). ``--flatten off`` leaves out the configs that flatten the
+tile and K loops (the A/B for them).
 
     python benchmarks/lora_gemm.py --out benchmarks/results/lora_gemm_h100.json
+    python benchmarks/lora_gemm.py --flatten off --ranks r16 --out benchmarks/results/lora_gemm_h100_noflat.json
 """
 from __future__ import annotations
 
@@ -34,12 +36,13 @@ from kernel_check import SHAPES, import_alto_kernels, make_weights, rel, rotatin
 RANKS = {"r16": [16], "mixed": [8, 16, 32, 64]}
 
 
-def setup(K, N, n_ad, tok, rank_key, gen):
+def setup(K, N, n_ad, tok, rank_key, gen, lens=None):
     from alto_kernels.fused import prepare_multi_lora
     dev, dt = "cuda", torch.bfloat16
-    ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(n_ad)]
-    T = n_ad * tok
-    offs = [i * tok for i in range(n_ad + 1)]
+    lens = lens or [tok] * n_ad
+    ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(len(lens))]
+    offs = [sum(lens[:i]) for i in range(len(lens) + 1)]
+    T = offs[-1]
     scales = [32.0 / r for r in ranks]
     W = (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt)
     A, B = make_weights(ranks, K, N, dt, dev, gen)
@@ -150,12 +153,23 @@ def main():
     ap.add_argument("--rep", type=int, default=200)
     ap.add_argument("--graph-rep", type=int, default=200)
     ap.add_argument("--ranks", default="r16,mixed")
+    ap.add_argument("--flatten", choices=("auto", "off"), default="auto",
+                    help="off: autotune lora_gemm without the flattened (tile x K loop) configs")
     a = ap.parse_args()
     import_alto_kernels()
     from alto_kernels import lora_gemm as lg
+    lg.FLATTEN_OK = a.flatten == "auto"
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     t0 = time.time()
+    # Segments that do not line up with the row tiles (up to 4 in a tile, one empty): errors only.
+    from alto_kernels.fused import _segment_tables
+    uneven = setup(4096, 4096, 0, 0, "mixed", gen, lens=[389, 0, 1024, 77, 640, 1, 900, 1065])
+    uneven_errors = check(uneven, gen)
+    print("uneven segments (SEGS=%d):" % _segment_tables(uneven["plan"])[2], uneven_errors, flush=True)
+    worst = max(max(e.values()) for e in uneven_errors.values())
+    if worst > 1e-2:
+        raise SystemExit(f"lora_gemm is wrong on uneven segments: {uneven_errors}")
     for K, N in SHAPES:
         for rk in a.ranks.split(","):
             row = bench_case(K, N, 8, 512, rk, a.rep, a.graph_rep, gen)
@@ -171,8 +185,9 @@ def main():
     print("geomean over the three shapes, 8x512 r16:", summary, flush=True)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "git": git,
-           "command": "python benchmarks/lora_gemm.py --out " + a.out, "seconds": time.time() - t0,
-           "geomean_8x512_r16": summary, "rows": rows, "gemm_configs": best}
+           "command": "python benchmarks/lora_gemm.py " + " ".join(sys.argv[1:]), "seconds": time.time() - t0,
+           "geomean_8x512_r16": summary, "uneven_segments_errors": uneven_errors, "rows": rows,
+           "gemm_configs": best}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
