@@ -71,7 +71,10 @@ for phase in "$@"; do
       run lgemm-noflat python benchmarks/lora_gemm.py --flatten off --ranks r16 --out $R/lora_gemm_h100_noflat.json
       run lgemm python benchmarks/lora_gemm.py --out $R/lora_gemm_h100.json ;;
     engine-gemm)  # the engine's 8B step with ALTO_LINEAR_GEMM=1 and (arm engine_off_linear_gemm) without, same run
-      run engine-gemm env ALTO_LINEAR_GEMM=1 python benchmarks/engine.py --shapes 8b --off ALTO_LINEAR_GEMM --out $R/engine_h100_gemm.json --summary /tmp/gemm_summary.json ;;
+      run engine-gemm env ALTO_LINEAR_GEMM=1 python benchmarks/engine.py --shapes 8b --off ALTO_LINEAR_GEMM --out $R/engine_${TAG:-h100}_gemm.json --summary /tmp/gemm_summary.json ;;
+    kernels-aside)  # the kernels table on another card (TAG=h200 ...): its own JSON, summary.json untouched
+      run kernel_check python benchmarks/kernel_check.py
+      run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_${TAG:-h100}.json ;;
     engine-check)  # the engine's figures with the current code, not written to the summary (a check)
       run "$phase" python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_check.json --summary /tmp/check_summary.json ;;
     engine-sdpa)  # the engine with cuDNN attention allowed again (ALTO_SDPA_SKIP_CUDNN=0), same run
