@@ -4,12 +4,15 @@ Per case (shape × adapters × tokens/adapter × ranks, bf16, no dropout) the me
 ``triton.testing.do_bench`` (warm-up first, rotating random inputs) of:
 
   (a) base:        y = x Wᵀ (W frozen), grads of x                        — the floor to beat
-  (b) fused:       (a) + fused_multi_lora in place, grads of x, A_i, B_i
+  (b) fused_linear_op: fused_linear_multi_lora: the base linear and the fused multi-LoRA kernels
+                   as one autograd node, grads of x, A_i, B_i              — the headline (b)
+  (b-) fused:      (a), then fused_multi_lora in place on its output, grads of x, A_i, B_i
+                   (autograd sums the two dX; the delta is a second pass over Y)
   (c) reference:   (a) + multi_lora_reference (the segment loop)
   (d) sequential:  per adapter its own base matmul on its tokens + PEFT-style LoRA, as separate jobs
   (e) lora-only:   fused_multi_lora fwd+bwd without the base (for the bytes-per-second figure)
 
-and the ratios (b)/(a), (c)/(b), (d)/(b). Writes JSON (``--out``) and merges the headline
+and the ratios (b)/(a), (c)/(b), (d)/(b) (``*_inplace``: the same against (b-)). Writes JSON (``--out``) and merges the headline
 figures into benchmarks/results/summary.json when ``--summary`` is given.
 
 Each variant is timed twice: as called from Python (``do_bench``: what a caller that launches
@@ -44,9 +47,11 @@ def lora_bytes(T, K, N, elt=2):
     return elt * T * (3 * K + 3 * N)
 
 
-def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
+def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0, dev="cuda"):
+    """One case's timings and ratios (``dev`` "cpu": the tests' smoke run under TRITON_INTERPRET)."""
     from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
-    dev, dt = "cuda", torch.bfloat16
+    from alto_kernels.fused_linear import fused_linear_multi_lora
+    dt = torch.bfloat16
     ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(n_ad)]
     T = n_ad * tok
     offs = [i * tok for i in range(n_ad + 1)]
@@ -65,11 +70,15 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
         y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
         torch.autograd.grad(y, [x, *A, *B], dy)
 
+    def fused_linear_op():
+        x, dy = nxt()
+        torch.autograd.grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy)
+
     # (b') the engine's path: a plan prepared once, dA/dB added into fp32 gradient sinks, so only
     # x and the base output pass through autograd (the sinks keep accumulating, as over micro-steps).
     sink_a = [torch.zeros(a.shape, device=dev) for a in A]
     sink_b = [torch.zeros(b.shape, device=dev) for b in B]
-    x0 = sets[0][0]
+    x0, _ = nxt()
     plan = prepare_multi_lora(x0, F.linear(x0, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
                               offs, scales, grad_a=sink_a, grad_b=sink_b)
 
@@ -108,18 +117,21 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
         torch.autograd.grad(y, [x, *A, *B], dy)
 
     res = {}
-    for name, fn in (("base", base), ("fused", fused), ("fused_sink", fused_sink), ("fused_linear", fused_linear),
+    for name, fn in (("base", base), ("fused_linear_op", fused_linear_op), ("fused", fused),
+                     ("fused_sink", fused_sink), ("fused_linear", fused_linear),
                      ("fused_linear_adds", fused_linear_adds),
                      ("reference", reference),
                      ("sequential", sequential), ("lora_only", lora_only)):
         fn()  # autotune / warm-up outside the timing
-        torch.cuda.synchronize()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
     graph = {}
     if graph_rep_ms:  # device time: each variant captured (unrolled, rotating inputs) and replayed
         from triton.testing import do_bench_cudagraph
-        for name, fn in (("base", base), ("fused", fused), ("fused_sink", fused_sink), ("fused_linear", fused_linear),
-                     ("fused_linear_adds", fused_linear_adds),
+        for name, fn in (("base", base), ("fused_linear_op", fused_linear_op), ("fused", fused),
+                         ("fused_sink", fused_sink), ("fused_linear", fused_linear),
+                         ("fused_linear_adds", fused_linear_adds),
                          ("reference", reference), ("sequential", sequential), ("lora_only", lora_only)):
             try:
                 graph[name] = do_bench_cudagraph(fn, rep=graph_rep_ms, return_mode="median")
@@ -137,7 +149,6 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
                 res[name] = do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
         finally:
             _common.DIRECT_LAUNCH = True
-    del sets
     return {
         "shape": f"{K}->{N}", "in": K, "out": N, "adapters": n_ad, "tokens_per_adapter": tok, "tokens": T,
         "ranks": rank_key, "rank_list": ranks, "dtype": "bfloat16", "dropout": 0.0,
@@ -149,10 +160,13 @@ def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0):
 
 def ratios(ms: dict, T: int, K: int, N: int, suffix: str = "") -> dict:
     """The case's ratios from one set of timings (``suffix`` names the set)."""
-    pairs = {"fused_over_base": ("fused", "base"), "fused_sink_over_base": ("fused_sink", "base"),
-             "fused_linear_over_base": ("fused_linear", "base"), "reference_over_fused": ("reference", "fused"),
+    pairs = {"fused_over_base": ("fused_linear_op", "base"), "fused_inplace_over_base": ("fused", "base"),
+             "fused_sink_over_base": ("fused_sink", "base"),
+             "fused_linear_over_base": ("fused_linear", "base"), "reference_over_fused": ("reference", "fused_linear_op"),
+             "reference_over_fused_inplace": ("reference", "fused"),
              "fused_linear_adds_over_base": ("fused_linear_adds", "base"),
-             "sequential_over_fused": ("sequential", "fused")}
+             "sequential_over_fused": ("sequential", "fused_linear_op"),
+             "sequential_over_fused_inplace": ("sequential", "fused")}
     out = {k + suffix: round(ms[a] / ms[b], 4) for k, (a, b) in pairs.items()}
     out["lora_only_achieved_TBps" + suffix] = round(lora_bytes(T, K, N) / (ms["lora_only"] * 1e-3) / 1e12, 3)
     return out
@@ -227,7 +241,8 @@ def main():
                 c = bench_case(ak, K, N, n_ad, tok, rk, do_bench, args.rep_ms, args.graph_rep_ms)
                 cases.append(c)
                 m = c["median_ms"]
-                print(f"{c['shape']:>11} {n_ad:>2}x{tok:<4} {rk:>5}  base {m['base']:.3f}  fused {m['fused']:.3f}"
+                print(f"{c['shape']:>11} {n_ad:>2}x{tok:<4} {rk:>5}  base {m['base']:.3f}  op {m['fused_linear_op']:.3f}"
+                      f"  in-place {m['fused']:.3f}"
                       f"  sink {m['fused_sink']:.3f}  one-node {m['fused_linear']:.3f} ({m['fused_linear_adds']:.3f} adds)"
                       f"  ref {m['reference']:.3f}  seq {m['sequential']:.3f}  lora {m['lora_only']:.3f} ms"
                       f"  | b/a {c['fused_over_base']:.3f}  c/b {c['reference_over_fused']:.2f}"
@@ -235,7 +250,8 @@ def main():
                       flush=True)
                 if "graph_ms" in c:
                     g = c["graph_ms"]
-                    print(f"{'graph':>11} {'':7} {'':5}  base {g['base']:.3f}  fused {g['fused']:.3f}"
+                    print(f"{'graph':>11} {'':7} {'':5}  base {g['base']:.3f}  op {g['fused_linear_op']:.3f}"
+                          f"  in-place {g['fused']:.3f}"
                           f"  sink {g['fused_sink']:.3f}  one-node {g['fused_linear']:.3f} ({g['fused_linear_adds']:.3f} adds)"
                           f"  ref {g['reference']:.3f}  seq {g['sequential']:.3f}  lora {g['lora_only']:.3f} ms"
                           f"  | b/a {c['fused_over_base_graph']:.3f}  c/b {c['reference_over_fused_graph']:.2f}"
@@ -252,6 +268,11 @@ def main():
                  "note": note + "; the engine's own path, not (b): " + result_variants()[k.replace("_over_base", "")],
                  "per_shape": {c["shape"]: c[k] for c in hot}}
              for k in ("fused_sink_over_base", "fused_linear_over_base", "fused_linear_adds_over_base")}
+    # (b-): the in-place op on a base output someone else computed, beside the headline (b).
+    inplace = {k: {"value": round(gmean([c[k] for c in hot]), 4), "device": dev_name, "command": cmd,
+                   "note": note + "; against (b-): " + result_variants()["fused"],
+                   "per_shape": {c["shape"]: c[k] for c in hot}}
+               for k in ("fused_inplace_over_base", "reference_over_fused_inplace", "sequential_over_fused_inplace")}
     # The same ratios in device time (CUDA-graph replay, no host launch cost): named figures of
     # their own beside the issue's, never in their place.
     device_time = {}
@@ -261,29 +282,32 @@ def main():
                                       "command": cmd, "note": gnote,
                                       "per_shape": {c["shape"]: c[f"{k}_graph"] for c in hot}}
                        for k in ("fused_over_base", "reference_over_fused", "sequential_over_fused",
-                                 "fused_sink_over_base", "fused_linear_over_base")}
+                                 "fused_inplace_over_base", "fused_sink_over_base", "fused_linear_over_base")}
     result = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "command": cmd,
               "timing": "triton.testing.do_bench median, ms, fwd+bwd, warm-up and autotune before timing, "
                         "rotating random inputs; graph_ms: triton.testing.do_bench_cudagraph median (the same "
                         "calls captured unrolled in one CUDA graph and replayed: device time, no host cost)",
               "variants": result_variants(),
               "direct_launch": _common_direct(),
-              "headline": headline, "engine_path": extra, "device_time": device_time, "cases": cases, "seconds": round(time.time() - t0, 1)}
+              "headline": headline, "inplace": inplace, "engine_path": extra, "device_time": device_time, "cases": cases, "seconds": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.summary:
         merge_summary(args.summary, {f"kernel.{k}": v for k, v in (*headline.items(), *device_time.items(),
+                                                                   *inplace.items(),
                                                                    ("fused_linear_over_base",
                                                                     extra["fused_linear_over_base"]))})
-    for k, v in (*headline.items(), *device_time.items()):
+    for k, v in (*headline.items(), *inplace.items(), *device_time.items()):
         print(f"kernel.{k} = {v['value']}  {v['per_shape']}")
     print(f"engine path (gradient sink): {extra}")
 
 
 def result_variants() -> dict:
     return {"base": "(a) frozen base linear, fwd + input grad",
-            "fused": "(b) base + fused_multi_lora",
+            "fused_linear_op": "(b) fused_linear_multi_lora: the frozen base linear and the fused multi-LoRA "
+                               "kernels as one autograd node, grads of x and every A_i, B_i (the headline (b))",
+            "fused": "(b-) base, then fused_multi_lora in place on its output (autograd sums the two dX)",
             "fused_sink": "(b') base + the engine's path: prepared plan, dA/dB into fp32 gradient sinks",
             "fused_linear_adds": "(b'') with the LoRA kernels adding into the base GEMMs' outputs "
                                  "(lora_expand in place, lora_bwd_dx with ADD_DX; epilogue=False)",
@@ -292,7 +316,7 @@ def result_variants() -> dict:
             "reference": "(c) base + multi_lora_reference",
             "sequential": "(d) one adapter at a time: own base matmul + PEFT-style LoRA",
             "lora_only": "(e) fused_multi_lora alone (no base)",
-            "fused_jit_dispatch": "(b) with every launch through Triton's JITFunction.run "
+            "fused_jit_dispatch": "(b-) with every launch through Triton's JITFunction.run "
                                   "(ALTO_DIRECT_LAUNCH=0), same run",
             "fused_sink_jit_dispatch": "(b') likewise"}
 

@@ -191,14 +191,21 @@ class _FusedMultiLoRA(torch.autograd.Function):
         dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a)
         if sink:
             return (dx, d_base, None, None, None, None)
-        wdt = w_ref.dtype                       # one conversion for all adapters, then views
-        da = da.to(wdt) if need_a else None
-        db = db.to(wdt) if need_b else None
-        grads_a = [da[ro * K:(ro + r) * K].view(r, K) if need[5 + i] else None
-                   for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
-        grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[5 + n + i] else None
-                   for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
-        return (dx, d_base, None, None, None, *grads_a, *grads_b)
+        return (dx, d_base, None, None, None, *_weight_grads(plan, da, db, K, N, w_ref.dtype, need[5:]))
+
+
+def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: int, N: int, wdt: torch.dtype,
+                  need: Sequence[bool]) -> list:
+    """``[dA_0..dA_n-1, dB_0..dB_n-1]`` (None where not needed) from the fp32 workspace: one
+    conversion to the weights' dtype for all adapters, then views."""
+    n = plan.n
+    da = da.to(wdt) if any(need[:n]) else None
+    db = db.to(wdt) if any(need[n:]) else None
+    grads_a = [da[ro * K:(ro + r) * K].view(r, K) if need[i] else None
+               for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
+    grads_b = [db[ro * N:(ro + r) * N].view(N, r) if need[n + i] else None
+               for i, (r, ro) in enumerate(zip(plan.ranks, plan.roffs))]
+    return grads_a + grads_b
 
 
 # How the one-node linear orders its base GEMMs and LoRA kernels (``_LinearMultiLoRA``).
@@ -260,9 +267,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def lora_gemm(plan: MultiLoRAPlan, a: torch.Tensor, weight: torch.Tensor, skinny: torch.Tensor,
-              forward: bool) -> torch.Tensor:
+              forward: bool, w_ref: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a Wᵀ + H_s B_aᵀ`` (``forward``: a = X, skinny = H_s) or ``a W + c_a G A_a`` (a = dY,
-    skinny = G), the LoRA term of each row from its adapter; one kernel (``lora_gemm.py``)."""
+    skinny = G), the LoRA term of each row from its adapter; one kernel (``lora_gemm.py``).
+    ``w_ref``: a LoRA weight of the pointer table's dtype (default: the sink plan's first)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -279,7 +287,8 @@ def lora_gemm(plan: MultiLoRAPlan, a: torch.Tensor, weight: torch.Tensor, skinny
     sms = _num_sms(a.device)
     grid = lambda m: (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
     row_segs, segs, n_segs = _segment_tables(plan)
-    lora_gemm_kernel[grid](*descs, skinny, row_segs, segs, plan.table, plan.ptrs, plan.weights[0], M, N, K,
+    lora_gemm_kernel[grid](*descs, skinny, row_segs, segs, plan.table, plan.ptrs,
+                           plan.weights[0] if w_ref is None else w_ref, M, N, K,
                            plan.R, forward, n_segs, sms, _dot_prec(a.dtype))
     return c
 
@@ -295,41 +304,55 @@ class _LinearMultiLoRA(torch.autograd.Function):
     (``lora_expand`` in place, ``lora_bwd_dx`` with ``ADD_DX``): two memory-bound re-reads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, sink_token):
+    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
+        w_ref = plan.weights[0] if plan.grad_sink else weights[0]
         if mode == LINEAR_GEMM:
-            h = _lora_forward(plan, x, None, seed, drop, plan.weights[0])
-            y = lora_gemm(plan, x, weight, h, forward=True)
+            h = _lora_forward(plan, x, None, seed, drop, w_ref)
+            y = lora_gemm(plan, x, weight, h, forward=True, w_ref=w_ref)
         elif mode == LINEAR_EPILOGUE:
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-            h = _lora_forward(plan, x, y, seed, drop, plan.weights[0], accumulate=False)
+            h = _lora_forward(plan, x, y, seed, drop, w_ref, accumulate=False)
             y.addmm_(x, weight.t())
         else:
             y = torch.nn.functional.linear(x, weight, bias)
-            h = _lora_forward(plan, x, y, seed, drop, plan.weights[0])
-        ctx.save_for_backward(x, h, weight)
+            h = _lora_forward(plan, x, y, seed, drop, w_ref)
+        if plan.grad_sink:
+            ctx.save_for_backward(x, h, weight)
+        else:
+            ctx.save_for_backward(x, h, weight, *weights)  # the pointer table holds their addresses
         ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, weight = ctx.saved_tensors
+        x, h, weight, *weights = ctx.saved_tensors
         plan: MultiLoRAPlan = ctx.plan
-        need_x = ctx.needs_input_grad[0]
+        sink, n = plan.grad_sink, plan.n
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_a = sink or any(need[7:7 + n])
+        need_b = sink or any(need[7 + n:])
+        tail = (None,) * (1 if sink else 2 * n)
+        if not (need_x or need_a or need_b):
+            return (None,) * 7 + tail
         dy = dy.to(x.dtype)
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
-        w_ref = plan.weights[0]
+        w_ref = plan.weights[0] if sink else weights[0]
         if ctx.mode == LINEAR_GEMM and not plan.has_dropout:
-            _, _, _, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True)
-            dx = lora_gemm(plan, dy, weight, g, forward=False) if need_x else None
+            _, da, db, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True)
+            dx = lora_gemm(plan, dy, weight, g, forward=False, w_ref=w_ref) if need_x else None
         elif ctx.mode in (LINEAR_GEMM, LINEAR_EPILOGUE):
-            dx, _, _, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True)
+            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True)
             if need_x:
                 dx.addmm_(dy, weight)
         else:
             dx = torch.mm(dy, weight) if need_x else None
-            dx, _, _, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx)
-        return dx, None, None, None, None, None, None, None
+            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx)
+        if sink:
+            return (dx,) + (None,) * 7
+        return (dx, None, None, None, None, None, None,
+                *_weight_grads(plan, da, db, x.shape[1], dy.shape[1], w_ref.dtype, need[7:]))
 
 
 def _seed_and_drop(plan: MultiLoRAPlan, x: torch.Tensor, seed: int, streams: Optional[torch.Tensor],
@@ -407,6 +430,27 @@ def _plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training) -> tu
             tuple((b.data_ptr(), b.shape, b.stride(), b.dtype, b.device) for b in lora_b))
 
 
+def cached_plan(x: torch.Tensor, base_out: Optional[torch.Tensor], lora_a: Sequence[torch.Tensor],
+                lora_b: Sequence[torch.Tensor], seg_offsets: Sequence[int], scales: Sequence[float],
+                dropout_p: Optional[Sequence[float]], training: bool,
+                seq_strides: Optional[Sequence[int]] = None) -> MultiLoRAPlan:
+    """The workspace-mode plan for this call, from the cache or prepared (validating) and kept.
+    ``base_out`` None: the call has none yet (the one-node linear); a stand-in is shaped for it."""
+    strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else None
+    key = (_plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training), strides)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if base_out is None:
+            out = lora_b[0].shape[0] if len(lora_b) and lora_b[0].dim() == 2 else 0
+            base_out = torch.empty(x.shape[0] if x.dim() else 0, out, device=x.device, dtype=x.dtype)
+        plan = prepare_multi_lora(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training,
+                                  seq_strides=strides)
+        _PLANS[key] = plan
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    return plan
+
+
 def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[torch.Tensor],
                      lora_b: Sequence[torch.Tensor], seg_offsets: Sequence[int], scales: Sequence[float],
                      dropout_p: Optional[Sequence[float]] = None, training: bool = False,
@@ -428,15 +472,7 @@ def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[t
         # (a copy per call; the gradients flow back through .to() to the originals).
         lora_a = [a.to(x.dtype).contiguous() for a in lora_a]
         lora_b = [b.to(x.dtype).contiguous() for b in lora_b]
-    strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else None
-    key = (_plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training), strides)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = prepare_multi_lora(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training,
-                                  seq_strides=strides)
-        _PLANS[key] = plan
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
+    plan = cached_plan(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training, seq_strides)
     table = None
     if streams is not None:  # one small upload per call: the engine's sink path shares one per step
         table = torch.tensor([int(v) % 2 ** 31 for v in streams], dtype=torch.int64).to(x.device)

@@ -1,0 +1,155 @@
+"""fused_linear_multi_lora (frozen base linear + multi-LoRA as one node) against F.linear + the reference.
+
+Runs the Triton kernels in the interpreter on a machine without a GPU (see test_kernels.py).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from alto_kernels import multi_lora_reference  # noqa: E402
+
+fused = pytest.importorskip("alto_kernels.fused", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+from alto_kernels import fused_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+K, N = 40, 24
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def grads(y, leaves, dy):
+    gs = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, leaves)]
+
+
+def make(lens, ranks, dtype, with_bias):
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=DEVICE, dtype=dtype)
+
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    x = rnd(offs[-1], K).requires_grad_()
+    weight = rnd(N, K, s=K ** -0.5)
+    bias = rnd(N) if with_bias else None
+    A = [rnd(r, K, s=K ** -0.5).requires_grad_() for r in ranks]
+    B = [rnd(N, r, s=r ** -0.5).requires_grad_() for r in ranks]
+    scales = [float(v) for v in torch.rand(len(ranks), generator=g) * 2 + 0.25]
+    return seed, x, weight, bias, A, B, offs, scales, rnd(offs[-1], N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias,p", [(False, None), (True, None), (False, [0.2, 0.0, 0.1, 0.3])])
+def test_one_node_linear_matches_linear_plus_reference(dtype, with_bias, p, monkeypatch):
+    # Mixed ranks (one of them 1, one 64), an empty segment, lengths off the block sizes. Without a
+    # bias the GEMMs add into the deltas the LoRA kernels stored (epilogue order), with one the
+    # kernels add into the GEMMs' outputs; either way one node returns dX and every dA_i, dB_i.
+    calls = []
+    real = fused._LinearMultiLoRA.apply
+    monkeypatch.setattr(fused._LinearMultiLoRA, "apply", lambda *a: calls.append(a[6]) or real(*a))
+    seed, x, weight, bias, A, B, offs, scales, dy = make([26, 0, 39, 7], [16, 1, 8, 64], dtype, with_bias)
+    y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales, bias=bias, dropout_p=p,
+                                             training=p is not None, seed=11)
+    assert calls == [fused.LINEAR_ADDS if with_bias else fused.LINEAR_EPILOGUE]
+    masks = fused.dropout_mask(11, offs, p, K, device=DEVICE) if p else None
+    ref = torch.nn.functional.linear(x, weight, bias) + multi_lora_reference(x, A, B, offs, scales,
+                                                                             dropout_masks=masks, dropout_p=p)
+    leaves = [x, *A, *B]
+    got, want = grads(y, leaves, dy), grads(ref, leaves, dy)  # the reference skips the empty segment
+    names = ["y", "dX"] + [f"dA{i}" for i in range(len(A))] + [f"dB{i}" for i in range(len(B))]
+    errs = {k: rel(a, b) for k, a, b in zip(names, [y, *got], [ref, *want])}
+    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"seed={seed}: {bad}"
+    assert all(gp.dtype == w.dtype and gp.shape == w.shape for gp, w in zip(got[1:], leaves[1:]))
+    d_a, d_b = got[1:1 + len(A)], got[1 + len(A):]
+    assert d_a[1].abs().sum() == 0 and d_b[1].abs().sum() == 0  # the rank-1 adapter has no rows
+    assert all(d.abs().sum() > 0 for d in (*d_a[::2], *d_b[::2], d_a[3], d_b[3]))
+
+
+def test_partial_grads_and_a_second_call_reuse_the_plan():
+    # x without grad (a first layer), A_1 frozen: dA_0 and the dB still come back; the second call
+    # finds the cached plan and, after an in-place update of A_0, reads the new values.
+    _, x, weight, _, A, B, offs, scales, dy = make([9, 14], [8, 4], torch.float32, False)
+    xs = x.detach()
+    A[1].requires_grad_(False)
+    n_plans = len(fused._PLANS)
+    for step in range(2):
+        y = fused_linear.fused_linear_multi_lora(xs, weight, A, B, offs, scales)
+        ref = torch.nn.functional.linear(xs, weight) + multi_lora_reference(xs, A, B, offs, scales)
+        leaves = [A[0], *B]
+        got, want = torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)
+        assert rel(y, ref) < 1e-5 and max(rel(a, b) for a, b in zip(got, want)) < 1e-5, step
+        with torch.no_grad():
+            A[0].mul_(-2.0)
+    assert len(fused._PLANS) == n_plans + 1
+
+
+def test_gemm_flag_puts_the_expand_in_alto_s_gemm(monkeypatch):
+    calls = []
+    real = fused.lora_gemm
+    monkeypatch.setattr(fused, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
+    seed, x, weight, _, A, B, offs, scales, dy = make([16, 5, 27], [16, 1, 8], torch.bfloat16, False)
+    y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales, gemm=True)
+    ref = torch.nn.functional.linear(x, weight) + multi_lora_reference(x, A, B, offs, scales)
+    got, want = torch.autograd.grad(y, [x, *A, *B], dy), torch.autograd.grad(ref, [x, *A, *B], dy)
+    assert calls == [True, False]
+    errs = [rel(y, ref)] + [rel(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= TOL[torch.bfloat16], f"seed={seed}: {errs}"
+
+
+def test_bad_inputs_name_the_field():
+    _, x, weight, bias, A, B, offs, scales, _ = make([6, 4], [4, 2], torch.float32, True)
+    call = fused_linear.fused_linear_multi_lora
+    with pytest.raises(ValueError, match="require grad"):
+        call(x, weight.clone().requires_grad_(), A, B, offs, scales)
+    with pytest.raises(ValueError, match="x must be"):
+        call(x, weight[:, :8], A, B, offs, scales)
+    with pytest.raises(ValueError, match="bias must be"):
+        call(x, weight, A, B, offs, scales, bias=bias[:5])
+    with pytest.raises(ValueError, match="outputs"):
+        call(x, weight[:8], A, B, offs, scales)
+    with pytest.raises(ValueError, match="rank must be > 0"):
+        call(x, weight, [A[0], A[1][:0]], [B[0], B[1][:, :0]], offs, scales)
+    with pytest.raises(ValueError, match="seg_offsets"):
+        call(x, weight, A, B, [0, 3, 9], scales)
+    y = call(x[:0], weight, A, B, [0, 0, 0], scales, bias=bias)  # no tokens: the base linear
+    assert y.shape == (0, N)
+
+
+def test_kernels_benchmark_times_every_variant_of_a_case():
+    # benchmarks/lora_kernels.py's case runner on the interpreter at a tiny size: every variant
+    # runs (a broken one would cost a GPU session) and the ratios come from the right pairs.
+    import importlib.util
+    import pathlib
+    import time
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lora_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_lora_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def once(fn, **_):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    import alto_kernels
+    case = bench.bench_case(alto_kernels, 32, 48, 2, 16, "mixed", once, rep_ms=1, dev=DEVICE)
+    ms = case["median_ms"]
+    assert set(bench.result_variants()) - {"fused_jit_dispatch", "fused_sink_jit_dispatch"} <= set(ms)
+    approx = lambda v: pytest.approx(v, rel=1e-3, abs=1e-4)  # noqa: E731 - both are rounded
+    assert case["fused_over_base"] == approx(ms["fused_linear_op"] / ms["base"])
+    assert case["fused_inplace_over_base"] == approx(ms["fused"] / ms["base"])
+    assert case["sequential_over_fused"] == approx(ms["sequential"] / ms["fused_linear_op"])
