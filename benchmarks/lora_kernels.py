@@ -173,27 +173,37 @@ def ratios(ms: dict, T: int, K: int, N: int, suffix: str = "") -> dict:
 
 
 def profile_hot(ak, K=4096, N=4096, n_ad=8, tok=512, rank=16):
-    """Per-kernel device time of one fused fwd+bwd of the hot case (after autotuning)."""
+    """Per-kernel device time of one fwd+bwd of the hot case (after autotuning): the base alone,
+    (b) ``fused_linear_multi_lora`` and (b'') the engine's one-node path, so that what each adds
+    over the base shows kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
-    from alto_kernels.fused import fused_multi_lora
+    from alto_kernels.fused import apply_linear_multi_lora, prepare_multi_lora
+    from alto_kernels.fused_linear import fused_linear_multi_lora
     dt, T = torch.bfloat16, n_ad * tok
     offs, scales = [i * tok for i in range(n_ad + 1)], [2.0] * n_ad
     A, B = make_weights([rank] * n_ad, K, N, dt, "cuda", None)
     W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
     x = torch.randn(T, K, device="cuda", dtype=dt).requires_grad_()
     dy = torch.randn(T, N, device="cuda", dtype=dt)
-
-    def step():
-        y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
-        torch.autograd.grad(y, [x, *A, *B], dy)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+    sinks = [torch.zeros(w.shape, device="cuda") for w in (*A, *B)]
+    plan = prepare_multi_lora(x, torch.empty(T, N, device="cuda", dtype=dt), [a.detach() for a in A],
+                              [b.detach() for b in B], offs, scales, grad_a=sinks[:n_ad], grad_b=sinks[n_ad:])
+    steps = {
+        "base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
+        "(b) fused_linear_multi_lora": lambda: torch.autograd.grad(
+            fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy),
+        "(b'') one-node sink path": lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy),
+    }
+    for name, step in steps.items():
+        for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        print(f"--- {K}->{N} {n_ad}x{tok} r{rank}: {name} (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     for name in ("lora_shrink_kernel", "lora_expand_kernel", "lora_bwd_dy_kernel", "lora_bwd_dx_kernel"):
         mod = __import__(f"alto_kernels.{name[:-7]}", fromlist=[name])
         print(name, getattr(getattr(mod, name), "best_config", None))
@@ -213,6 +223,7 @@ def main():
                     help="per CUDA-graph replay when timing device time (0: skip the graph timings)")
     ap.add_argument("--merge-only", action="store_true", help="merge --out's headline into --summary and stop")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel profile of the hot case first")
+    ap.add_argument("--profile-only", action="store_true", help="with --profile: stop after the profiles")
     ap.add_argument("--chunks", default="", help="e.g. 64,128,256: time the hot case per chunk size first")
     args = ap.parse_args()
     if args.merge_only:
@@ -227,7 +238,10 @@ def main():
     cases = []
     t0 = time.time()
     if args.profile:
-        profile_hot(ak)
+        for K, N in SHAPES:
+            profile_hot(ak, K, N)
+        if args.profile_only:
+            return
     for ch in [int(v) for v in args.chunks.split(",") if v]:
         import alto_kernels._common as common
         default, common.CHUNK_ROWS = common.CHUNK_ROWS, ch
