@@ -58,6 +58,8 @@ for phase in "$@"; do
       run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_h100.json --summary $S ;;
     kprofile-op)  # per-kernel device time, per 8B shape: base, (b) fused_linear_multi_lora, (b'') the sink one-node path
       run kprofile-op python benchmarks/lora_kernels.py --profile --profile-only --out /tmp/kprof.json ;;
+    kquick)  # the 8x512 cases only (the headline's), every case autotuned for itself; summary untouched
+      run kquick env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_${TAG:-h100}.json ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases
