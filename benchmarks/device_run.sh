@@ -60,6 +60,19 @@ for phase in "$@"; do
       run kprofile-op python benchmarks/lora_kernels.py --profile --profile-only --out /tmp/kprof.json ;;
     kquick)  # the 8x512 cases only (the headline's), every case autotuned for itself; summary untouched
       run kquick env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_${TAG:-h100}.json ;;
+    chunk-ab)  # rows per chunk (ALTO_LORA_CHUNK; lora_bwd_dy's BLOCK_M and the dA/dB atomics' grain):
+               # per-kernel profiles at 64 (default), 128, 256; then the 8x512 table and the engine's 8B
+               # step at 64 and 128, each pair in this call
+      for c in 64 128 256; do
+        run kprofile-chunk$c env ALTO_AUTOTUNE=full ALTO_LORA_CHUNK=$c python benchmarks/lora_kernels.py --profile --profile-only
+      done
+      run kernel_check-chunk128 env ALTO_LORA_CHUNK=128 python benchmarks/kernel_check.py
+      for c in 64 128; do
+        run kquick-chunk$c env ALTO_AUTOTUNE=full ALTO_LORA_CHUNK=$c python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_chunk${c}_${TAG:-h100}.json
+      done
+      for c in 64 128; do
+        run engine-chunk$c env ALTO_LORA_CHUNK=$c python benchmarks/engine.py --shapes 8b --out $R/engine_chunk${c}_${TAG:-h100}.json --summary /tmp/engine_chunk$c.json
+      done ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

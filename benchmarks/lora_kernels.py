@@ -204,9 +204,11 @@ def profile_hot(ak, K=4096, N=4096, n_ad=8, tok=512, rank=16):
             torch.cuda.synchronize()
         print(f"--- {K}->{N} {n_ad}x{tok} r{rank}: {name} (10 calls)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-    for name in ("lora_shrink_kernel", "lora_expand_kernel", "lora_bwd_dy_kernel", "lora_bwd_dx_kernel"):
-        mod = __import__(f"alto_kernels.{name[:-7]}", fromlist=[name])
-        print(name, getattr(getattr(mod, name), "best_config", None))
+    from alto_kernels.fused import LAUNCHERS
+    for launcher in LAUNCHERS:  # the configs these calls launched (table, borrowed or tuned here)
+        for key, config in launcher.best.items():
+            if key.dim in (K, N) and key.R == 16 and key.t_hint == T:
+                print(f"{launcher.name} flags={key.flags} dim={key.dim}: {config}")
 
 
 def gmean(xs):

@@ -20,7 +20,8 @@ SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
           for (bm, bk, sk, w, s) in [(16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (32, 256, 4, 4, 3),
                                      (32, 128, 8, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 8, 3),
-                                     (64, 64, 8, 4, 4), (32, 256, 1, 8, 3), (64, 256, 2, 8, 3)]],
+                                     (64, 64, 8, 4, 4), (32, 256, 1, 8, 3), (64, 256, 2, 8, 3),
+                                     (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]],
     interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
 
 
