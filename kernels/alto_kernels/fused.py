@@ -199,11 +199,17 @@ def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: in
     """``[dA_0..dA_n-1, dB_0..dB_n-1]`` (None where not needed) from the fp32 workspace: one
     conversion to the weights' dtype for all adapters, then views."""
     n, ranks = plan.n, list(plan.ranks)
+    want_a, want_b = any(need[:n]), any(need[n:])
+    if want_a and want_b and db.data_ptr() == da.data_ptr() + 4 * da.numel():
+        # dA and dB lie end to end in the workspace: one cast (one launch) for both.
+        da, db = da.as_strided((da.numel() + db.numel(),), (1,)).to(wdt).split([da.numel(), db.numel()])
+    else:
+        da = da.to(wdt) if want_a else da
+        db = db.to(wdt) if want_b else db
     # One split per kind rather than a slice and a view per adapter: this runs once per layer on
     # the host-bound path, and 2n slices cost ~1.5x the split's host time.
-    grads_a = list(da.to(wdt).view(-1, K).split(ranks)) if any(need[:n]) else [None] * n
-    grads_b = ([p.view(N, r) for p, r in zip(db.to(wdt).split([r * N for r in ranks]), ranks)]
-               if any(need[n:]) else [None] * n)
+    grads_a = list(da.view(-1, K).split(ranks)) if want_a else [None] * n
+    grads_b = [p.view(N, r) for p, r in zip(db.split([r * N for r in ranks]), ranks)] if want_b else [None] * n
     return [g if want else None for g, want in zip(grads_a + grads_b, need)]
 
 
