@@ -55,8 +55,10 @@ _SEED_ADD = tl.constexpr(SEED_ADD)
 
 # Rows per chunk: the unit of work of every kernel (``lora_bwd_dy`` takes a whole chunk as one
 # row block). Larger chunks mean fewer atomic partial sums for dA/dB; smaller ones more programs.
-# Read at each call, so a benchmark may change it.
-CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "64"))
+# 128: on the H100 (8 x 512 tokens, 8B shapes, each chunk size autotuned) the LoRA kernels took
+# 3-6% less device time than at 64 with rank 16 and 12-15% less with mixed ranks; 256 was no
+# better than 128 (BENCHMARKS.md, "Rows per chunk"). Read at each call, so a benchmark may change it.
+CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "128"))
 
 
 def configs(full, interp):
