@@ -73,6 +73,8 @@ for phase in "$@"; do
       for c in 64 128; do
         run engine-chunk$c env ALTO_LORA_CHUNK=$c python benchmarks/engine.py --shapes 8b --out $R/engine_chunk${c}_${TAG:-h100}.json --summary /tmp/engine_chunk$c.json
       done ;;
+    kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
+      run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases
