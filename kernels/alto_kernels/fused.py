@@ -200,7 +200,7 @@ def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: in
     conversion to the weights' dtype for all adapters, then views."""
     n, ranks = plan.n, list(plan.ranks)
     want_a, want_b = any(need[:n]), any(need[n:])
-    if want_a and want_b and db.data_ptr() == da.data_ptr() + 4 * da.numel():
+    if want_a and want_b and db.data_ptr() == da.data_ptr() + da.element_size() * da.numel():
         # dA and dB lie end to end in the workspace: one cast (one launch) for both.
         da, db = da.as_strided((da.numel() + db.numel(),), (1,)).to(wdt).split([da.numel(), db.numel()])
     else:
