@@ -73,6 +73,11 @@ for phase in "$@"; do
       for c in 64 128; do
         run engine-chunk$c env ALTO_LORA_CHUNK=$c python benchmarks/engine.py --shapes 8b --out $R/engine_chunk${c}_${TAG:-h100}.json --summary /tmp/engine_chunk$c.json
       done ;;
+    refresh)  # the committed figures with the current code: correctness at the 8B shapes, the full kernels
+              # table and the engine's 1B/8B check, both written to summary.json
+      run kernel_check python benchmarks/kernel_check.py
+      run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_h100.json --summary $S
+      run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_refresh.json --summary $S ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
