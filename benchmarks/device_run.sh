@@ -78,6 +78,9 @@ for phase in "$@"; do
       run kernel_check python benchmarks/kernel_check.py
       run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_h100.json --summary $S
       run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_refresh.json --summary $S ;;
+    kconfigs)  # the shrink / dY / dX passes autotuned over a wide grid at the 8x512 r16 case, then (b)
+               # in device time with the committed lists' best and with the grid's best, same call
+      run kconfigs python benchmarks/kernel_configs.py --out $R/kernel_configs_h100.json ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
