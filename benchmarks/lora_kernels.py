@@ -235,7 +235,9 @@ def main():
     import triton
     from triton.testing import do_bench
     ak = import_alto_kernels()
-    cmd = "python benchmarks/lora_kernels.py " + " ".join(sys.argv[1:])
+    # The environment that changes what runs (autotune mode, rows per chunk) is part of the command.
+    env = " ".join(f"{v}={os.environ[v]}" for v in ("ALTO_AUTOTUNE", "ALTO_LORA_CHUNK") if v in os.environ)
+    cmd = (f"env {env} " if env else "") + "python benchmarks/lora_kernels.py " + " ".join(sys.argv[1:])
     dev_name = torch.cuda.get_device_name()
     cases = []
     t0 = time.time()
@@ -348,8 +350,9 @@ def merge_summary(path, figures):
         with open(path) as f:
             data = json.load(f)
     data.update(figures)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+    with open(path, "w") as f:  # written as engine.py and allocator.py write it (diffs stay small)
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 if __name__ == "__main__":
