@@ -81,6 +81,21 @@ for phase in "$@"; do
     kconfigs)  # the shrink / dY / dX passes autotuned over a wide grid at the 8x512 r16 case, then (b)
                # in device time with the committed lists' best and with the grid's best, same call
       run kconfigs python benchmarks/kernel_configs.py --out $R/kernel_configs_h100.json ;;
+    kernels-ab)  # two arms in one call: the kernels in $BEFORE (a copy of kernels/alto_kernels from an earlier
+                 # commit, importable as alto_kernels: git archive <commit> kernels/alto_kernels | tar x ...) and
+                 # the working tree's; per-kernel profiles, the 8x512 table and the engine's 8B step, alternating
+      base_pp=$PYTHONPATH
+      arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
+      for arm in before after before after; do
+        run kprofile-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --profile --profile-only
+      done
+      run kernel_check python benchmarks/kernel_check.py
+      for arm in before after; do
+        run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_${arm}_${TAG:-h100}.json
+      done
+      for arm in before after before after; do
+        run engine-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 8b --out $R/engine_ab_${arm}_${TAG:-h100}.json --summary /tmp/engine_$arm.sum.json
+      done ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)

@@ -86,6 +86,12 @@ def test_many_chunks_and_rank_128():
     check([70, 1, 33], [128, 4, 16], K=33, N=20, dtype=torch.float32)
 
 
+def test_feature_splits_span_several_tiles():
+    # each split-K (shrink) and split-N (dY pass) program walks several tiles, the last one ragged:
+    # A_i's and B_i's tiles are loaded one tile ahead, and the look-ahead past a split's end is masked
+    check([37, 0, 45], [1, 16, 64], K=197, N=101, dtype=torch.float32)
+
+
 def test_weights_in_fp32_with_bf16_activations():
     check([19, 30], [8, 16], K=32, N=24, dtype=torch.bfloat16, w_dtype=torch.float32)
 

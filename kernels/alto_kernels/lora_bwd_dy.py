@@ -47,13 +47,20 @@ def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, ptrs_ptr, w_ref, 
     n_lo = pid_n * n_per
     n_hi = tl.minimum(N, n_lo + n_per)
     g = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    nn = tl.arange(0, BLOCK_N)
+    # B_i's tiles come through a pointer from the table (alignment unknown: no async copy), so
+    # each is loaded one iteration ahead by hand: its latency hides behind this tile's dots.
+    b_next = tl.load(b_ptr + (n_lo + nn)[:, None] * rank + rr[None, :],
+                     mask=((n_lo + nn) < n_hi)[:, None] & r_ok[None, :], other=0.0)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + nn
         col_ok = cols < n_hi
+        b = b_next  # [BLOCK_N, R] = B_i tile
+        nxt = cols + BLOCK_N
+        b_next = tl.load(b_ptr + nxt[:, None] * rank + rr[None, :],
+                         mask=(nxt < n_hi)[:, None] & r_ok[None, :], other=0.0)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * rank + rr[None, :],
-                    mask=col_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, R] = B_i tile
         g = mma(dy, b.to(dy.dtype), g, DOT_PREC)
         db = mma(tl.trans(dy), h, None, DOT_PREC)
         tl.atomic_add(db_blk + cols[:, None] * rank + rr[None, :], db,

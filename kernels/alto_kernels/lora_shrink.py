@@ -43,21 +43,28 @@ def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_
     k_hi = tl.minimum(K, k_lo + k_per)
     rr = tl.arange(0, R)
     r_ok = rr < rank
+    kk = tl.arange(0, BLOCK_K)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
         rows64 = rows.to(tl.int64)
         acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        # A_i's tiles are read through a pointer from the table (alignment unknown: no async
+        # copy), so each is loaded one iteration ahead by hand: its latency hides behind the dot.
+        a_next = tl.load(a_ptr + rr[None, :] * K + (k_lo + kk)[:, None],
+                         mask=r_ok[None, :] & ((k_lo + kk) < k_hi)[:, None], other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
+            cols = k0 + kk
             col_ok = cols < k_hi
+            a = a_next  # [BLOCK_K, R] = A_iᵀ tile
+            nxt = cols + BLOCK_K
+            a_next = tl.load(a_ptr + rr[None, :] * K + nxt[:, None],
+                             mask=r_ok[None, :] & (nxt < k_hi)[:, None], other=0.0)
             x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if HAS_DROPOUT:
                 keep = tl.rand(key, dropout_pos(rows - seg0, width, stride)[:, None] * K + cols[None, :]) >= p
                 x = tl.where(keep, x, 0.0)
-            a = tl.load(a_ptr + rr[None, :] * K + cols[:, None],
-                        mask=r_ok[None, :] & col_ok[:, None], other=0.0)  # [BLOCK_K, R] = A_iᵀ tile
             acc = mma(x, a.to(x.dtype), acc, DOT_PREC)
         acc = acc * c
         h = h_ptr + rows64[:, None] * R + rr[None, :]
