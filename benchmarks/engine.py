@@ -139,7 +139,12 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
     seconds = time_steps(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     tokens = adapters * seq
-    out = {"fused_norms": trainer.model.fused_norms, "fused_mlps": trainer.model.fused_mlps,
+    aligns: Dict[str, int] = {}  # the LoRA plans' ALIGN (alto_kernels.plan.table_align): 8 = vectorised
+    for module in trainer.model.modules():
+        for plan in getattr(module, "_plans", {}).values():
+            a = str(getattr(plan, "table_align", None))
+            aligns[a] = aligns.get(a, 0) + 1
+    out = {"lora_plans_by_align": aligns, "fused_norms": trainer.model.fused_norms, "fused_mlps": trainer.model.fused_mlps,
            "fused_rotary": trainer.model.fused_rotary, "step_seconds": seconds, "tokens_per_step": tokens,
            "tokens_per_s": tokens / seconds,
            "adapters": adapters, "peak_bytes": peak, "backend": alto_kernels.resolve_backend(probe, "auto"),

@@ -92,6 +92,35 @@ def test_feature_splits_span_several_tiles():
     check([37, 0, 45], [1, 16, 64], K=197, N=101, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("ranks,align", [([8, 16, 64], 8), ([4, 12, 8], 4), ([8, 2, 16], 1)])
+def test_ranks_that_divide_by_4_or_8_take_the_aligned_kernels(ranks, align):
+    # ALIGN tells the compiled kernels what every rank divides by (and that the table's addresses
+    # are 16-byte aligned), so that they vectorise B_i's rows and the gradient atomics; the
+    # numbers must not change with it
+    _, x, base, A, B, offs, scales, _ = make([37, 0, 45], ranks, K=40, N=48, dtype=torch.bfloat16)
+    plan = fused.prepare_multi_lora(x.detach(), base.detach(), [a.detach() for a in A], [b.detach() for b in B],
+                                    offs, scales)
+    assert plan.table_align == align
+    check([37, 0, 45], ranks, K=40, N=48, dtype=torch.bfloat16)
+
+
+def test_table_align_needs_aligned_addresses():
+    from alto_kernels.plan import table_align
+
+    assert table_align([8, 16], [0, 256, 4096]) == 8
+    assert table_align([8, 12], [256]) == 4
+    assert table_align([8, 6], [256]) == 1
+    assert table_align([8, 16], [256, 260]) == 1    # one address off 16 bytes: no hint at all
+    # a weight that is a view at an odd offset of a larger buffer
+    _, x, base, A, B, offs, scales, _ = make([20, 12], [8, 16], K=32, N=24, dtype=torch.float32)
+    buf = torch.zeros(1 + 8 * 32, device=DEVICE)
+    buf[1:] = A[0].detach().flatten()
+    shifted = [buf[1:].view(8, 32), A[1].detach()]
+    assert shifted[0].data_ptr() % 16
+    plan = fused.prepare_multi_lora(x.detach(), base.detach(), shifted, [b.detach() for b in B], offs, scales)
+    assert plan.table_align == 1
+
+
 def test_weights_in_fp32_with_bf16_activations():
     check([19, 30], [8, 16], K=32, N=24, dtype=torch.bfloat16, w_dtype=torch.float32)
 
@@ -150,17 +179,20 @@ def test_repeated_calls_reuse_the_plan_and_follow_in_place_updates():
     assert len(fused._SHRINK.best) >= 1 and len(fused._BWD_DX.best) >= 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_sink_accumulates_into_fp32_buffers(dtype):
+@pytest.mark.parametrize("dtype,ranks", [(torch.float32, [16, 1, 8]), (torch.bfloat16, [16, 1, 8]),
+                                         (torch.bfloat16, [16, 8, 64])])
+def test_gradient_sink_accumulates_into_fp32_buffers(dtype, ranks):
     # The engine's path: weights are constants to autograd, backward adds dA_i/dB_i into fp32
     # buffers. x needs no grad here (like the first layer's input): backward must still run.
+    # Ranks of multiples of 8 take the aligned kernels (vector atomics into the sinks).
     p = [0.3, 0.0, 0.1]
-    seed, x, base, A, B, offs, scales, dy = make([26, 0, 39], [16, 1, 8], K=40, N=24, dtype=dtype)
+    seed, x, base, A, B, offs, scales, dy = make([26, 0, 39], ranks, K=40, N=24, dtype=dtype)
     x = x.detach()
     Ac, Bc = [a.detach() for a in A], [b.detach() for b in B]
     ga = [torch.zeros(a.shape, device=DEVICE) for a in A]
     gb = [torch.zeros(b.shape, device=DEVICE) for b in B]
     plan = fused.prepare_multi_lora(x, base.detach(), Ac, Bc, offs, scales, p, training=True, grad_a=ga, grad_b=gb)
+    assert plan.table_align == (8 if min(ranks) >= 8 else 1)
     masks = fused.dropout_mask(7, offs, p, 40, device=DEVICE)
     want = grads(base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=p),
                  [*A, *B], dy)
@@ -381,10 +413,11 @@ def test_direct_launch_keys_and_argument_order():
     fn = fused.lora_shrink_kernel.fn
     args = tuple(range(11))  # x_ptr .. width, positional
     conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
-    kw = {"R": 16, "HAS_DROPOUT": False, "DOT_PREC": "tf32", **conf.all_kwargs()}
+    kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", **conf.all_kwargs()}
     entry = _direct_entry(fn, Compiled(), args, kw)
-    assert entry.tail == (16, False, "tf32", 16, 32, 2)
-    assert [n for n in fn.arg_names[len(args):]] == ["R", "HAS_DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_K", "SPLIT_K"]
+    assert entry.tail == (16, 8, False, "tf32", 16, 32, 2)
+    assert [n for n in fn.arg_names[len(args):]] == ["R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_K",
+                                                     "SPLIT_K"]
     del kw["DOT_PREC"]
     assert _direct_entry(fn, Compiled(), args, kw) is None   # a missing argument: Triton's path
     assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None

@@ -103,29 +103,49 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def chunk_meta(meta_ptr, pid):
+def chunk_meta(meta_ptr, pid, ALIGN: tl.constexpr):
     """Row ``pid`` of the chunk table: ``lo, hi, rank, roff, seg0, adapter, p, c`` with
-    ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain)."""
+    ``c = scale / (1 - p)`` (LoRA scale times inverted-dropout gain). ``ALIGN`` > 1: the host
+    checked that every rank (so every ``roff``) is a multiple of it (``plan.table_align``)."""
     m = meta_ptr + pid * META_COLS
     p = tl.load(m + 7).to(tl.int32).to(tl.float32, bitcast=True)
     c = tl.load(m + 6).to(tl.int32).to(tl.float32, bitcast=True) / (1.0 - p)
-    return (tl.load(m + 1).to(tl.int32), tl.load(m + 2).to(tl.int32), tl.load(m + 3).to(tl.int32),
-            tl.load(m + 4).to(tl.int32), tl.load(m + 5).to(tl.int32), tl.load(m), p, c)
+    rank = tl.load(m + 3).to(tl.int32)
+    roff = tl.load(m + 4).to(tl.int32)
+    if ALIGN > 1:
+        # Told that ranks divide by ALIGN, Triton vectorises what a rank strides or masks: B_i's
+        # [out, r_i] rows, dB's atomics, the ``rr < rank`` masks of G's and dA's atomics.
+        rank = tl.multiple_of(rank, ALIGN)
+        roff = tl.multiple_of(roff, ALIGN)
+    return (tl.load(m + 1).to(tl.int32), tl.load(m + 2).to(tl.int32), rank, roff,
+            tl.load(m + 5).to(tl.int32), tl.load(m), p, c)
 
 
 @triton.jit
-def weight_ptrs(ptrs_ptr, adapter, w_ref):
-    """``A_i``, ``B_i`` of adapter ``adapter``, typed like ``w_ref`` (all weights share a dtype)."""
+def weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN: tl.constexpr):
+    """``A_i``, ``B_i`` of adapter ``adapter``, typed like ``w_ref`` (all weights share a dtype).
+    ``ALIGN`` > 1: the host checked every address in the table is 16-byte aligned; Triton cannot
+    know that of a pointer loaded from memory, and without it loads and atomics stay scalar."""
     wty = tl.pointer_type(w_ref.dtype.element_ty)
     row = ptrs_ptr + adapter * _PTR_COLS
-    return tl.load(row).to(wty), tl.load(row + 1).to(wty)
+    a = tl.load(row).to(wty)
+    b = tl.load(row + 1).to(wty)
+    if ALIGN > 1:
+        a = tl.multiple_of(a, 16)
+        b = tl.multiple_of(b, 16)
+    return a, b
 
 
 @triton.jit
-def grad_sink_ptrs(ptrs_ptr, adapter):
+def grad_sink_ptrs(ptrs_ptr, adapter, ALIGN: tl.constexpr):
     """The fp32 buffers that ``dA_i`` and ``dB_i`` are accumulated into (gradient sink)."""
     row = ptrs_ptr + adapter * _PTR_COLS
-    return tl.load(row + 2).to(tl.pointer_type(tl.float32)), tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    ga = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    gb = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    if ALIGN > 1:
+        ga = tl.multiple_of(ga, 16)
+        gb = tl.multiple_of(gb, 16)
+    return ga, gb
 
 
 @triton.jit

@@ -20,7 +20,7 @@ def dropout_mask_kernel(mask_ptr, meta_ptr, ptrs_ptr, K, seed, streams_ptr, widt
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, 1)
     key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
     stride = seq_stride(meta_ptr, pid)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

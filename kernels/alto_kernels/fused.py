@@ -79,14 +79,14 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch
     dev = x.device.index or 0
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
             x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
-            R=plan.R, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
+            R=plan.R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
     if base_out is None:
         return h
     N = base_out.shape[1]
     _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
             _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,))),
             h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
-            R=plan.R, DOT_PREC=prec, ACCUMULATE=accumulate, device_index=dev)
+            R=plan.R, ALIGN=plan.table_align, DOT_PREC=prec, ACCUMULATE=accumulate, device_index=dev)
     return h
 
 
@@ -124,17 +124,17 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     def bwd_dy(g, db, grad_sink):
         _BWD_DY(lambda m: (nc, m["SPLIT_N"]), dy_key(grad_sink),
                 dy, h, g, db if db.numel() else g, plan.table, plan.ptrs, w_ref, N, dy.stride(0),
-                plan.t_hint, R=plan.R, DOT_PREC=prec, GRAD_SINK=grad_sink, BLOCK_M=plan.chunk,
-                device_index=dev)
+                plan.t_hint, R=plan.R, ALIGN=plan.table_align, DOT_PREC=prec, GRAD_SINK=grad_sink,
+                BLOCK_M=plan.chunk, device_index=dev)
 
     def bwd_dx(g, dx, da, grad_sink):
         dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
         da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
         _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
                 x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
-                plan.t_hint, seed, *drop, R=plan.R, HAS_DROPOUT=plan.has_dropout, COMPUTE_DX=need_x,
-                COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink, ADD_DX=add_dx and need_x,
-                device_index=dev)
+                plan.t_hint, seed, *drop, R=plan.R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout,
+                COMPUTE_DX=need_x, COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink,
+                ADD_DX=add_dx and need_x, device_index=dev)
 
     if sink and (_BWD_DY.choice(dy_key(True), dev) is None or _BWD_DX.choice(dx_key(True), dev) is None):
         # Autotuning runs a kernel many times; into the sinks (or an input dx) that would add

@@ -24,13 +24,14 @@ BWD_DX_CONFIGS = configs(
                   do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed", "width"])
 def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, stride_dxm,
-                       T_HINT, seed, streams_ptr, width, R: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-                       COMPUTE_DA: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr,
-                       ADD_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       T_HINT, seed, streams_ptr, width, R: tl.constexpr, ALIGN: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
+                       DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr, ADD_DX: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
-    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN)
     key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
     stride = seq_stride(meta_ptr, pid)
 
@@ -69,7 +70,7 @@ def lora_bwd_dx_kernel(x_ptr, g_ptr, dx_ptr, da_ptr, meta_ptr, ptrs_ptr, w_ref, 
             da = mma(tl.trans(g), x, da, DOT_PREC)
     if COMPUTE_DA:
         if GRAD_SINK:                            # adapter i's own fp32 dA buffer [r_i, in]
-            da_blk, gb_ptr = grad_sink_ptrs(ptrs_ptr, adapter)
+            da_blk, gb_ptr = grad_sink_ptrs(ptrs_ptr, adapter, ALIGN)
             da_out = da_blk + rr.to(tl.int64)[:, None] * K + cols[None, :]
         else:                                    # rows roff.. of the packed workspace dA [Σr, in]
             da_out = da_ptr + a_rows[:, None] * K + cols[None, :]

@@ -25,12 +25,12 @@ BWD_DY_CONFIGS = configs(
                   do_bench=quick_bench)
 @triton.jit
 def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_dym, T_HINT,
-                       R: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+                       R: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_SINK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
-    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN)
 
     rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
@@ -40,7 +40,7 @@ def lora_bwd_dy_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, meta_ptr, ptrs_ptr, w_ref, 
     h = tl.load(h_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None], other=0.0)
     h = h.to(dy_ptr.dtype.element_ty)
     if GRAD_SINK:                                # adapter i's own fp32 dB buffer [out, r_i]
-        ga_ptr, db_blk = grad_sink_ptrs(ptrs_ptr, adapter)
+        ga_ptr, db_blk = grad_sink_ptrs(ptrs_ptr, adapter, ALIGN)
     else:                                        # adapter i's [out, r_i] block of the workspace
         db_blk = db_ptr + roff.to(tl.int64) * N
     n_per = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N

@@ -23,12 +23,12 @@ EXPAND_CONFIGS = configs(
                   do_bench=quick_bench)
 @triton.jit
 def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
-                       R: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
+                       R: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
-    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N

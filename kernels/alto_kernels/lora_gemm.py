@@ -116,8 +116,8 @@ def _add_segment(acc, s, rows, cols, skinny, segs_ptr, meta_ptr, ptrs_ptr, w_ref
     """``acc`` plus segment ``s``'s rows of ``skinny`` times its adapter's B_aᵀ (or c_a A_a)."""
     lo = tl.load(segs_ptr + 3 * s)
     hi = tl.load(segs_ptr + 3 * s + 1)
-    _, _, rank, _, _, adapter, _, c = chunk_meta(meta_ptr, tl.load(segs_ptr + 3 * s + 2))
-    a_w, b_w = weight_ptrs(ptrs_ptr, adapter, w_ref)
+    _, _, rank, _, _, adapter, _, c = chunk_meta(meta_ptr, tl.load(segs_ptr + 3 * s + 2), 1)
+    a_w, b_w = weight_ptrs(ptrs_ptr, adapter, w_ref, 1)
     rr = tl.arange(0, R)
     ok = (rr < rank)[:, None] & (cols < N)[None, :]
     if W_NK:   # B_aᵀ tile [R, BLOCK_N]; B_a is [out, rank]; H_s carries c already

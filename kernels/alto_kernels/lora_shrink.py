@@ -29,12 +29,12 @@ SHRINK_CONFIGS = configs(
                   do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed", "width"])
 def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed, streams_ptr, width,
-                       R: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                       R: tl.constexpr, ALIGN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid)
-    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref)
+    lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
+    a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN)
     key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
     stride = seq_stride(meta_ptr, pid)
 

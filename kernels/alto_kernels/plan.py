@@ -55,6 +55,7 @@ class MultiLoRAPlan:
     sink_token: Optional[torch.Tensor] = None
     n_streams: int = 0      # the stream table must have more entries than the largest stream index
     offsets: Tuple[int, ...] = ()  # the segment offsets (host copy: tables derived later need no sync)
+    table_align: int = 1    # the kernels' ALIGN: what every rank divides by, with the table's addresses aligned
     launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
     derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # device tables built on first use (fused.py)
 
@@ -91,6 +92,16 @@ RANK_BUCKETS = (16, 64, MAX_RANK)
 
 def padded_rank(max_rank: int) -> int:
     return next(b for b in RANK_BUCKETS if max_rank <= b)
+
+
+def table_align(ranks: Sequence[int], addresses: Sequence[int]) -> int:
+    """The kernels' ``ALIGN``: 8 or 4 when every rank is a multiple of it and every address in the
+    pointer table is 16-byte aligned, else 1. The kernels read weights and sinks through those
+    addresses and stride ``B_i``/``dB_i`` rows by the rank, none of which Triton can see: told
+    this much, it vectorises those loads and the gradient atomics (scalar otherwise: 4x as many)."""
+    if any(int(a) % 16 for a in addresses):
+        return 1
+    return next((d for d in (8, 4) if all(int(r) % d == 0 for r in ranks)), 1)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -223,6 +234,7 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
     gb = [g.data_ptr() for g in grad_b] if sink else [0] * n
     ptrs = pointer_table(tuple(zip((a.data_ptr() for a in lora_a), (b.data_ptr() for b in lora_b), ga, gb, streams)),
                          x.device)
+    align = table_align(ranks, (*(a.data_ptr() for a in lora_a), *(b.data_ptr() for b in lora_b), *ga, *gb))
     extra = {}
     if sink:
         extra = dict(weights=(*lora_a, *lora_b), sinks=(*grad_a, *grad_b),
@@ -230,4 +242,4 @@ def prepare_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence
     return MultiLoRAPlan(len(ranks), ranks, roffs, padded_rank(max(ranks)), table, ptrs,
                          chunk, has_dropout, _common.t_hint(offs[-1]), offs[-1], int(x.shape[1]),
                          int(lora_b[0].shape[0]), x.dtype, x.device, **extra, n_streams=max(streams) + 1,
-                         offsets=offs)
+                         offsets=offs, table_align=align)
