@@ -34,6 +34,10 @@ run() {  # run <name> <command...>: log it, keep going on failure, remember the 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+# the card in result names of the phases that say $G (an H200 may come for an H100: its figures must
+# not land in a file named after the other card)
+G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s?' | head -1 | tr A-Z a-z)
+G=${G:-gpu}
 for phase in "$@"; do
   case "$phase" in
     tune)  # the config table: autotune the kernels over the shapes alto-ray meets; later phases of
@@ -76,11 +80,11 @@ for phase in "$@"; do
     refresh)  # the committed figures with the current code: correctness at the 8B shapes, the full kernels
               # table and the engine's 1B/8B check, both written to summary.json
       run kernel_check python benchmarks/kernel_check.py
-      run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_h100.json --summary $S
-      run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_h100_refresh.json --summary $S ;;
+      run kernels env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --out $R/kernels_$G.json --summary $S
+      run engine python benchmarks/engine.py --shapes 1b,8b --out $R/engine_${G}_refresh.json --summary $S ;;
     kconfigs)  # the shrink / dY / dX passes autotuned over a wide grid at the 8x512 r16 case, then (b)
                # in device time with the committed lists' best and with the grid's best, same call
-      run kconfigs python benchmarks/kernel_configs.py --out $R/kernel_configs_h100.json ;;
+      run kconfigs python benchmarks/kernel_configs.py --out $R/kernel_configs_$G.json ;;
     kernels-ab)  # two arms in one call: the kernels in $BEFORE (a copy of kernels/alto_kernels from an earlier
                  # commit, importable as alto_kernels: git archive <commit> kernels/alto_kernels | tar x ...) and
                  # the working tree's; per-kernel profiles, the 8x512 table and the engine's 8B step, alternating
