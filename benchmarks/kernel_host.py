@@ -32,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     import_alto_kernels()
     from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels.fused_linear import fused_linear_multi_lora
     n, K = args.adapters, args.dim
     T = n * args.tokens
     offs = [i * args.tokens for i in range(n + 1)]
@@ -44,6 +45,9 @@ def main() -> None:
     def fwd_bwd():
         y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
         torch.autograd.grad(y, [x, *A, *B], dy)
+
+    def linear_op():  # (b) of lora_kernels.py, the headline: one node, grads of x and every A_i, B_i
+        torch.autograd.grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy)
 
     def base_only():
         torch.autograd.grad(F.linear(x, W), [x], dy)
@@ -59,13 +63,15 @@ def main() -> None:
     for _ in range(5):
         fwd_bwd()
         sink()
+        linear_op()
     torch.cuda.synchronize()
     from alto_kernels import _common
     direct = _common.DIRECT_LAUNCH
     linear = lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy)  # noqa: E731 - the one-node path
     linear()
     for name, fn, launch, skip_hooks in (
-            ("base", base_only, direct, True), ("fused", fwd_bwd, direct, True), ("fused_sink", sink, direct, True),
+            ("base", base_only, direct, True), ("fused_linear_multi_lora (b)", linear_op, direct, True),
+            ("fused", fwd_bwd, direct, True), ("fused_sink", sink, direct, True),
             ("fused_linear (one node)", linear, direct, True),
             ("fused_sink, launch hooks called even when empty", sink, direct, False),
             ("fused, Triton dispatch", fwd_bwd, False, True), ("fused_sink, Triton dispatch", sink, False, True)):
@@ -82,7 +88,8 @@ def main() -> None:
     _common.DIRECT_LAUNCH, _common.SKIP_EMPTY_HOOKS = direct, True
     from alto_kernels import fused as _fused
     print("launches:", {lau.name: dict(lau.launches) for lau in _fused.LAUNCHERS})
-    for title, fn in (("fused_multi_lora", fwd_bwd), ("the engine's path (gradient sink)", sink)):
+    for title, fn in (("fused_linear_multi_lora (b)", linear_op), ("fused_multi_lora", fwd_bwd),
+                      ("the engine's path (gradient sink)", sink)):
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):

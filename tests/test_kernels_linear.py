@@ -96,6 +96,33 @@ def test_partial_grads_and_a_second_call_reuse_the_plan():
     assert len(fused._PLANS) == n_plans + 1
 
 
+@pytest.mark.parametrize("op", ["linear", "lora"])
+def test_a_weight_changed_in_place_before_the_backward_is_an_error(op):
+    # The kernels read A_i, B_i in the backward through their addresses: an in-place change between
+    # forward and backward must raise, as autograd does for tensors it saved, not give gradients
+    # of other weights. Changed after the backward (an optimizer step), the next call is fine.
+    _, x, weight, _, A, B, offs, scales, dy = make([9, 14], [8, 4], torch.float32, False)
+
+    def call():
+        if op == "linear":
+            return fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales)
+        return fused.fused_multi_lora(x, torch.nn.functional.linear(x, weight), A, B, offs, scales)
+
+    y = call()
+    with torch.no_grad():
+        B[1].add_(1.0)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: LoRA weight\(s\) \[3\]"):
+        torch.autograd.grad(y, [x, *A, *B], dy)
+    y = call()  # the new values, read again from the cached plan's addresses
+    got = torch.autograd.grad(y, [x, *A, *B], dy)
+    ref = torch.nn.functional.linear(x, weight) + multi_lora_reference(x, A, B, offs, scales)
+    want = torch.autograd.grad(ref, [x, *A, *B], dy)
+    assert max(rel(a, b) for a, b in zip(got, want)) < 1e-5
+    with torch.no_grad():
+        B[1].add_(1.0)  # after the backward: nothing left to check it against
+    torch.autograd.grad(call(), [x, *A, *B], dy)
+
+
 def test_gemm_flag_puts_the_expand_in_alto_s_gemm(monkeypatch):
     calls = []
     real = fused.lora_gemm

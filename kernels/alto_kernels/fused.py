@@ -153,6 +153,26 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     return dx, da, db, g
 
 
+def _hold_weights(ctx, weights: tuple) -> None:
+    """Keep the LoRA weights alive for the backward (the pointer table holds their addresses).
+
+    Not through ``save_for_backward``: unpacking 2n saved tensors is a few µs each on the
+    host-bound path (~40 µs of 8 adapters' fwd+bwd on a slow host). Autograd's guard against an
+    in-place change between forward and backward is kept: their versions, checked there."""
+    ctx.lora_weights = weights
+    ctx.lora_versions = [w._version for w in weights]
+
+
+def _held_weights(ctx) -> tuple:
+    weights = ctx.lora_weights
+    if [w._version for w in weights] != ctx.lora_versions:
+        changed = [i for i, (w, v) in enumerate(zip(weights, ctx.lora_versions)) if w._version != v]
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                           f"inplace operation: LoRA weight(s) {changed} of [*lora_a, *lora_b] changed between "
+                           f"the multi-LoRA forward and its backward")
+    return weights
+
+
 class _FusedMultiLoRA(torch.autograd.Function):
     """Inputs: ``x, base_out, plan, seed, (streams, width)`` then either the 2n weights
     (workspace mode: their grads are returned) or the plan's sink token (sink mode: grads go to
@@ -164,16 +184,15 @@ class _FusedMultiLoRA(torch.autograd.Function):
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
         h = _lora_forward(plan, x, base_out, seed, drop, w_ref)
         ctx.mark_dirty(base_out)
-        if plan.grad_sink:
-            ctx.save_for_backward(x, h)
-        else:
-            ctx.save_for_backward(x, h, *weights)  # the pointer table holds their addresses
+        ctx.save_for_backward(x, h)
+        _hold_weights(ctx, () if plan.grad_sink else weights)
         ctx.plan, ctx.seed, ctx.drop = plan, seed, drop
         return base_out
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, *weights = ctx.saved_tensors
+        x, h = ctx.saved_tensors
+        weights = _held_weights(ctx)
         plan: MultiLoRAPlan = ctx.plan
         n, dt, sink = plan.n, x.dtype, plan.grad_sink
         need = ctx.needs_input_grad
@@ -194,6 +213,14 @@ class _FusedMultiLoRA(torch.autograd.Function):
         return (dx, d_base, None, None, None, *_weight_grads(plan, da, db, K, N, w_ref.dtype, need[5:]))
 
 
+def _b_sizes(plan: MultiLoRAPlan, N: int) -> list:
+    """Each dB_i's element count in the workspace, memoised on the plan."""
+    sizes = plan.derived.get(("b_sizes", N))
+    if sizes is None:
+        sizes = plan.derived[("b_sizes", N)] = [r * N for r in plan.ranks]
+    return sizes
+
+
 def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: int, N: int, wdt: torch.dtype,
                   need: Sequence[bool]) -> list:
     """``[dA_0..dA_n-1, dB_0..dB_n-1]`` (None where not needed) from the fp32 workspace: one
@@ -207,10 +234,14 @@ def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: in
         da = da.to(wdt) if want_a else da
         db = db.to(wdt) if want_b else db
     # One split per kind rather than a slice and a view per adapter: this runs once per layer on
-    # the host-bound path, and 2n slices cost ~1.5x the split's host time.
-    grads_a = list(da.view(-1, K).split(ranks)) if want_a else [None] * n
-    grads_b = [p.view(N, r) for p, r in zip(db.split([r * N for r in ranks]), ranks)] if want_b else [None] * n
-    return [g if want else None for g, want in zip(grads_a + grads_b, need)]
+    # the host-bound path, and 2n slices cost ~1.5x the split's host time (the aten op directly:
+    # Tensor.split's Python wrapper costs as much again).
+    grads_a = torch.split_with_sizes(da.view(-1, K), ranks) if want_a else (None,) * n
+    grads_b = ([p.view(N, r) for p, r in zip(torch.split_with_sizes(db, _b_sizes(plan, N)), ranks)]
+               if want_b else [None] * n)
+    if all(need):
+        return [*grads_a, *grads_b]
+    return [g if want else None for g, want in zip((*grads_a, *grads_b), need)]
 
 
 # How the one-node linear orders its base GEMMs and LoRA kernels (``_LinearMultiLoRA``).
@@ -322,16 +353,15 @@ class _LinearMultiLoRA(torch.autograd.Function):
         else:
             y = torch.nn.functional.linear(x, weight, bias)
             h = _lora_forward(plan, x, y, seed, drop, w_ref)
-        if plan.grad_sink:
-            ctx.save_for_backward(x, h, weight)
-        else:
-            ctx.save_for_backward(x, h, weight, *weights)  # the pointer table holds their addresses
+        ctx.save_for_backward(x, h, weight)
+        _hold_weights(ctx, () if plan.grad_sink else weights)
         ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, weight, *weights = ctx.saved_tensors
+        x, h, weight = ctx.saved_tensors
+        weights = _held_weights(ctx)
         plan: MultiLoRAPlan = ctx.plan
         sink, n = plan.grad_sink, plan.n
         need = ctx.needs_input_grad
@@ -427,12 +457,19 @@ _PLANS: "OrderedDict[tuple, MultiLoRAPlan]" = OrderedDict()
 _MAX_PLANS = 1024
 
 
+_DATA_PTR, _SIZE = torch.Tensor.data_ptr, torch.Tensor.size
+
+
 def _plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training) -> tuple:
+    """The weights enter by address and shape only (the per-weight 5-tuple this replaced cost
+    ~2x on the host-bound path): callers pass weights of one dtype and contiguous (the
+    ``fused_*`` entry points make them so), and under CUDA's unified addressing an address
+    names one device."""
+    ws = (*lora_a, *lora_b)
     return (tuple(int(o) for o in seg_offsets), tuple(float(s) for s in scales),
             tuple(float(p) for p in dropout_p) if training and dropout_p is not None else None,
-            x.shape[1], x.dtype, x.device, _common.CHUNK_ROWS,
-            tuple((a.data_ptr(), a.shape, a.stride(), a.dtype, a.device) for a in lora_a),
-            tuple((b.data_ptr(), b.shape, b.stride(), b.dtype, b.device) for b in lora_b))
+            x.shape[1], x.dtype, x.device, _common.CHUNK_ROWS, len(lora_a), ws[0].dtype if ws else None,
+            tuple(map(_DATA_PTR, ws)), tuple(map(_SIZE, ws)))
 
 
 def cached_plan(x: torch.Tensor, base_out: Optional[torch.Tensor], lora_a: Sequence[torch.Tensor],
@@ -440,7 +477,8 @@ def cached_plan(x: torch.Tensor, base_out: Optional[torch.Tensor], lora_a: Seque
                 dropout_p: Optional[Sequence[float]], training: bool,
                 seq_strides: Optional[Sequence[int]] = None) -> MultiLoRAPlan:
     """The workspace-mode plan for this call, from the cache or prepared (validating) and kept.
-    ``base_out`` None: the call has none yet (the one-node linear); a stand-in is shaped for it."""
+    ``base_out`` None: the call has none yet (the one-node linear); a stand-in is shaped for it.
+    The weights must be contiguous and of one dtype (``_plan_key``)."""
     strides = tuple(int(v) for v in seq_strides) if seq_strides is not None else None
     key = (_plan_key(x, lora_a, lora_b, seg_offsets, scales, dropout_p, training), strides)
     plan = _PLANS.get(key)
