@@ -213,32 +213,50 @@ class _FusedMultiLoRA(torch.autograd.Function):
         return (dx, d_base, None, None, None, *_weight_grads(plan, da, db, K, N, w_ref.dtype, need[5:]))
 
 
-def _b_sizes(plan: MultiLoRAPlan, N: int) -> list:
-    """Each dB_i's element count in the workspace, memoised on the plan."""
-    sizes = plan.derived.get(("b_sizes", N))
-    if sizes is None:
-        sizes = plan.derived[("b_sizes", N)] = [r * N for r in plan.ranks]
-    return sizes
+def _b_runs(plan: MultiLoRAPlan, N: int) -> tuple:
+    """``(sizes, runs)``: the dB workspace split into runs of adapters of equal rank (element
+    counts) and each run's ``(count, rank)``, memoised on the plan. A run of c adapters of rank r
+    is one ``[c, N, r]`` view unbound into c gradients: one view per run, not per adapter."""
+    got = plan.derived.get(("b_runs", N))
+    if got is None:
+        runs: list = []
+        for r in plan.ranks:
+            if runs and runs[-1][1] == r:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, r])
+        got = plan.derived[("b_runs", N)] = ([c * r * N for c, r in runs], [(c, r) for c, r in runs])
+    return got
 
 
 def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: int, N: int, wdt: torch.dtype,
                   need: Sequence[bool]) -> list:
     """``[dA_0..dA_n-1, dB_0..dB_n-1]`` (None where not needed) from the fp32 workspace: one
     conversion to the weights' dtype for all adapters, then views."""
-    n, ranks = plan.n, list(plan.ranks)
+    n, ranks = plan.n, plan.ranks
     want_a, want_b = any(need[:n]), any(need[n:])
     if want_a and want_b and db.data_ptr() == da.data_ptr() + da.element_size() * da.numel():
         # dA and dB lie end to end in the workspace: one cast (one launch) for both.
-        da, db = da.as_strided((da.numel() + db.numel(),), (1,)).to(wdt).split([da.numel(), db.numel()])
+        da, db = torch.split_with_sizes(da.as_strided((da.numel() + db.numel(),), (1,)).to(wdt),
+                                        (da.numel(), db.numel()))
     else:
         da = da.to(wdt) if want_a else da
         db = db.to(wdt) if want_b else db
-    # One split per kind rather than a slice and a view per adapter: this runs once per layer on
-    # the host-bound path, and 2n slices cost ~1.5x the split's host time (the aten op directly:
-    # Tensor.split's Python wrapper costs as much again).
+    # This runs once per layer on the host-bound path, where each tensor made from Python costs
+    # ~1 µs: one split for all dA_i (the aten op: Tensor.split's wrapper costs as much again),
+    # one view per run of equal ranks for the dB_i (``_b_runs``).
     grads_a = torch.split_with_sizes(da.view(-1, K), ranks) if want_a else (None,) * n
-    grads_b = ([p.view(N, r) for p, r in zip(torch.split_with_sizes(db, _b_sizes(plan, N)), ranks)]
-               if want_b else [None] * n)
+    if want_b:
+        sizes, runs = _b_runs(plan, N)
+        parts = torch.split_with_sizes(db, sizes) if len(runs) > 1 else (db,)
+        grads_b: list = []
+        for part, (c, r) in zip(parts, runs):
+            if c == 1:
+                grads_b.append(part.view(N, r))
+            else:
+                grads_b.extend(part.view(c, N, r).unbind(0))
+    else:
+        grads_b = [None] * n
     if all(need):
         return [*grads_a, *grads_b]
     return [g if want else None for g, want in zip((*grads_a, *grads_b), need)]
