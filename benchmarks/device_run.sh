@@ -101,14 +101,21 @@ for phase in "$@"; do
         run engine-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 8b --out $R/engine_ab_${arm}_${TAG:-h100}.json --summary /tmp/engine_$arm.sum.json
       done ;;
     host-ab)  # host cost, two arms in one call ($BEFORE as kernels-ab): kernel_host.py (host time per call
-              # and cProfile of the hot case) alternating, then the 8x512 table per arm
+              # and cProfile of the hot case) alternating, correctness, then per arm the 8x512 table and
+              # the engine's 1B (host-bound) and 8B steps, alternating
       base_pp=$PYTHONPATH
       arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
       for arm in before after before after; do
         run khost-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/kernel_host.py
       done
+      run kernel_check python benchmarks/kernel_check.py
       for arm in before after; do
         run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_host_${arm}_$G.json
+      done
+      for round in 1 2; do
+        for arm in before after; do
+          run engine-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 1b,8b --out $R/engine_host_${arm}_${round}_$G.json --summary /tmp/engine_$arm.sum.json
+        done
       done ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;

@@ -123,6 +123,23 @@ def test_a_weight_changed_in_place_before_the_backward_is_an_error(op):
     torch.autograd.grad(call(), [x, *A, *B], dy)
 
 
+@pytest.mark.parametrize("op", ["linear", "lora"])
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients(op):
+    # The forward allocates the backward's zeroed G with H_s (one fill); a second backward through
+    # the retained graph must start from zeros again, not add into the first one's G.
+    _, x, weight, _, A, B, offs, scales, dy = make([9, 14, 0, 5], [8, 4, 2, 16], torch.float32, False)
+    if op == "linear":
+        y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales)
+    else:
+        y = fused.fused_multi_lora(x, torch.nn.functional.linear(x, weight), A, B, offs, scales)
+    first = torch.autograd.grad(y, [x, *A, *B], dy, retain_graph=True)
+    second = torch.autograd.grad(y, [x, *A, *B], dy)
+    ref = torch.nn.functional.linear(x, weight) + multi_lora_reference(x, A, B, offs, scales)
+    want = grads(ref, [x, *A, *B], dy)  # the empty segment's adapter is unused there: zeros
+    assert max(rel(a, b) for a, b in zip(first, want)) < 1e-5
+    assert max(rel(a, b) for a, b in zip(second, want)) < 1e-5
+
+
 def test_gemm_flag_puts_the_expand_in_alto_s_gemm(monkeypatch):
     calls = []
     real = fused.lora_gemm

@@ -68,33 +68,48 @@ def _dot_prec(dtype):
 
 
 def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch.Tensor], seed: int, drop: tuple,
-                  w_ref: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+                  w_ref: torch.Tensor, accumulate: bool = True, with_g: bool = False) -> tuple:
     """Shrink then expand into ``base_out`` (in place; with ``accumulate`` off the delta is
-    stored there instead, every row being some adapter's); returns ``H_s`` for the backward.
-    Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand)."""
+    stored there instead, every row being some adapter's); returns ``(H_s, G)``, ``H_s`` for the
+    backward. Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand).
+    ``with_g``: the backward's zeroed ``G [T, R]`` is allocated here too, in H_s's fill (None
+    otherwise): one launch less per LoRA layer, on the path where the host's launches are the
+    time, for T·R fp32 more held from the forward to the backward (as much as H_s)."""
     T, K = x.shape
     nc = plan.table.shape[0]
-    h = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32)
+    TR = T * plan.R
+    buf = torch.zeros(TR * (1 + with_g), device=x.device, dtype=torch.float32)
+    h = buf[:TR].view(T, plan.R)
+    g = buf[TR:].view(T, plan.R) if with_g else None
     prec = _dot_prec(x.dtype)
     dev = x.device.index or 0
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
             x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
             R=plan.R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
     if base_out is None:
-        return h
+        return h, g
     N = base_out.shape[1]
     _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
             _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,))),
             h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
             R=plan.R, ALIGN=plan.table_align, DOT_PREC=prec, ACCUMULATE=accumulate, device_index=dev)
-    return h
+    return h, g
+
+
+def _take_g(ctx) -> Optional[torch.Tensor]:
+    """The zeroed G the forward allocated, once: a second backward (``retain_graph``) must not
+    add into the first one's."""
+    g, ctx.g = ctx.g, None
+    return g
 
 
 def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor, w_ref: torch.Tensor,
-                   seed: int, drop: tuple, need_x: bool, need_a: bool, dx: Optional[torch.Tensor] = None):
+                   seed: int, drop: tuple, need_x: bool, need_a: bool, dx: Optional[torch.Tensor] = None,
+                   g: Optional[torch.Tensor] = None):
     """The LoRA part of the backward: ``(dx, da, db, G)``. With a gradient sink dA/dB go to the
     plan's buffers (``da``, ``db`` empty); otherwise into one fp32 workspace, returned as its
-    dA ``[Σr·K]`` and dB parts. A ``dx`` passed in (the base's input gradient) is added to."""
+    dA ``[Σr·K]`` and dB parts. A ``dx`` passed in (the base's input gradient) is added to; a
+    ``g`` (zeroed ``[T, R]`` fp32, from the forward) is used for G."""
     sink = plan.grad_sink
     add_dx = dx is not None
     T, K = x.shape
@@ -111,13 +126,16 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
         flags = (plan.has_dropout, need_x, need_a, grad_sink) + ((True,) if add_dx else ())
         return _key(dt, w_ref.dtype, prec, plan, K, *flags)
 
-    # One zero-filled fp32 workspace: G [T, R] | dA [Σr, K] | dB blocks [out, r_i] each
-    # (only G with a gradient sink).
+    # One zero-filled fp32 workspace: G [T, R] (unless given) | dA [Σr, K] | dB blocks [out, r_i]
+    # each (nothing more with a gradient sink; then no fill at all when G is given).
     sum_r = 0 if sink else sum(plan.ranks)
-    ws = torch.zeros(T * plan.R + sum_r * (K * need_a + N), device=x.device, dtype=torch.float32)
-    g = ws[:T * plan.R].view(T, plan.R)
-    da = ws[T * plan.R:T * plan.R + sum_r * K * need_a]
-    db = ws[T * plan.R + sum_r * K * need_a:]
+    TR = 0 if g is not None else T * plan.R
+    n_ws = TR + sum_r * (K * need_a + N)
+    ws = torch.zeros(n_ws, device=x.device, dtype=torch.float32) if n_ws else h.new_empty(0)
+    if g is None:
+        g = ws[:TR].view(T, plan.R)
+    da = ws[TR:TR + sum_r * K * need_a]
+    db = ws[TR + sum_r * K * need_a:]
     if need_x and dx is None:
         dx = torch.empty_like(x)
 
@@ -182,7 +200,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, drop: tuple, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        h = _lora_forward(plan, x, base_out, seed, drop, w_ref)
+        h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref, with_g=any(ctx.needs_input_grad))
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, h)
         _hold_weights(ctx, () if plan.grad_sink else weights)
@@ -207,7 +225,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
         K, N = x.shape[1], dy.shape[1]
         w_ref = plan.weights[0] if sink else weights[0]
-        dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a)
+        dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, need_a, g=_take_g(ctx))
         if sink:
             return (dx, d_base, None, None, None, None)
         return (dx, d_base, None, None, None, *_weight_grads(plan, da, db, K, N, w_ref.dtype, need[5:]))
@@ -361,16 +379,17 @@ class _LinearMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
+        with_g = any(ctx.needs_input_grad)
         if mode == LINEAR_GEMM:
-            h = _lora_forward(plan, x, None, seed, drop, w_ref)
+            h, ctx.g = _lora_forward(plan, x, None, seed, drop, w_ref, with_g=with_g)
             y = lora_gemm(plan, x, weight, h, forward=True, w_ref=w_ref)
         elif mode == LINEAR_EPILOGUE:
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-            h = _lora_forward(plan, x, y, seed, drop, w_ref, accumulate=False)
+            h, ctx.g = _lora_forward(plan, x, y, seed, drop, w_ref, accumulate=False, with_g=with_g)
             y.addmm_(x, weight.t())
         else:
             y = torch.nn.functional.linear(x, weight, bias)
-            h = _lora_forward(plan, x, y, seed, drop, w_ref)
+            h, ctx.g = _lora_forward(plan, x, y, seed, drop, w_ref, with_g=with_g)
         ctx.save_for_backward(x, h, weight)
         _hold_weights(ctx, () if plan.grad_sink else weights)
         ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
@@ -393,15 +412,16 @@ class _LinearMultiLoRA(torch.autograd.Function):
         dy = dy if dy.stride(1) == 1 else dy.contiguous()
         w_ref = plan.weights[0] if sink else weights[0]
         if ctx.mode == LINEAR_GEMM and not plan.has_dropout:
-            _, da, db, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True)
+            _, da, db, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True, g=_take_g(ctx))
             dx = lora_gemm(plan, dy, weight, g, forward=False, w_ref=w_ref) if need_x else None
         elif ctx.mode in (LINEAR_GEMM, LINEAR_EPILOGUE):
-            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True)
+            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, g=_take_g(ctx))
             if need_x:
                 dx.addmm_(dy, weight)
         else:
             dx = torch.mm(dy, weight) if need_x else None
-            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx)
+            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx,
+                                           g=_take_g(ctx))
         if sink:
             return (dx,) + (None,) * 7
         return (dx, None, None, None, None, None, None,
