@@ -171,26 +171,6 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     return dx, da, db, g
 
 
-def _hold_weights(ctx, weights: tuple) -> None:
-    """Keep the LoRA weights alive for the backward (the pointer table holds their addresses).
-
-    Not through ``save_for_backward``: unpacking 2n saved tensors is a few µs each on the
-    host-bound path (~40 µs of 8 adapters' fwd+bwd on a slow host). Autograd's guard against an
-    in-place change between forward and backward is kept: their versions, checked there."""
-    ctx.lora_weights = weights
-    ctx.lora_versions = [w._version for w in weights]
-
-
-def _held_weights(ctx) -> tuple:
-    weights = ctx.lora_weights
-    if [w._version for w in weights] != ctx.lora_versions:
-        changed = [i for i, (w, v) in enumerate(zip(weights, ctx.lora_versions)) if w._version != v]
-        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                           f"inplace operation: LoRA weight(s) {changed} of [*lora_a, *lora_b] changed between "
-                           f"the multi-LoRA forward and its backward")
-    return weights
-
-
 class _FusedMultiLoRA(torch.autograd.Function):
     """Inputs: ``x, base_out, plan, seed, (streams, width)`` then either the 2n weights
     (workspace mode: their grads are returned) or the plan's sink token (sink mode: grads go to
@@ -202,15 +182,14 @@ class _FusedMultiLoRA(torch.autograd.Function):
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
         h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref, with_g=any(ctx.needs_input_grad))
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, h)
-        _hold_weights(ctx, () if plan.grad_sink else weights)
+        # the weights too: the pointer table holds their addresses (and autograd checks their versions)
+        ctx.save_for_backward(x, h, *(() if plan.grad_sink else weights))
         ctx.plan, ctx.seed, ctx.drop = plan, seed, drop
         return base_out
 
     @staticmethod
     def backward(ctx, dy):
-        x, h = ctx.saved_tensors
-        weights = _held_weights(ctx)
+        x, h, *weights = ctx.saved_tensors
         plan: MultiLoRAPlan = ctx.plan
         n, dt, sink = plan.n, x.dtype, plan.grad_sink
         need = ctx.needs_input_grad
@@ -390,15 +369,14 @@ class _LinearMultiLoRA(torch.autograd.Function):
         else:
             y = torch.nn.functional.linear(x, weight, bias)
             h, ctx.g = _lora_forward(plan, x, y, seed, drop, w_ref, with_g=with_g)
-        ctx.save_for_backward(x, h, weight)
-        _hold_weights(ctx, () if plan.grad_sink else weights)
+        # the weights too: the pointer table holds their addresses (and autograd checks their versions)
+        ctx.save_for_backward(x, h, weight, *(() if plan.grad_sink else weights))
         ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, weight = ctx.saved_tensors
-        weights = _held_weights(ctx)
+        x, h, weight, *weights = ctx.saved_tensors
         plan: MultiLoRAPlan = ctx.plan
         sink, n = plan.grad_sink, plan.n
         need = ctx.needs_input_grad
