@@ -119,6 +119,8 @@ for phase in "$@"; do
       done ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
+    khost-g)  # G zero-filled in the forward or in the backward (fused.G_IN_FORWARD), alternating in one process
+      run khost-g python benchmarks/kernel_host.py --ab G_IN_FORWARD --rounds 10 --calls 300 ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

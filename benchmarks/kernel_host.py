@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--ab", default=None, metavar="FLAG",
+                    help="a boolean of alto_kernels.fused (e.g. G_IN_FORWARD): time each variant with it off and "
+                         "on, alternating in this process for --rounds rounds, and print the medians")
+    ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     import_alto_kernels()
     from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
@@ -69,6 +73,11 @@ def main() -> None:
     direct = _common.DIRECT_LAUNCH
     linear = lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy)  # noqa: E731 - the one-node path
     linear()
+    if args.ab:
+        same_process_ab(args.ab, args.rounds, args.calls, {
+            "fused_linear_multi_lora (b)": linear_op, "fused": fwd_bwd, "fused_sink": sink,
+            "fused_linear (one node)": linear})
+        return
     for name, fn, launch, skip_hooks in (
             ("base", base_only, direct, True), ("fused_linear_multi_lora (b)", linear_op, direct, True),
             ("fused", fwd_bwd, direct, True), ("fused_sink", sink, direct, True),
@@ -98,6 +107,34 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"--- {title}")
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def same_process_ab(flag: str, rounds: int, calls: int, variants: dict) -> None:
+    """Host time per call of each variant with ``alto_kernels.fused.<flag>`` off and on, the arms
+    alternating within one process (separate processes on a lent host differ by more than the
+    effects measured here)."""
+    import statistics
+
+    from alto_kernels import fused as _fused
+    if not isinstance(getattr(_fused, flag, None), bool):
+        raise SystemExit(f"alto_kernels.fused.{flag} is not a boolean switch")
+    times = {(name, on): [] for name in variants for on in (False, True)}
+    for _ in range(rounds):
+        for on in (False, True):
+            setattr(_fused, flag, on)
+            for name, fn in variants.items():
+                fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[(name, on)].append((time.perf_counter() - t0) / calls * 1e3)
+                torch.cuda.synchronize()
+    for name in variants:
+        off, on = (statistics.median(times[(name, v)]) for v in (False, True))
+        print(f"{name}: {flag}=0 {off:.3f} ms/call, {flag}=1 {on:.3f} ms/call (median of {rounds}), "
+              f"on/off {on / off:.3f}; per round off {[round(t, 3) for t in times[(name, False)]]} "
+              f"on {[round(t, 3) for t in times[(name, True)]]}")
 
 
 if __name__ == "__main__":

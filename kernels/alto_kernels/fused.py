@@ -51,6 +51,10 @@ _BWD_DY = TunedLauncher(lora_bwd_dy_kernel, "lora_bwd_dy")
 _BWD_DX = TunedLauncher(lora_bwd_dx_kernel, "lora_bwd_dx")
 LAUNCHERS = (_SHRINK, _EXPAND, _BWD_DY, _BWD_DX)
 
+# The backward's G zero-filled with the forward's H_s (``_lora_forward``'s ``with_g``); a switch
+# for benchmarks/kernel_host.py's same-process A/B (``--ab G_IN_FORWARD``).
+G_IN_FORWARD = True
+
 
 def _key(x_dtype, w_dtype, prec: str, plan: MultiLoRAPlan, dim: int, *flags: bool, exact: tuple = ()) -> LaunchKey:
     """The launch key, memoised on the plan (this runs on the host-bound path: 4 launches a call)."""
@@ -180,7 +184,8 @@ class _FusedMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, drop: tuple, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref, with_g=any(ctx.needs_input_grad))
+        h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref,
+                                 with_g=G_IN_FORWARD and any(ctx.needs_input_grad))
         ctx.mark_dirty(base_out)
         # the weights too: the pointer table holds their addresses (and autograd checks their versions)
         ctx.save_for_backward(x, h, *(() if plan.grad_sink else weights))
@@ -358,7 +363,7 @@ class _LinearMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        with_g = any(ctx.needs_input_grad)
+        with_g = G_IN_FORWARD and any(ctx.needs_input_grad)
         if mode == LINEAR_GEMM:
             h, ctx.g = _lora_forward(plan, x, None, seed, drop, w_ref, with_g=with_g)
             y = lora_gemm(plan, x, weight, h, forward=True, w_ref=w_ref)
