@@ -51,9 +51,13 @@ _BWD_DY = TunedLauncher(lora_bwd_dy_kernel, "lora_bwd_dy")
 _BWD_DX = TunedLauncher(lora_bwd_dx_kernel, "lora_bwd_dx")
 LAUNCHERS = (_SHRINK, _EXPAND, _BWD_DY, _BWD_DX)
 
-# The backward's G zero-filled with the forward's H_s (``_lora_forward``'s ``with_g``); a switch
-# for benchmarks/kernel_host.py's same-process A/B (``--ab G_IN_FORWARD``).
-G_IN_FORWARD = True
+# Zero-fill the backward's G with the forward's H_s (``_lora_forward``'s ``with_g``): one launch
+# less per LoRA layer call, for T·R fp32 more held from forward to backward. Off until a GPU host
+# shows the gain: in the one A/B run so far (separate processes, one H200 host) the two-node sink
+# path's host time came out higher with it in 5 of 5 pairs, inside that host's run-to-run spread.
+# benchmarks/kernel_host.py --ab G_IN_FORWARD (device_run phase khost-g) alternates the two in one
+# process.
+G_IN_FORWARD = False
 
 
 def _key(x_dtype, w_dtype, prec: str, plan: MultiLoRAPlan, dim: int, *flags: bool, exact: tuple = ()) -> LaunchKey:
