@@ -53,8 +53,9 @@ LAUNCHERS = (_SHRINK, _EXPAND, _BWD_DY, _BWD_DX)
 
 # Zero-fill the backward's G with the forward's H_s (``_lora_forward``'s ``with_g``): one launch
 # less per LoRA layer call, for T·R fp32 more held from forward to backward. Off until a GPU host
-# shows the gain: in the one A/B run so far (separate processes, one H200 host) the two-node sink
-# path's host time came out higher with it in 5 of 5 pairs, inside that host's run-to-run spread.
+# shows the gain: on one H200 host, separate processes, the two-node sink path's host time came
+# out lower with it in one call (0.78, 0.71 against 0.85, 0.91 ms) and higher in 5 of 5 pairs in
+# the next (median 0.89 against 0.72 ms): that host's spread, not the change.
 # benchmarks/kernel_host.py --ab G_IN_FORWARD (device_run phase khost-g) alternates the two in one
 # process.
 G_IN_FORWARD = False
@@ -85,10 +86,11 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch
     time, for T·R fp32 more held from the forward to the backward (as much as H_s)."""
     T, K = x.shape
     nc = plan.table.shape[0]
-    TR = T * plan.R
-    buf = torch.zeros(TR * (1 + with_g), device=x.device, dtype=torch.float32)
-    h = buf[:TR].view(T, plan.R)
-    g = buf[TR:].view(T, plan.R) if with_g else None
+    if with_g:
+        hg = torch.zeros(2, T, plan.R, device=x.device, dtype=torch.float32)
+        h, g = hg[0], hg[1]
+    else:  # no slicing: each view made from Python is host time on this path
+        h, g = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32), None
     prec = _dot_prec(x.dtype)
     dev = x.device.index or 0
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
@@ -142,8 +144,11 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     ws = torch.zeros(n_ws, device=x.device, dtype=torch.float32) if n_ws else h.new_empty(0)
     if g is None:
         g = ws[:TR].view(T, plan.R)
-    da = ws[TR:TR + sum_r * K * need_a]
-    db = ws[TR + sum_r * K * need_a:]
+    if sum_r:
+        da = ws[TR:TR + sum_r * K * need_a]
+        db = ws[TR + sum_r * K * need_a:]
+    else:  # a gradient sink: nothing in the workspace for them
+        da = db = ws[:0]
     if need_x and dx is None:
         dx = torch.empty_like(x)
 
