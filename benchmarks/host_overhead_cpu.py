@@ -33,8 +33,10 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from alto_kernels.fused import TunedLauncher, apply_linear_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels.fused import TunedLauncher, fused_multi_lora, prepare_multi_lora
     from alto_kernels.fused_linear import fused_linear_multi_lora
+    # through the package: its module moved (fused -> fused_linear), and --kernels may be older
+    from alto_kernels import apply_linear_multi_lora
 
     TunedLauncher.__call__ = lambda self, *a, **k: None  # no kernel runs: the host path alone
     TunedLauncher.choice = lambda self, *a, **k: object()

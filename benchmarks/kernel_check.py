@@ -173,7 +173,8 @@ def check_linear(K, N, tol, gen):
     against the two-node path on the same plan, bf16, dropout 0.1: the epilogue variant (the
     GEMMs add into the stored deltas, ``addmm_``) twice, then the in-kernel adds (``ADD_DX``),
     then the public op ``fused_linear_multi_lora`` (weights' gradients returned, not sunk)."""
-    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, prepare_multi_lora
+    from alto_kernels.fused import apply_multi_lora, prepare_multi_lora
+    from alto_kernels.fused_linear import apply_linear_multi_lora
     dev, dt = "cuda", torch.bfloat16
     ranks, lens = [16, 8, 32, 64, 16, 8, 32, 64], [512, 300, 0, 700, 512, 129, 1, 512]
     offs = [0]

@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     import_alto_kernels()
-    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels import apply_linear_multi_lora  # the package's: older kernels (host-ab's before arm) have it in fused
+    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
     from alto_kernels.fused_linear import fused_linear_multi_lora
     n, K = args.adapters, args.dim
     T = n * args.tokens

@@ -57,7 +57,7 @@ def setup(K, N, n_ad, tok, rank_key, gen, lens=None):
 
 def check(case, gen):
     """Relative errors of Y, dX and the sinks against fp32 math on the same bf16 values."""
-    from alto_kernels.fused import apply_linear_multi_lora
+    from alto_kernels.fused_linear import apply_linear_multi_lora
     W, A, B, offs, scales, plan, T = (case[k] for k in ("W", "A", "B", "offs", "scales", "plan", "T"))
     K, N = W.shape[1], W.shape[0]
     x = torch.randn(T, K, device="cuda", generator=gen).to(torch.bfloat16)
@@ -85,7 +85,7 @@ def check(case, gen):
 
 
 def bench_case(K, N, n_ad, tok, rank_key, rep_ms, graph_rep_ms, gen):
-    from alto_kernels.fused import apply_linear_multi_lora, lora_gemm
+    from alto_kernels.fused_linear import apply_linear_multi_lora, lora_gemm
     from triton.testing import do_bench, do_bench_cudagraph
     case = setup(K, N, n_ad, tok, rank_key, gen)
     W, plan, T = case["W"], case["plan"], case["T"]
@@ -163,7 +163,7 @@ def main():
     rows = []
     t0 = time.time()
     # Segments that do not line up with the row tiles (up to 4 in a tile, one empty): errors only.
-    from alto_kernels.fused import _segment_tables
+    from alto_kernels.fused_linear import _segment_tables
     uneven = setup(4096, 4096, 0, 0, "mixed", gen, lens=[389, 0, 1024, 77, 640, 1, 900, 1065])
     uneven_errors = check(uneven, gen)
     print("uneven segments (SEGS=%d):" % _segment_tables(uneven["plan"])[2], uneven_errors, flush=True)

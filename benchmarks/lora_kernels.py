@@ -49,7 +49,8 @@ def lora_bytes(T, K, N, elt=2):
 
 def bench_case(ak, K, N, n_ad, tok, rank_key, do_bench, rep_ms, graph_rep_ms=0, dev="cuda"):
     """One case's timings and ratios (``dev`` "cpu": the tests' smoke run under TRITON_INTERPRET)."""
-    from alto_kernels.fused import apply_linear_multi_lora, apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels import apply_linear_multi_lora  # the package's: older kernels (host-ab's before arm) have it in fused
+    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
     from alto_kernels.fused_linear import fused_linear_multi_lora
     dt = torch.bfloat16
     ranks = [RANKS[rank_key][i % len(RANKS[rank_key])] for i in range(n_ad)]
@@ -177,7 +178,8 @@ def profile_hot(ak, K=4096, N=4096, n_ad=8, tok=512, rank=16):
     (b) ``fused_linear_multi_lora`` and (b'') the engine's one-node path, so that what each adds
     over the base shows kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
-    from alto_kernels.fused import apply_linear_multi_lora, prepare_multi_lora
+    from alto_kernels import apply_linear_multi_lora
+    from alto_kernels.fused import prepare_multi_lora
     from alto_kernels.fused_linear import fused_linear_multi_lora
     dt, T = torch.bfloat16, n_ad * tok
     offs, scales = [i * tok for i in range(n_ad + 1)], [2.0] * n_ad

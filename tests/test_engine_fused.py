@@ -16,13 +16,13 @@ torch.set_num_threads(1)
 from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
 from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()
 model_dir, data_path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-import alto_kernels.fused as fused
+import alto_kernels.fused_linear as fused_linear
 linear_calls = [0]
-_apply_linear = fused.apply_linear_multi_lora
+_apply_linear = fused_linear.apply_linear_multi_lora
 def counted(*a, **k):
     linear_calls[0] += 1
     return _apply_linear(*a, **k)
-fused.apply_linear_multi_lora = counted
+fused_linear.apply_linear_multi_lora = counted
 out = {}
 for backend in ("reference", "triton"):
     t = GroupedTrainer(model_dir, DatasetSpec(data_path), device="cpu", backend=backend)

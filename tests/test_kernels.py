@@ -19,6 +19,7 @@ import alto_kernels  # noqa: E402
 from alto_kernels import multi_lora, multi_lora_reference, resolve_backend  # noqa: E402
 
 fused = pytest.importorskip("alto_kernels.fused", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+from alto_kernels import fused_linear  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -224,7 +225,7 @@ def _linear_paths(paths, dtype, p, with_bias=False, lens=(26, 0, 39), ranks=(16,
         if path == "two nodes":
             y = fused.apply_multi_lora(plan, xs, torch.nn.functional.linear(xs, weight, bias), seed=5)
         else:
-            y = fused.apply_linear_multi_lora(plan, xs, weight, bias, seed=5, **linear_kw)
+            y = fused_linear.apply_linear_multi_lora(plan, xs, weight, bias, seed=5, **linear_kw)
         (dx,) = torch.autograd.grad(y, [xs], dy)
         got[path] = (y.detach(), dx, ga + gb)
     return seed, got, (plan, xs, weight)
@@ -254,9 +255,9 @@ def test_linear_with_lora_adds_the_lora_dx_into_the_base_dx(dtype, with_bias):
         assert torch.equal(sinks["two nodes"][0], sinks["one node"][0]), f"seed={seed}: forward differs"
     _assert_one_rounding_apart(seed, sinks["two nodes"], sinks["one node"], dtype)
     with pytest.raises(ValueError, match="weight must be"):
-        fused.apply_linear_multi_lora(plan, xs, weight[:, :8], None)
+        fused_linear.apply_linear_multi_lora(plan, xs, weight[:, :8], None)
     with pytest.raises(ValueError, match="require grad"):
-        fused.apply_linear_multi_lora(plan, xs, weight.clone().requires_grad_(), None)
+        fused_linear.apply_linear_multi_lora(plan, xs, weight.clone().requires_grad_(), None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -267,8 +268,8 @@ def test_linear_gemm_puts_the_lora_expand_in_the_base_gemm(dtype, p, monkeypatch
     # two adapters and the rank-1 adapter's segment sits between them. Same numbers as the
     # two-node path up to one rounding of Y and dX.
     calls = []
-    real = fused.lora_gemm
-    monkeypatch.setattr(fused, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
+    real = fused_linear.lora_gemm
+    monkeypatch.setattr(fused_linear, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
     seed, got, _ = _linear_paths(("two nodes", "gemm"), dtype, p, gemm=True)
     assert calls == ([True, False] if p is None else [True]), calls  # with dropout, dX as the epilogue path
     _assert_one_rounding_apart(seed, got["two nodes"], got["gemm"], dtype)
@@ -279,11 +280,11 @@ def test_linear_gemm_walks_many_segments_in_one_tile(max_static, segs, monkeypat
     # Ten adapters' rows (one empty segment) in 48 rows: a 16-row tile holds up to five segments.
     # Above MAX_STATIC_SEGS the epilogue walks them in a dynamic loop (SEGS = 0), else in a static
     # one of SEGS guarded steps; both give the two-node path's numbers.
-    monkeypatch.setattr(fused, "MAX_STATIC_SEGS", max_static)
+    monkeypatch.setattr(fused_linear, "MAX_STATIC_SEGS", max_static)
     lens, ranks = (5, 3, 0, 9, 2, 7, 4, 6, 1, 8, 3), (16, 1, 8, 4, 16, 2, 8, 16, 1, 4, 8)
     seed, got, (plan, _, _) = _linear_paths(("two nodes", "gemm"), torch.bfloat16, None, lens=lens, ranks=ranks,
                                             gemm=True)
-    row_segs, table, n_segs = fused._segment_tables(plan)
+    row_segs, table, n_segs = fused_linear._segment_tables(plan)
     assert n_segs == segs and table.shape == (10, 3)
     assert row_segs.tolist() == [i for i, n in enumerate(v for v in lens if v) for _ in range(n)]
     _assert_one_rounding_apart(seed, got["two nodes"], got["gemm"], torch.bfloat16)

@@ -57,12 +57,12 @@ def test_one_node_linear_matches_linear_plus_reference(dtype, with_bias, p, monk
     # bias the GEMMs add into the deltas the LoRA kernels stored (epilogue order), with one the
     # kernels add into the GEMMs' outputs; either way one node returns dX and every dA_i, dB_i.
     calls = []
-    real = fused._LinearMultiLoRA.apply
-    monkeypatch.setattr(fused._LinearMultiLoRA, "apply", lambda *a: calls.append(a[6]) or real(*a))
+    real = fused_linear._LinearMultiLoRA.apply
+    monkeypatch.setattr(fused_linear._LinearMultiLoRA, "apply", lambda *a: calls.append(a[6]) or real(*a))
     seed, x, weight, bias, A, B, offs, scales, dy = make([26, 0, 39, 7], [16, 1, 8, 64], dtype, with_bias)
     y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales, bias=bias, dropout_p=p,
                                              training=p is not None, seed=11)
-    assert calls == [fused.LINEAR_ADDS if with_bias else fused.LINEAR_EPILOGUE]
+    assert calls == [fused_linear.LINEAR_ADDS if with_bias else fused_linear.LINEAR_EPILOGUE]
     masks = fused.dropout_mask(11, offs, p, K, device=DEVICE) if p else None
     ref = torch.nn.functional.linear(x, weight, bias) + multi_lora_reference(x, A, B, offs, scales,
                                                                              dropout_masks=masks, dropout_p=p)
@@ -144,8 +144,8 @@ def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients(op,
 
 def test_gemm_flag_puts_the_expand_in_alto_s_gemm(monkeypatch):
     calls = []
-    real = fused.lora_gemm
-    monkeypatch.setattr(fused, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
+    real = fused_linear.lora_gemm
+    monkeypatch.setattr(fused_linear, "lora_gemm", lambda *a, **k: calls.append(k["forward"]) or real(*a, **k))
     seed, x, weight, _, A, B, offs, scales, dy = make([16, 5, 27], [16, 1, 8], torch.bfloat16, False)
     y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales, gemm=True)
     ref = torch.nn.functional.linear(x, weight) + multi_lora_reference(x, A, B, offs, scales)

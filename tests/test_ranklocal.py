@@ -115,18 +115,18 @@ SHARDED_FUSED_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()
-import alto_kernels.fused as fused
+import alto_kernels.fused_linear as fused_linear
 from alto_ray.cluster.ranklocal import RankLocalTrainer
 from alto_ray.cluster.ranklocal_model import free_port, init_rank_process_group, load_sharded_backbone
 from alto_ray.engine import AdapterConfig, DatasetSpec, GroupedTrainer
 from alto_ray.engine.fused_modules import FusedGatedMLP, FusedRMSNorm
 model_dir, data_path = sys.argv[1], sys.argv[2]
 calls = [0]
-_apply_linear = fused.apply_linear_multi_lora
+_apply_linear = fused_linear.apply_linear_multi_lora
 def counted(*a, **k):
     calls[0] += 1
     return _apply_linear(*a, **k)
-fused.apply_linear_multi_lora = counted
+fused_linear.apply_linear_multi_lora = counted
 CFGS = {"a": AdapterConfig(rank=4, alpha=8, lr=1e-2, batch_size=2, max_seq_len=12, seed=1, lr_schedule="constant"),
         "b": AdapterConfig(rank=8, alpha=8, lr=1e-2, batch_size=1, max_seq_len=12, seed=2, lr_schedule="constant")}
 def train(t):

@@ -2,11 +2,10 @@
 
 Import as ``alto_kernels`` (the folder is ``kernels/alto_kernels/``: ``kernels`` is a PyPI package
 transformers imports, so ``kernels/`` itself is no package). No Ray and no model code here.
-``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink;
-``apply_linear_multi_lora``: with the frozen base linear in the same autograd node),
-``fused_linear_multi_lora`` (the frozen base linear and the deltas as one node, gradients for
-every A_i, B_i; ``alto_kernels.fused_linear``) and
-``dropout_mask`` import Triton on first use (``alto_kernels.fused``), as do the fused RMSNorm
+``fused_multi_lora``, ``prepare_multi_lora``/``apply_multi_lora`` (cached plans, gradient sink) and
+``dropout_mask`` (``alto_kernels.fused``), ``fused_linear_multi_lora`` (the frozen base linear and
+the deltas as one node, gradients for every A_i, B_i) and ``apply_linear_multi_lora`` (the same
+with a gradient sink; both ``alto_kernels.fused_linear``) import Triton on first use, as do the fused RMSNorm
 ``rms_norm`` (``alto_kernels.fused_rms_norm``; ``rms_norm_reference`` is its formula in PyTorch) and
 the fused SwiGLU activation ``silu_mul`` (``alto_kernels.fused_silu_mul``; ``silu_mul_reference``), and
 the fused rotary embedding ``rotary`` (``alto_kernels.fused_rotary``; ``rotary_reference``).
@@ -20,17 +19,16 @@ __all__ = ["apply_linear_multi_lora", "apply_multi_lora", "check_segments", "dro
            "multi_lora_reference", "prepare_multi_lora", "resolve_backend", "rms_norm", "rms_norm_reference",
            "rotary", "rotary_reference", "silu_mul", "silu_mul_reference", "triton_available"]
 
-_FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "apply_linear_multi_lora",
-          "MultiLoRAPlan")
+_FUSED = ("fused_multi_lora", "dropout_mask", "prepare_multi_lora", "apply_multi_lora", "MultiLoRAPlan")
 
 
 def __getattr__(name):
     if name in _FUSED:
         from . import fused
         return getattr(fused, name)
-    if name == "fused_linear_multi_lora":
-        from .fused_linear import fused_linear_multi_lora
-        return fused_linear_multi_lora
+    if name in ("fused_linear_multi_lora", "apply_linear_multi_lora"):
+        from . import fused_linear
+        return getattr(fused_linear, name)
     if name == "rms_norm":
         from .fused_rms_norm import rms_norm
         return rms_norm

@@ -20,6 +20,10 @@ in one fp32 workspace laid out so that each ``dA_i``/``dB_i`` is a contiguous bl
 views (``fused_multi_lora``), or straight into per-adapter fp32 gradient buffers (a plan with a
 gradient sink, ``prepare_multi_lora`` + ``apply_multi_lora``: the engine's path).
 
+The frozen base linear and these kernels as one autograd node (``fused_linear_multi_lora``,
+``apply_linear_multi_lora``) live in ``fused_linear.py``; it uses the forward and backward halves
+defined here.
+
 Host cost matters as much as the kernels here: plans are cached (``plan.py``) and each kernel is
 launched through its tuned config directly once the autotuner has chosen it.
 """
@@ -28,7 +32,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import triton
 
@@ -38,12 +41,10 @@ from .dropout import dropout_mask_kernel
 from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
 from .lora_expand import lora_expand_kernel
-from .lora_gemm import lora_gemm_kernel
 from .lora_shrink import lora_shrink_kernel
 from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, validate
 
-__all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_linear_multi_lora", "apply_multi_lora", "dropout_mask", "fused_multi_lora",
-           "prepare_multi_lora"]
+__all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_multi_lora", "dropout_mask", "fused_multi_lora", "prepare_multi_lora"]
 
 _SHRINK = TunedLauncher(lora_shrink_kernel, "lora_shrink")
 _EXPAND = TunedLauncher(lora_expand_kernel, "lora_expand")
@@ -273,153 +274,6 @@ def _weight_grads(plan: MultiLoRAPlan, da: torch.Tensor, db: torch.Tensor, K: in
     return [g if want else None for g, want in zip((*grads_a, *grads_b), need)]
 
 
-# How the one-node linear orders its base GEMMs and LoRA kernels (``_LinearMultiLoRA``).
-LINEAR_ADDS, LINEAR_EPILOGUE, LINEAR_GEMM = "adds", "epilogue", "gemm"
-
-
-# The static segment walk of lora_gemm_kernel unrolls up to this many guarded steps.
-MAX_STATIC_SEGS = 8
-
-
-def _segment_tables(plan: MultiLoRAPlan) -> tuple:
-    """``(row_segs, segs, SEGS)`` for ``lora_gemm``, built once per plan from its host offsets:
-    int32 ``[T]`` segment of every row, int32 ``[S, 3]`` (first row, end row, first chunk) of
-    each non-empty segment, and the most segments any 256-row window holds (rounded up to a
-    power of two; 0 above ``MAX_STATIC_SEGS``: the kernel's dynamic walk)."""
-    got = plan.derived.get("segments")
-    if got is None:
-        offs, chunk = plan.offsets, plan.chunk
-        rows, first = [], 0
-        for lo, hi in zip(offs, offs[1:]):
-            if hi > lo:
-                rows.append((lo, hi, first))
-                first += -(-(hi - lo) // chunk)
-        segs = np.array(rows, dtype=np.int32).reshape(-1, 3)
-        row_segs = np.repeat(np.arange(len(rows), dtype=np.int32), segs[:, 1] - segs[:, 0])
-        # Row tiles (BLOCK_M ≤ 256, a power of two) lie inside 256-row windows; segments are monotone.
-        starts = np.arange(0, len(row_segs), 256)
-        ends = np.minimum(starts + 256, len(row_segs)) - 1
-        most = int((row_segs[ends] - row_segs[starts]).max()) + 1 if len(row_segs) else 1
-        most = 1 << (most - 1).bit_length()
-        dev = plan.table.device
-        got = (torch.from_numpy(row_segs).to(dev), torch.from_numpy(segs).to(dev),
-               most if most <= MAX_STATIC_SEGS else 0)
-        plan.derived["segments"] = got
-    return got
-
-
-def gemm_supported(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``lora_gemm`` can take these operands: TMA needs 16-byte aligned bases and rows."""
-    if not (a.is_cuda or _common.INTERPRET) or a.dtype != weight.dtype:
-        return False
-    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
-        return False
-    es = a.element_size()
-    return (weight.dim() == 2 and all((d * es) % 16 == 0 for d in weight.shape)
-            and all(t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, weight)))
-
-
-_NUM_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if _common.INTERPRET or device.type != "cuda":
-        return 4
-    n = _NUM_SMS.get(device.index)
-    if n is None:
-        n = _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
-def lora_gemm(plan: MultiLoRAPlan, a: torch.Tensor, weight: torch.Tensor, skinny: torch.Tensor,
-              forward: bool, w_ref: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a Wᵀ + H_s B_aᵀ`` (``forward``: a = X, skinny = H_s) or ``a W + c_a G A_a`` (a = dY,
-    skinny = G), the LoRA term of each row from its adapter; one kernel (``lora_gemm.py``).
-    ``w_ref``: a LoRA weight of the pointer table's dtype (default: the sink plan's first)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    M, K = a.shape
-    N = weight.shape[0] if forward else weight.shape[1]
-    if weight.shape[1 if forward else 0] != K or M != plan.tokens or skinny.shape != (M, plan.R):
-        raise ValueError(f"lora_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)}, skinny "
-                         f"{tuple(skinny.shape)} do not fit the plan ({plan.tokens} rows, R={plan.R})")
-    if a.data_ptr() % 16:  # a view at an odd offset (dY from a slice): TMA needs an aligned base
-        a = a.clone()
-    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    block = [1, 1]  # set per config by lora_gemm._block_shapes
-    descs = (TensorDescriptor.from_tensor(a, block), TensorDescriptor.from_tensor(weight, block),
-             TensorDescriptor.from_tensor(c, block))
-    sms = _num_sms(a.device)
-    grid = lambda m: (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-    row_segs, segs, n_segs = _segment_tables(plan)
-    lora_gemm_kernel[grid](*descs, skinny, row_segs, segs, plan.table, plan.ptrs,
-                           plan.weights[0] if w_ref is None else w_ref, M, N, K,
-                           plan.R, forward, n_segs, sms, _dot_prec(a.dtype))
-    return c
-
-
-class _LinearMultiLoRA(torch.autograd.Function):
-    """A frozen linear and the LoRA deltas of a sink plan covering all its rows, as one node.
-
-    ``mode``: ``LINEAR_GEMM`` runs the base GEMMs as alto's own Triton GEMMs with the LoRA
-    expand in their epilogue (``lora_gemm``; the backward's only where the plan has no dropout).
-    ``LINEAR_EPILOGUE`` (no bias): the LoRA kernels store their Y and dX deltas and cuBLAS adds
-    into them in place (``addmm_``, beta 1), reading each in its compute-bound epilogue.
-    ``LINEAR_ADDS``: the base GEMMs come first and the LoRA kernels read and add into them
-    (``lora_expand`` in place, ``lora_bwd_dx`` with ``ADD_DX``): two memory-bound re-reads."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, *weights):
-        x = x if x.stride(1) == 1 else x.contiguous()
-        w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        with_g = G_IN_FORWARD and any(ctx.needs_input_grad)
-        if mode == LINEAR_GEMM:
-            h, ctx.g = _lora_forward(plan, x, None, seed, drop, w_ref, with_g=with_g)
-            y = lora_gemm(plan, x, weight, h, forward=True, w_ref=w_ref)
-        elif mode == LINEAR_EPILOGUE:
-            y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-            h, ctx.g = _lora_forward(plan, x, y, seed, drop, w_ref, accumulate=False, with_g=with_g)
-            y.addmm_(x, weight.t())
-        else:
-            y = torch.nn.functional.linear(x, weight, bias)
-            h, ctx.g = _lora_forward(plan, x, y, seed, drop, w_ref, with_g=with_g)
-        # the weights too: the pointer table holds their addresses (and autograd checks their versions)
-        ctx.save_for_backward(x, h, weight, *(() if plan.grad_sink else weights))
-        ctx.plan, ctx.seed, ctx.drop, ctx.mode = plan, seed, drop, mode
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, weight, *weights = ctx.saved_tensors
-        plan: MultiLoRAPlan = ctx.plan
-        sink, n = plan.grad_sink, plan.n
-        need = ctx.needs_input_grad
-        need_x = need[0]
-        need_a = sink or any(need[7:7 + n])
-        need_b = sink or any(need[7 + n:])
-        tail = (None,) * (1 if sink else 2 * n)
-        if not (need_x or need_a or need_b):
-            return (None,) * 7 + tail
-        dy = dy.to(x.dtype)
-        dy = dy if dy.stride(1) == 1 else dy.contiguous()
-        w_ref = plan.weights[0] if sink else weights[0]
-        if ctx.mode == LINEAR_GEMM and not plan.has_dropout:
-            _, da, db, g = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, False, True, g=_take_g(ctx))
-            dx = lora_gemm(plan, dy, weight, g, forward=False, w_ref=w_ref) if need_x else None
-        elif ctx.mode in (LINEAR_GEMM, LINEAR_EPILOGUE):
-            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, g=_take_g(ctx))
-            if need_x:
-                dx.addmm_(dy, weight)
-        else:
-            dx = torch.mm(dy, weight) if need_x else None
-            dx, da, db, _ = _lora_backward(plan, x, h, dy, w_ref, ctx.seed, ctx.drop, need_x, True, dx=dx,
-                                           g=_take_g(ctx))
-        if sink:
-            return (dx,) + (None,) * 7
-        return (dx, None, None, None, None, None, None,
-                *_weight_grads(plan, da, db, x.shape[1], dy.shape[1], w_ref.dtype, need[7:]))
-
-
 def _seed_and_drop(plan: MultiLoRAPlan, x: torch.Tensor, seed: int, streams: Optional[torch.Tensor],
                    width: Optional[int]) -> tuple:
     """The launch's seed and dropout arguments ``(stream table, width)``."""
@@ -448,36 +302,6 @@ def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tenso
     if plan.grad_sink:
         return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, plan.sink_token)
     return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, *weights)
-
-
-def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor] = None, seed: int = 0,
-                            streams: Optional[torch.Tensor] = None, width: Optional[int] = None,
-                            epilogue: bool = True, gemm: bool = False) -> torch.Tensor:
-    """``linear(x, weight, bias) + Σ_i scale_i · dropout(x_i) A_iᵀ B_iᵀ`` for a frozen ``weight``
-    and a plan with a gradient sink whose segments cover every row of ``x``. The same numbers as
-    ``apply_multi_lora(plan, x, linear(x, weight, bias))`` up to one rounding of Y and dX, each
-    summed once instead of twice (arguments as ``apply_multi_lora``). ``epilogue``: the base GEMMs
-    add into the LoRA deltas (``addmm_``) rather than the LoRA kernels into the GEMMs' outputs
-    (used without a bias only; ``_LinearMultiLoRA``). ``gemm``: the base GEMMs are alto's own, with
-    the LoRA expand in their epilogue (``lora_gemm``; without a bias, on Hopper or the
-    interpreter, where ``gemm_supported``; elsewhere ``epilogue`` decides)."""
-    if not plan.grad_sink:
-        raise ValueError("apply_linear_multi_lora needs a plan with a gradient sink (prepare_multi_lora(grad_a=...))")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("weight/bias require grad: the fused linear computes no gradient for them")
-    if tuple(weight.shape) != (plan.out_features, plan.in_features) or weight.dtype != plan.dtype:
-        raise ValueError(f"weight must be [{plan.out_features}, {plan.in_features}] {plan.dtype}, "
-                         f"got {tuple(weight.shape)} {weight.dtype}")
-    plan.check_input(x)
-    if plan.tokens == 0:
-        return torch.nn.functional.linear(x, weight, bias)
-    seed, drop = _seed_and_drop(plan, x, seed, streams, width)
-    if gemm and bias is None and gemm_supported(x if x.stride(1) == 1 else x.contiguous(), weight):
-        mode = LINEAR_GEMM
-    else:
-        mode = LINEAR_EPILOGUE if epilogue and bias is None else LINEAR_ADDS
-    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, mode, plan.sink_token)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees

@@ -57,7 +57,7 @@ class MultiLoRAPlan:
     offsets: Tuple[int, ...] = ()  # the segment offsets (host copy: tables derived later need no sync)
     table_align: int = 1    # the kernels' ALIGN: what every rank divides by, with the table's addresses aligned
     launch_keys: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # fused.py's per-plan memo of LaunchKeys
-    derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # device tables built on first use (fused.py)
+    derived: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # device tables built on first use (fused.py, fused_linear.py)
 
     @property
     def grad_sink(self) -> bool:
