@@ -121,6 +121,8 @@ for phase in "$@"; do
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
     khost-g)  # G zero-filled in the forward or in the backward (fused.G_IN_FORWARD), alternating in one process
       run khost-g python benchmarks/kernel_host.py --ab G_IN_FORWARD --rounds 10 --calls 300 ;;
+    khost-apply)  # alto's autograd Functions through torch's Function.apply wrapper or straight (_common.DIRECT_APPLY)
+      run khost-apply python benchmarks/kernel_host.py --ab _common.DIRECT_APPLY --rounds 10 --calls 300 ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

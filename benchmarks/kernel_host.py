@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--ab", default=None, metavar="FLAG",
-                    help="a boolean of alto_kernels.fused (e.g. G_IN_FORWARD): time each variant with it off and "
+                    help="a boolean of alto_kernels.fused (e.g. G_IN_FORWARD) or, as MODULE.FLAG, of another module "
+                         "of alto_kernels (_common.DIRECT_APPLY): time each variant with it off and "
                          "on, alternating in this process for --rounds rounds, and print the medians")
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
@@ -111,14 +112,16 @@ def main() -> None:
 
 
 def same_process_ab(flag: str, rounds: int, calls: int, variants: dict) -> None:
-    """Host time per call of each variant with ``alto_kernels.fused.<flag>`` off and on, the arms
-    alternating within one process (separate processes on a lent host differ by more than the
-    effects measured here)."""
+    """Host time per call of each variant with ``alto_kernels.fused.<flag>`` (or, for a flag
+    ``MODULE.NAME``, ``alto_kernels.MODULE.NAME``) off and on, the arms alternating within one
+    process (separate processes on a lent host differ by more than the effects measured here)."""
+    import importlib
     import statistics
 
-    from alto_kernels import fused as _fused
+    module, _, flag = flag.rpartition(".")
+    _fused = importlib.import_module(f"alto_kernels.{module or 'fused'}")
     if not isinstance(getattr(_fused, flag, None), bool):
-        raise SystemExit(f"alto_kernels.fused.{flag} is not a boolean switch")
+        raise SystemExit(f"alto_kernels.{module or 'fused'}.{flag} is not a boolean switch")
     times = {(name, on): [] for name in variants for on in (False, True)}
     for _ in range(rounds):
         for on in (False, True):

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from alto_kernels import multi_lora_reference  # noqa: E402
 
 fused = pytest.importorskip("alto_kernels.fused", reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-from alto_kernels import fused_linear  # noqa: E402
+from alto_kernels import _common, fused_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -57,8 +57,8 @@ def test_one_node_linear_matches_linear_plus_reference(dtype, with_bias, p, monk
     # bias the GEMMs add into the deltas the LoRA kernels stored (epilogue order), with one the
     # kernels add into the GEMMs' outputs; either way one node returns dX and every dA_i, dB_i.
     calls = []
-    real = fused_linear._LinearMultiLoRA.apply
-    monkeypatch.setattr(fused_linear._LinearMultiLoRA, "apply", lambda *a: calls.append(a[6]) or real(*a))
+    real = fused_linear._linear_apply
+    monkeypatch.setattr(fused_linear, "_linear_apply", lambda *a: calls.append(a[6]) or real(*a))
     seed, x, weight, bias, A, B, offs, scales, dy = make([26, 0, 39, 7], [16, 1, 8, 64], dtype, with_bias)
     y = fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales, bias=bias, dropout_p=p,
                                              training=p is not None, seed=11)
@@ -140,6 +140,35 @@ def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients(op,
     want = grads(ref, [x, *A, *B], dy)  # the empty segment's adapter is unused there: zeros
     assert max(rel(a, b) for a, b in zip(first, want)) < 1e-5
     assert max(rel(a, b) for a, b in zip(second, want)) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["linear", "lora"])
+def test_direct_apply_skips_only_function_apply_s_wrapper(op, monkeypatch):
+    # _common.DIRECT_APPLY: alto's Functions call the C++ apply straight, past torch.autograd.Function.apply's Python
+    # wrapper (which unwraps functorch's dead wrappers): same numbers, the wrapper not run, and
+    # inside a functorch transform the wrapper again (which refuses these Functions there).
+    import torch._functorch.utils as ft_utils
+    unwraps = []
+    real_unwrap = ft_utils.unwrap_dead_wrappers
+    monkeypatch.setattr(ft_utils, "unwrap_dead_wrappers", lambda args: unwraps.append(1) or real_unwrap(args))
+    _, x, weight, _, A, B, offs, scales, dy = make([9, 14, 5], [8, 4, 16], torch.float32, False)
+
+    def call(x):
+        if op == "linear":
+            return fused_linear.fused_linear_multi_lora(x, weight, A, B, offs, scales)
+        return fused.fused_multi_lora(x, torch.nn.functional.linear(x, weight), A, B, offs, scales)
+
+    got = {}
+    for direct in (True, False):
+        monkeypatch.setattr(_common, "DIRECT_APPLY", direct)
+        unwraps.clear()
+        y = call(x)
+        got[direct] = (y, *torch.autograd.grad(y, [x, *A, *B], dy))
+        assert len(unwraps) == (0 if direct else 1)
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    monkeypatch.setattr(_common, "DIRECT_APPLY", True)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(call)(x.detach()[None])
 
 
 def test_gemm_flag_puts_the_expand_in_alto_s_gemm(monkeypatch):

@@ -36,7 +36,7 @@ import torch
 import triton
 
 from . import _common
-from ._common import LaunchKey, TunedLauncher, dtype_name
+from ._common import LaunchKey, TunedLauncher, dtype_name, function_apply
 from .dropout import dropout_mask_kernel
 from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
@@ -225,6 +225,9 @@ class _FusedMultiLoRA(torch.autograd.Function):
         return (dx, d_base, None, None, None, *_weight_grads(plan, da, db, K, N, w_ref.dtype, need[5:]))
 
 
+_fused_apply = function_apply(_FusedMultiLoRA)
+
+
 def _b_runs(plan: MultiLoRAPlan, N: int) -> tuple:
     """``(sizes, runs)``: the dB workspace split into runs of adapters of equal rank (element
     counts) and each run's ``(count, rank)``, memoised on the plan. A run of c adapters of rank r
@@ -300,8 +303,8 @@ def apply_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, base_out: torch.Tenso
         return base_out
     seed, drop = _seed_and_drop(plan, x, seed, streams, width)
     if plan.grad_sink:
-        return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, plan.sink_token)
-    return _FusedMultiLoRA.apply(x, base_out, plan, seed, drop, *weights)
+        return _fused_apply(x, base_out, plan, seed, drop, plan.sink_token)
+    return _fused_apply(x, base_out, plan, seed, drop, *weights)
 
 
 # Plans by (segments, scales, dropout, weight addresses and shapes, dtypes, device): a layer sees

@@ -25,6 +25,7 @@ import triton
 
 from . import _common
 from . import fused as _fused
+from ._common import function_apply
 from .fused import _dot_prec, _lora_backward, _lora_forward, _seed_and_drop, _take_g, _weight_grads, cached_plan
 from .lora_gemm import lora_gemm_kernel
 from .plan import MultiLoRAPlan, validate
@@ -179,6 +180,9 @@ class _LinearMultiLoRA(torch.autograd.Function):
                 *_weight_grads(plan, da, db, x.shape[1], dy.shape[1], w_ref.dtype, need[7:]))
 
 
+_linear_apply = function_apply(_LinearMultiLoRA)
+
+
 def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, seed: int = 0,
                             streams: Optional[torch.Tensor] = None, width: Optional[int] = None,
@@ -206,7 +210,7 @@ def apply_linear_multi_lora(plan: MultiLoRAPlan, x: torch.Tensor, weight: torch.
         mode = LINEAR_GEMM
     else:
         mode = LINEAR_EPILOGUE if epilogue and bias is None else LINEAR_ADDS
-    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, mode, plan.sink_token)
+    return _linear_apply(x, weight, bias, plan, seed, drop, mode, plan.sink_token)
 
 
 def fused_linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor],
@@ -250,4 +254,4 @@ def fused_linear_multi_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Seque
         mode = LINEAR_GEMM
     else:
         mode = LINEAR_EPILOGUE if bias is None else LINEAR_ADDS
-    return _LinearMultiLoRA.apply(x, weight, bias, plan, seed, drop, mode, *lora_a, *lora_b)
+    return _linear_apply(x, weight, bias, plan, seed, drop, mode, *lora_a, *lora_b)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, t_hint
+from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, function_apply, t_hint
 
 RMS_CONFIGS = configs(full=[cfg(num_warps=w, num_stages=1) for w in (4, 8, 16)],
                       interp=cfg(num_warps=4, num_stages=1))
@@ -110,6 +110,9 @@ class _RMSNorm(torch.autograd.Function):
         return dx, None, None
 
 
+_apply_rms_norm = function_apply(_RMSNorm)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight · round(x · rsqrt(mean(x², -1) + eps))`` over the last dim; differentiable in ``x``.
 
@@ -132,4 +135,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2d = x.reshape(-1, N)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    return _RMSNorm.apply(x2d, weight, float(eps)).view(*x.shape[:-1], N)
+    return _apply_rms_norm(x2d, weight, float(eps)).view(*x.shape[:-1], N)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, t_hint
+from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, function_apply, t_hint
 
 ROTARY_CONFIGS = configs(full=[cfg(BLOCK_L=bl, HEADS=h, num_warps=w, num_stages=1)
                                for bl, h, w in ((16, 4, 4), (32, 4, 4), (32, 8, 8), (64, 2, 4), (64, 4, 8))],
@@ -132,6 +132,9 @@ class _Rotary(torch.autograd.Function):
                 _rotate(dk, cos, sin, u, True) if dk is not None else None, None, None, None)
 
 
+_apply_rotary = function_apply(_Rotary)
+
+
 def check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  unsqueeze_dim: int = 1) -> Optional[str]:
     """Why ``rotary`` cannot take these arguments, or None. The caller of a model's own rotary
@@ -170,4 +173,4 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     why = None if checked else check_rotary(q, k, cos, sin, unsqueeze_dim)
     if why is not None:
         raise ValueError(why)
-    return _Rotary.apply(q, k, cos, sin, unsqueeze_dim)
+    return _apply_rotary(q, k, cos, sin, unsqueeze_dim)

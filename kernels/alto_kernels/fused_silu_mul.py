@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, t_hint
+from ._common import LaunchKey, TunedLauncher, cfg, configs, dtype_name, function_apply, t_hint
 
 SILU_CONFIGS = configs(full=[cfg(BLOCK=b, num_warps=w, num_stages=1) for b, w in ((1024, 4), (2048, 8), (4096, 8))],
                        interp=cfg(BLOCK=64, num_warps=4, num_stages=1))
@@ -96,6 +96,9 @@ class _SiLUMul(torch.autograd.Function):
         return dg, du
 
 
+_apply_silu_mul = function_apply(_SiLUMul)
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) · u`` elementwise; differentiable in both. Same shape, dtype and device required."""
     if not isinstance(g, torch.Tensor) or not isinstance(u, torch.Tensor):
@@ -105,4 +108,4 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
                          "must match in shape, dtype and device")
     if g.dtype not in DTYPES:
         raise ValueError(f"dtype {g.dtype}: expected one of {DTYPES}")
-    return _SiLUMul.apply(g.contiguous(), u.contiguous())
+    return _apply_silu_mul(g.contiguous(), u.contiguous())
