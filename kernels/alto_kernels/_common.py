@@ -425,8 +425,8 @@ def _direct_entry(fn, compiled, args: Tuple[Any, ...], all_kwargs: Dict[str, Any
 # host overhead of a LoRA layer's fwd+bwd on the dev machine (2n + 7 arguments in workspace
 # mode). Outside functorch transforms it does nothing else for alto's Functions (none has a
 # ``setup_context``), so ``function_apply`` calls the C++ apply straight; inside one, or with
-# this off, it goes through the wrapper.
-DIRECT_APPLY = True
+# this off (``ALTO_DIRECT_APPLY=0``), it goes through the wrapper.
+DIRECT_APPLY = os.environ.get("ALTO_DIRECT_APPLY", "1").strip().lower() not in ("0", "false", "no")
 _C_APPLY = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
 
 
