@@ -42,7 +42,8 @@ from .lora_bwd_dx import lora_bwd_dx_kernel
 from .lora_bwd_dy import lora_bwd_dy_kernel
 from .lora_expand import lora_expand_kernel
 from .lora_shrink import lora_shrink_kernel
-from .plan import MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, validate
+from .plan import (MAX_RANK, MultiLoRAPlan, chunk_table, pointer_table, position_streams, prepare_multi_lora, upload,
+                   validate)
 
 __all__ = ["MAX_RANK", "MultiLoRAPlan", "apply_multi_lora", "dropout_mask", "fused_multi_lora", "prepare_multi_lora"]
 
@@ -374,8 +375,8 @@ def fused_multi_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: Sequence[t
         lora_b = [b.to(x.dtype).contiguous() for b in lora_b]
     plan = cached_plan(x, base_out, lora_a, lora_b, seg_offsets, scales, dropout_p, training, seq_strides)
     table = None
-    if streams is not None:  # one small upload per call: the engine's sink path shares one per step
-        table = torch.tensor([int(v) % 2 ** 31 for v in streams], dtype=torch.int64).to(x.device)
+    if streams is not None:  # one small upload per call (pinned: no wait); the sink path shares one per step
+        table = upload(torch.tensor([int(v) % 2 ** 31 for v in streams], dtype=torch.int64), x.device)
     return apply_multi_lora(plan, x, base_out, seed, (*lora_a, *lora_b), streams=table, width=width)
 
 

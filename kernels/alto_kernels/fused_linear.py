@@ -28,7 +28,7 @@ from . import fused as _fused
 from ._common import function_apply
 from .fused import _dot_prec, _lora_backward, _lora_forward, _seed_and_drop, _take_g, _weight_grads, cached_plan
 from .lora_gemm import lora_gemm_kernel
-from .plan import MultiLoRAPlan, validate
+from .plan import MultiLoRAPlan, upload, validate
 
 __all__ = ["apply_linear_multi_lora", "fused_linear_multi_lora", "gemm_supported", "lora_gemm"]
 
@@ -62,7 +62,7 @@ def _segment_tables(plan: MultiLoRAPlan) -> tuple:
         most = int((row_segs[ends] - row_segs[starts]).max()) + 1 if len(row_segs) else 1
         most = 1 << (most - 1).bit_length()
         dev = plan.table.device
-        got = (torch.from_numpy(row_segs).to(dev), torch.from_numpy(segs).to(dev),
+        got = (upload(torch.from_numpy(row_segs), dev), upload(torch.from_numpy(segs), dev),
                most if most <= MAX_STATIC_SEGS else 0)
         plan.derived["segments"] = got
     return got

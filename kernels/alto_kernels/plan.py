@@ -104,7 +104,7 @@ def table_align(ranks: Sequence[int], addresses: Sequence[int]) -> int:
     return next((d for d in (8, 4) if all(int(r) % d == 0 for r in ranks)), 1)
 
 
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """From pinned memory without blocking: a host-to-device copy of pageable memory waits for
     the GPU to drain, which once per layer would serialise the whole step."""
     if device.type == "cuda":
@@ -125,12 +125,12 @@ def chunk_table(offs: Tuple[int, ...], ranks: Tuple[int, ...], roffs: Tuple[int,
         lo, hi = offs[i], offs[i + 1]
         for c in range(lo, hi, chunk):
             rows.append((i, c, min(c + chunk, hi), ranks[i], roffs[i], lo, f32[i], f32[n + i], strides[i]))
-    return _upload(torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, N_META)), device)
+    return upload(torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, N_META)), device)
 
 
 @functools.lru_cache(maxsize=4096)
 def pointer_table(ptrs: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    return _upload(torch.tensor(ptrs, dtype=torch.int64).reshape(-1, PTR_COLS), device)
+    return upload(torch.tensor(ptrs, dtype=torch.int64).reshape(-1, PTR_COLS), device)
 
 
 _POSITIONS: Dict[Tuple[int, torch.device], torch.Tensor] = {}

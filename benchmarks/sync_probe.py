@@ -1,0 +1,136 @@
+"""Does a fused multi-LoRA fwd+bwd wait for the GPU? Host cost measured with the GPU kept busy.
+
+kernel_host.py times calls queued back to back, so a call that waits for the GPU somewhere (a
+device-to-host copy, an allocator ``cudaFree``, a full launch queue) looks the same as a slow
+host. Here the GPU is first given a long ``torch.cuda._sleep``; then a few calls are issued
+while it sleeps. A call with no hidden wait returns long before the sleep ends, and the wall time
+per call is the host's own cost (few enough launches that the queue never fills); a call that
+waits shows the sleep in its wall time, and cProfile over the same calls names the function
+that blocked. Also reported: the synchronising ops torch itself flags
+(``torch.cuda.set_sync_debug_mode``) and device allocations made per call (the caching
+allocator's ``cudaMalloc``/``cudaFree``, which synchronise).
+
+    python benchmarks/sync_probe.py [--adapters 8] [--tokens 512] [--dim 4096] [--sleep-ms 300]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+import warnings
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_check import import_alto_kernels, make_weights  # noqa: E402
+
+
+def sleep_cycles_per_ms() -> float:
+    """Clock cycles ``torch.cuda._sleep`` spins per millisecond on this GPU."""
+    torch.cuda._sleep(1_000_000)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 50_000_000 / start.elapsed_time(end)
+
+
+def probe(name: str, fn: Callable[[], None], cycles_per_ms: float, sleep_ms: float, calls: int) -> Dict[str, float]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    # 1) the host's own cost: calls issued while the GPU sleeps
+    torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    total_ms = (time.perf_counter() - t0) * 1e3
+    blocked = host_ms > 0.5 * sleep_ms
+    # 2) allocator traffic per call (device allocations synchronise when they free)
+    before = torch.cuda.memory_stats()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    allocs = {k: (after.get(k, 0) - before.get(k, 0)) / calls
+              for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+    # 3) what torch itself flags as synchronising
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    flagged = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+    torch.cuda.synchronize()
+    print(f"{name}: host {host_ms / calls:.3f} ms/call with the GPU busy ({calls} calls issued in "
+          f"{host_ms:.1f} ms of a {sleep_ms:.0f} ms sleep; all done {total_ms:.1f} ms) -> "
+          f"{'WAITS FOR THE GPU' if blocked else 'no wait'}; device allocs/call {allocs}; "
+          f"sync-flagged ops: {flagged or 'none'}")
+    if blocked:  # name the function that waited: it holds the sleep in its own time
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(8)
+        print(out.getvalue())
+    return {"host_ms": host_ms / calls, "blocked": float(blocked)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--sleep-ms", type=float, default=300.0)
+    args = ap.parse_args()
+    import_alto_kernels()
+    from alto_kernels import apply_linear_multi_lora
+    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels.fused_linear import fused_linear_multi_lora
+    n, K = args.adapters, args.dim
+    T = n * args.tokens
+    offs = [i * args.tokens for i in range(n + 1)]
+    scales = [2.0] * n
+    A, B = make_weights([16] * n, K, K, torch.bfloat16, "cuda", None)
+    W = torch.randn(K, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    sinks = [torch.zeros(w.shape, device="cuda") for w in (*A, *B)]
+    plan = prepare_multi_lora(x, F.linear(x, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
+                              offs, scales, grad_a=sinks[:n], grad_b=sinks[n:])
+    variants = {
+        "base (a)": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
+        "fused_linear_multi_lora (b)": lambda: torch.autograd.grad(
+            fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy),
+        "fused_multi_lora (two nodes)": lambda: torch.autograd.grad(
+            fused_multi_lora(x, F.linear(x, W), A, B, offs, scales), [x, *A, *B], dy),
+        "the engine's two-node path (sink)": lambda: torch.autograd.grad(apply_multi_lora(plan, x, F.linear(x, W)), [x], dy),
+        "the engine's one-node path (sink)": lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy),
+        "forward of (b) only": lambda: fused_linear_multi_lora(x, W, A, B, offs, scales),
+    }
+    cycles = sleep_cycles_per_ms()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, sleep {cycles:.0f} cycles/ms; "
+          f"{n} adapters x {args.tokens} tokens, {K}->{K}, r16, bf16")
+    for name, fn in variants.items():
+        probe(name, fn, cycles, args.sleep_ms, args.calls)
+
+
+if __name__ == "__main__":
+    main()
