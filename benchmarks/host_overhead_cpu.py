@@ -31,35 +31,15 @@ def main() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, os.path.abspath(args.kernels))
     import torch
-    import torch.nn.functional as F
 
-    from alto_kernels.fused import TunedLauncher, fused_multi_lora, prepare_multi_lora
-    from alto_kernels.fused_linear import fused_linear_multi_lora
-    # through the package: its module moved (fused -> fused_linear), and --kernels may be older
-    from alto_kernels import apply_linear_multi_lora
+    from alto_kernels.fused import TunedLauncher
+    sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+    from kernel_check import hot_case_calls
 
     TunedLauncher.__call__ = lambda self, *a, **k: None  # no kernel runs: the host path alone
     TunedLauncher.choice = lambda self, *a, **k: object()
     torch.set_num_threads(1)
-    n, tok, K = args.adapters, 8, 32
-    offs = [i * tok for i in range(n + 1)]
-    scales = [2.0] * n
-    A = [torch.randn(16, K, requires_grad=True) for _ in range(n)]
-    B = [torch.randn(K, 16, requires_grad=True) for _ in range(n)]
-    W = torch.randn(K, K)
-    x = torch.randn(n * tok, K, requires_grad=True)
-    dy = torch.randn(n * tok, K)
-    sinks = [torch.zeros(w.shape) for w in (*A, *B)]
-    plan = prepare_multi_lora(x, F.linear(x, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
-                              offs, scales, grad_a=sinks[:n], grad_b=sinks[n:])
-    variants = {
-        "base (a)": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
-        "fused_linear_multi_lora (b)": lambda: torch.autograd.grad(
-            fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy),
-        "fused_multi_lora (b-)": lambda: torch.autograd.grad(
-            fused_multi_lora(x, F.linear(x, W), A, B, offs, scales), [x, *A, *B], dy),
-        "apply_linear_multi_lora (b'', sink)": lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy),
-    }
+    variants = hot_case_calls(args.adapters, 8, 32, torch.float32, "cpu")
     times: dict = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():

@@ -42,6 +42,36 @@ def make_weights(ranks, K, N, dtype, device, gen):
     return A, B
 
 
+def hot_case_calls(adapters: int, tokens: int, dim: int, dtype, device) -> dict:
+    """The host-cost benchmarks' hot case (``adapters`` r16 adapters x ``tokens`` rows, dim->dim):
+    each entry point as a zero-argument fwd+bwd, by name. ``alto_kernels`` is whichever is
+    importable (host_overhead_cpu.py may put an earlier commit's first on the path)."""
+    import torch.nn.functional as F
+
+    from alto_kernels import apply_linear_multi_lora  # the package's: older kernels have it in fused
+    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
+    from alto_kernels.fused_linear import fused_linear_multi_lora
+    n, K = adapters, dim
+    offs = [i * tokens for i in range(n + 1)]
+    scales = [2.0] * n
+    A, B = make_weights([16] * n, K, K, dtype, device, None)
+    W = (torch.randn(K, K, device=device) * K ** -0.5).to(dtype)
+    x = torch.randn(n * tokens, K, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(n * tokens, K, device=device).to(dtype)
+    sinks = [torch.zeros(w.shape, device=device) for w in (*A, *B)]
+    plan = prepare_multi_lora(x, F.linear(x, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
+                              offs, scales, grad_a=sinks[:n], grad_b=sinks[n:])
+    grad = torch.autograd.grad
+    return {
+        "base (a)": lambda: grad(F.linear(x, W), [x], dy),
+        "fused_linear_multi_lora (b)": lambda: grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy),
+        "fused_multi_lora (b-, two nodes)": lambda: grad(fused_multi_lora(x, F.linear(x, W), A, B, offs, scales),
+                                                         [x, *A, *B], dy),
+        "the engine's two-node path (sink)": lambda: grad(apply_multi_lora(plan, x, F.linear(x, W)), [x], dy),
+        "the engine's one-node path (b'', sink)": lambda: grad(apply_linear_multi_lora(plan, x, W), [x], dy),
+    }
+
+
 def rotating_inputs(T, K, N, dtype, device, gen):
     """A function giving the next (X, dY) pair, cycling through enough pairs to outgrow the 50 MB L2."""
     per_set = 2 * T * (K + N) * 2

@@ -17,10 +17,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_check import import_alto_kernels, make_weights  # noqa: E402
+from kernel_check import hot_case_calls, import_alto_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -36,45 +35,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     import_alto_kernels()
-    from alto_kernels import apply_linear_multi_lora  # the package's: older kernels (host-ab's before arm) have it in fused
-    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
-    from alto_kernels.fused_linear import fused_linear_multi_lora
-    n, K = args.adapters, args.dim
-    T = n * args.tokens
-    offs = [i * args.tokens for i in range(n + 1)]
-    scales = [2.0] * n
-    A, B = make_weights([16] * n, K, K, torch.bfloat16, "cuda", None)
-    W = torch.randn(K, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
-    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    dy = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-
-    def fwd_bwd():
-        y = fused_multi_lora(x, F.linear(x, W), A, B, offs, scales)
-        torch.autograd.grad(y, [x, *A, *B], dy)
-
-    def linear_op():  # (b) of lora_kernels.py, the headline: one node, grads of x and every A_i, B_i
-        torch.autograd.grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy)
-
-    def base_only():
-        torch.autograd.grad(F.linear(x, W), [x], dy)
-
-    sinks = [torch.zeros(w.shape, device="cuda") for w in (*A, *B)]
-    plan = prepare_multi_lora(x, F.linear(x, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
-                              offs, scales, grad_a=sinks[:n], grad_b=sinks[n:])
-
-    def sink():  # the engine's path
-        y = apply_multi_lora(plan, x, F.linear(x, W))
-        torch.autograd.grad(y, [x], dy)
-
+    calls = hot_case_calls(args.adapters, args.tokens, args.dim, torch.bfloat16, "cuda")
+    base_only, linear_op = calls["base (a)"], calls["fused_linear_multi_lora (b)"]
+    fwd_bwd, sink = calls["fused_multi_lora (b-, two nodes)"], calls["the engine's two-node path (sink)"]
+    linear = calls["the engine's one-node path (b'', sink)"]
     for _ in range(5):
-        fwd_bwd()
-        sink()
-        linear_op()
+        for fn in calls.values():
+            fn()
     torch.cuda.synchronize()
     from alto_kernels import _common
     direct = _common.DIRECT_LAUNCH
-    linear = lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy)  # noqa: E731 - the one-node path
-    linear()
     if args.ab:
         same_process_ab(args.ab, args.rounds, args.calls, {
             "fused_linear_multi_lora (b)": linear_op, "fused": fwd_bwd, "fused_sink": sink,

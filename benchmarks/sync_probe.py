@@ -25,10 +25,9 @@ import warnings
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_check import import_alto_kernels, make_weights  # noqa: E402
+from kernel_check import hot_case_calls, import_alto_kernels  # noqa: E402
 
 
 def sleep_cycles_per_ms() -> float:
@@ -101,33 +100,10 @@ def main() -> None:
     ap.add_argument("--sleep-ms", type=float, default=300.0)
     args = ap.parse_args()
     import_alto_kernels()
-    from alto_kernels import apply_linear_multi_lora
-    from alto_kernels.fused import apply_multi_lora, fused_multi_lora, prepare_multi_lora
-    from alto_kernels.fused_linear import fused_linear_multi_lora
-    n, K = args.adapters, args.dim
-    T = n * args.tokens
-    offs = [i * args.tokens for i in range(n + 1)]
-    scales = [2.0] * n
-    A, B = make_weights([16] * n, K, K, torch.bfloat16, "cuda", None)
-    W = torch.randn(K, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
-    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    dy = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-    sinks = [torch.zeros(w.shape, device="cuda") for w in (*A, *B)]
-    plan = prepare_multi_lora(x, F.linear(x, W).detach(), [a.detach() for a in A], [b.detach() for b in B],
-                              offs, scales, grad_a=sinks[:n], grad_b=sinks[n:])
-    variants = {
-        "base (a)": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
-        "fused_linear_multi_lora (b)": lambda: torch.autograd.grad(
-            fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy),
-        "fused_multi_lora (two nodes)": lambda: torch.autograd.grad(
-            fused_multi_lora(x, F.linear(x, W), A, B, offs, scales), [x, *A, *B], dy),
-        "the engine's two-node path (sink)": lambda: torch.autograd.grad(apply_multi_lora(plan, x, F.linear(x, W)), [x], dy),
-        "the engine's one-node path (sink)": lambda: torch.autograd.grad(apply_linear_multi_lora(plan, x, W), [x], dy),
-        "forward of (b) only": lambda: fused_linear_multi_lora(x, W, A, B, offs, scales),
-    }
+    variants = hot_case_calls(args.adapters, args.tokens, args.dim, torch.bfloat16, "cuda")
     cycles = sleep_cycles_per_ms()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, sleep {cycles:.0f} cycles/ms; "
-          f"{n} adapters x {args.tokens} tokens, {K}->{K}, r16, bf16")
+          f"{args.adapters} adapters x {args.tokens} tokens, {args.dim}->{args.dim}, r16, bf16")
     for name, fn in variants.items():
         probe(name, fn, cycles, args.sleep_ms, args.calls)
 
