@@ -124,7 +124,7 @@ for phase in "$@"; do
     khost-apply)  # alto's autograd Functions through torch's Function.apply wrapper or straight (_common.DIRECT_APPLY)
       run khost-apply python benchmarks/kernel_host.py --ab _common.DIRECT_APPLY --rounds 10 --calls 300 ;;
     sync)  # does a LoRA fwd+bwd wait for the GPU? host cost per call issued while the GPU sleeps
-      run sync python benchmarks/sync_probe.py ;;
+      run sync python benchmarks/sync_probe.py --engine 1b ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

@@ -10,7 +10,7 @@ that blocked. Also reported: the synchronising ops torch itself flags
 (``torch.cuda.set_sync_debug_mode``) and device allocations made per call (the caching
 allocator's ``cudaMalloc``/``cudaFree``, which synchronise).
 
-    python benchmarks/sync_probe.py [--adapters 8] [--tokens 512] [--dim 4096] [--sleep-ms 300]
+    python benchmarks/sync_probe.py [--adapters 8] [--tokens 512] [--dim 4096] [--sleep-ms 300] [--engine 1b]
 """
 from __future__ import annotations
 
@@ -71,12 +71,12 @@ def probe(name: str, fn: Callable[[], None], cycles_per_ms: float, sleep_ms: flo
             fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    flagged = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+    flagged = sorted({f"{os.path.basename(w.filename)}:{w.lineno} {str(w.message).splitlines()[0][:80]}" for w in caught})
     torch.cuda.synchronize()
     print(f"{name}: host {host_ms / calls:.3f} ms/call with the GPU busy ({calls} calls issued in "
           f"{host_ms:.1f} ms of a {sleep_ms:.0f} ms sleep; all done {total_ms:.1f} ms) -> "
           f"{'WAITS FOR THE GPU' if blocked else 'no wait'}; device allocs/call {allocs}; "
-          f"sync-flagged ops: {flagged or 'none'}")
+          f"sync-flagged ops in one call ({len(caught)}): {flagged or 'none'}")
     if blocked:  # name the function that waited: it holds the sleep in its own time
         torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
         prof = cProfile.Profile()
@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--sleep-ms", type=float, default=300.0)
+    ap.add_argument("--engine", default=None, metavar="SHAPE",
+                    help="also probe the grouped engine's step at this engine.py shape (1b, 8b), 8 x 512 "
+                         "r16: it is meant to wait once, for its losses at the end")
     args = ap.parse_args()
     import_alto_kernels()
     variants = hot_case_calls(args.adapters, args.tokens, args.dim, torch.bfloat16, "cuda")
@@ -106,6 +109,23 @@ def main() -> None:
           f"{args.adapters} adapters x {args.tokens} tokens, {args.dim}->{args.dim}, r16, bf16")
     for name, fn in variants.items():
         probe(name, fn, cycles, args.sleep_ms, args.calls)
+    if args.engine:
+        probe(f"engine step ({args.engine}, {args.adapters} x {args.tokens})", engine_step(args), cycles,
+              sleep_ms=5000.0, calls=3)
+
+
+def engine_step(args) -> Callable[[], None]:
+    from engine import SHAPES, build_backbone, random_examples
+
+    from alto_ray.engine import AdapterConfig, GroupedTrainer, TaskData
+    data = TaskData.from_examples(random_examples(64, args.tokens, SHAPES[args.engine]["vocab_size"], seed=1))
+    trainer = GroupedTrainer(build_backbone(args.engine, torch.device("cuda"), torch.bfloat16), data,
+                             device=torch.device("cuda"), backend="auto")
+    for i in range(args.adapters):
+        trainer.add_adapter(f"a{i}", AdapterConfig(rank=16, alpha=32, dropout=0.05, lr=1e-4, batch_size=1,
+                                                   max_seq_len=args.tokens, max_steps=10_000, seed=i,
+                                                   lr_schedule="constant", max_grad_norm=1.0))
+    return lambda: trainer.step()
 
 
 if __name__ == "__main__":
