@@ -125,6 +125,8 @@ for phase in "$@"; do
       run khost-apply python benchmarks/kernel_host.py --ab _common.DIRECT_APPLY --rounds 10 --calls 300 ;;
     sync)  # does a LoRA fwd+bwd wait for the GPU? host cost per call issued while the GPU sleeps
       run sync python benchmarks/sync_probe.py --engine 1b ;;
+    gc)  # the grouped 1B step with Python's cyclic collector held off inside it or not, alternating
+      run gc python benchmarks/gc_step.py --shape 1b --steps 60 --rounds 4 --out $R/gc_step_$G.json ;;
     khost)  # where the launcher's host time goes (cProfile of the hot case)
       run khost python benchmarks/kernel_host.py ;;
     kprofile)  # per-kernel device time of the hot case and a chunk-size sweep, then the 8x512 cases

@@ -149,3 +149,57 @@ def test_eval_under_a_small_token_budget_gives_the_same_losses(trainer_factory):
     assert set(split) == {"a", "b", "c"}
     for name in whole:
         assert split[name] == pytest.approx(whole[name], rel=1e-5)
+
+
+def test_no_cyclic_collection_lands_inside_a_step(trainer_factory):
+    """With a generation-0 threshold of 1 every allocation would collect; held off, none runs
+    inside step() or evaluate() (a collection's stack holds their frames), and the collector is
+    back on (or still off) afterwards."""
+    import gc
+    import sys
+
+    t = trainer_factory()
+    t.step()
+    seen: list = []
+    inner = {"_step", "_evaluate"}
+
+    def count(phase, info):
+        if phase != "start":
+            return
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_name not in inner:
+            f = f.f_back
+        if f is not None:
+            seen.append(f.f_code.co_name)
+
+    old = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        gc.set_threshold(1, 10, 10)
+        counts = {}
+        for pause in (False, True):
+            t.pause_gc = pause
+            before = len(seen)
+            t.step()
+            t.evaluate()
+            counts[pause] = len(seen) - before
+            assert gc.isenabled()
+        gc.disable()
+        t.step()
+        assert not gc.isenabled()  # a caller's choice is left as it was
+        gc.enable()
+    finally:
+        gc.set_threshold(*old)
+        gc.callbacks.remove(count)
+        gc.enable()
+    assert counts[False] > 0, "the threshold did not make the collector run: the test sees nothing"
+    assert counts[True] == 0
+
+
+def test_pause_gc_follows_the_environment(trainer_factory, monkeypatch):
+    from alto_ray.engine.gc_pause import pause_gc_default
+
+    monkeypatch.setenv("ALTO_PAUSE_GC", "0")
+    assert pause_gc_default() is False and pause_gc_default(True) is True
+    monkeypatch.delenv("ALTO_PAUSE_GC")
+    assert pause_gc_default() is True and pause_gc_default(False) is False

@@ -24,6 +24,7 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig, lr_at
 from .data import (AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, load_records, pack_batch,
                    to_device)
+from .gc_pause import gc_paused, pause_gc_default
 from .graphs import StepGraphs
 from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
 
@@ -87,6 +88,8 @@ class GroupedTrainer:
     ``cuda_graphs`` (default: ``ALTO_CUDA_GRAPHS``, off) replays each micro-step whose batch shape
     repeats as one CUDA graph (``graphs.py``): for models small enough that the step is
     host-bound; it keeps the step's activation memory reserved between steps.
+    ``pause_gc`` (default: ``ALTO_PAUSE_GC``, on) holds Python's cyclic collector off during
+    ``step`` and ``evaluate``, so that no collection lands mid-step (``gc_pause.py``).
     """
 
     def __init__(self, model: Union[str, nn.Module], dataset: Union[DatasetSpec, TaskData],
@@ -94,7 +97,8 @@ class GroupedTrainer:
                  backend: str = "auto", eval_size: int = 64, tokenizer: Any = None,
                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, eval_batch_size: int = 8,
                  eval_token_budget: int = 16384,
-                 attn_implementation: str = "sdpa", cuda_graphs: Optional[bool] = None) -> None:
+                 attn_implementation: str = "sdpa", cuda_graphs: Optional[bool] = None,
+                 pause_gc: Optional[bool] = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -123,6 +127,7 @@ class GroupedTrainer:
         self._micro_steps = 0
         self._generation = 0  # bumped when adapters join or leave (keys of captured steps)
         self._graphs = _step_graphs(cuda_graphs, self.device, self.model)
+        self.pause_gc = pause_gc_default(pause_gc)
         # Called as ``grad_hook(adapter, master.grad)`` once per step after the last backward,
         # before clipping: where a data-parallel user all-reduces an adapter's gradient (on a
         # GPU the kernels write master.grad directly, so autograd's tensor hooks never fire).
@@ -176,6 +181,10 @@ class GroupedTrainer:
     # -- the grouped step ---------------------------------------------------------------------
     def step(self) -> Dict[str, StepResult]:
         """One optimizer step of every adapter: ``max(grad_accum)`` packed fwd+bwd micro-steps."""
+        with gc_paused(self.pause_gc):
+            return self._step()
+
+    def _step(self) -> Dict[str, StepResult]:
         runs = list(self._runs.values())
         if not runs:
             return {}
@@ -309,7 +318,8 @@ class GroupedTrainer:
             return {n: float("nan") for n in names}
         while True:
             try:
-                return self._evaluate(names, examples, self.eval_token_budget)
+                with gc_paused(self.pause_gc):
+                    return self._evaluate(names, examples, self.eval_token_budget)
             except torch.cuda.OutOfMemoryError:
                 if self.eval_token_budget <= 256:
                     raise
