@@ -119,8 +119,6 @@ for phase in "$@"; do
       done ;;
     kheadline)  # the 8x512 cases (the headline's) with the current code, merged into summary.json
       run kheadline env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_headline_h100.json --summary $S ;;
-    khost-g)  # G zero-filled in the forward or in the backward (fused.G_IN_FORWARD), alternating in one process
-      run khost-g python benchmarks/kernel_host.py --ab G_IN_FORWARD --rounds 10 --calls 300 ;;
     khost-apply)  # alto's autograd Functions through torch's Function.apply wrapper or straight (_common.DIRECT_APPLY)
       run khost-apply python benchmarks/kernel_host.py --ab _common.DIRECT_APPLY --rounds 10 --calls 300 ;;
     sync)  # does a LoRA fwd+bwd wait for the GPU? host cost per call issued while the GPU sleeps

@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--ab", default=None, metavar="FLAG",
-                    help="a boolean of alto_kernels.fused (e.g. G_IN_FORWARD) or, as MODULE.FLAG, of another module "
-                         "of alto_kernels (_common.DIRECT_APPLY): time each variant with it off and "
+                    help="a boolean of alto_kernels.fused or, as MODULE.FLAG, of another module "
+                         "of alto_kernels (e.g. _common.DIRECT_APPLY): time each variant with it off and "
                          "on, alternating in this process for --rounds rounds, and print the medians")
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()

@@ -412,7 +412,7 @@ def test_direct_launch_keys_and_argument_order():
         run = function = packed_metadata = launch_metadata = None
 
     fn = fused.lora_shrink_kernel.fn
-    args = tuple(range(11))  # x_ptr .. width, positional
+    args = tuple(range(14))  # x_ptr .. width, positional
     conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
     kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", **conf.all_kwargs()}
     entry = _direct_entry(fn, Compiled(), args, kw)

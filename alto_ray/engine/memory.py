@@ -14,7 +14,8 @@ adapter   = P · (4 + 4 + 8)            fp32 master, fp32 grad, AdamW exp_avg + 
 
 per_layer = bytes(dtype) · (6·h + 4·kv + 4·I)   norms' inputs, q/k after RoPE, attention
                                                  q/k/v/out, MLP gate/up/act/product
-          + 4 · max(16, r) · m                   fp32 LoRA shrink outputs of the m targeted modules
+          + 8 · max(16, r) · m                   fp32 LoRA shrink outputs H_s and the backward's G
+                                                 (zeroed in the forward) of the m targeted modules
 
 with P the adapter's LoRA parameter count (Σ over targeted linears of r·(in+out)), h hidden
 size, kv the key/value width, I the MLP width, V the vocabulary and L the number of layers.
@@ -85,7 +86,7 @@ def estimate_adapter_breakdown(model_config: Any, cfg: AdapterConfig,
     inter = int(getattr(model_config, "intermediate_size", None) or 4 * h)
     vocab = int(model_config.vocab_size)
     tokens = cfg.batch_size * cfg.max_seq_len
-    per_layer = b * (6 * h + 4 * kv + 4 * inter) + 4 * max(16, cfg.rank) * modules / max(1, layers)
+    per_layer = b * (6 * h + 4 * kv + 4 * inter) + 8 * max(16, cfg.rank) * modules / max(1, layers)
     return {"state": int(p * (4 + 4 + 8) + p * 2 * b),
             "activations": int(tokens * layers * per_layer),
             "logits": int(tokens * vocab * (b + 8)),

@@ -53,16 +53,6 @@ _BWD_DY = TunedLauncher(lora_bwd_dy_kernel, "lora_bwd_dy")
 _BWD_DX = TunedLauncher(lora_bwd_dx_kernel, "lora_bwd_dx")
 LAUNCHERS = (_SHRINK, _EXPAND, _BWD_DY, _BWD_DX)
 
-# Zero-fill the backward's G with the forward's H_s (``_lora_forward``'s ``with_g``): one launch
-# less per LoRA layer call, for T·R fp32 more held from forward to backward. Off until a GPU host
-# shows the gain: on one H200 host, separate processes, the two-node sink path's host time came
-# out lower with it in one call (0.78, 0.71 against 0.85, 0.91 ms) and higher in 5 of 5 pairs in
-# the next (median 0.89 against 0.72 ms): that host's spread, not the change.
-# benchmarks/kernel_host.py --ab G_IN_FORWARD (device_run phase khost-g) alternates the two in one
-# process.
-G_IN_FORWARD = False
-
-
 def _key(x_dtype, w_dtype, prec: str, plan: MultiLoRAPlan, dim: int, *flags: bool, exact: tuple = ()) -> LaunchKey:
     """The launch key, memoised on the plan (this runs on the host-bound path: 4 launches a call)."""
     memo = (x_dtype, w_dtype, prec, dim, flags, exact)
@@ -78,33 +68,49 @@ def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, not tf32
 
 
+def _shrink_counters(plan: MultiLoRAPlan) -> torch.Tensor:
+    """The shrink's per-chunk tickets (int32, zero between launches: the kernel resets them),
+    made once per plan. Per plan, not shared: two streams running different layers at once must
+    not draw each other's tickets (one plan on two streams at once is not supported)."""
+    sem = plan.derived.get("shrink_sem")
+    if sem is None:
+        sem = plan.derived["shrink_sem"] = torch.zeros(plan.table.shape[0], device=plan.table.device,
+                                                       dtype=torch.int32)
+    return sem
+
+
 def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch.Tensor], seed: int, drop: tuple,
                   w_ref: torch.Tensor, accumulate: bool = True, with_g: bool = False) -> tuple:
     """Shrink then expand into ``base_out`` (in place; with ``accumulate`` off the delta is
     stored there instead, every row being some adapter's); returns ``(H_s, G)``, ``H_s`` for the
     backward. Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand).
-    ``with_g``: the backward's zeroed ``G [T, R]`` is allocated here too, in H_s's fill (None
-    otherwise): one launch less per LoRA layer, on the path where the host's launches are the
-    time, for T·R fp32 more held from the forward to the backward (as much as H_s)."""
+    ``with_g`` (with ``base_out``): the expand also zero-fills the backward's ``G [T, R]``, which
+    is returned (None otherwise): the backward then needs no fill of its own. Nothing here is
+    zero-filled by a launch: the shrink stores every row of ``H_s`` (``lora_shrink.py``)."""
     T, K = x.shape
+    R = plan.R
     nc = plan.table.shape[0]
-    if with_g:
-        hg = torch.zeros(2, T, plan.R, device=x.device, dtype=torch.float32)
-        h, g = hg[0], hg[1]
-    else:  # no slicing: each view made from Python is host time on this path
-        h, g = torch.zeros(T, plan.R, device=x.device, dtype=torch.float32), None
     prec = _dot_prec(x.dtype)
     dev = x.device.index or 0
-    _SHRINK(lambda m: (nc, m["SPLIT_K"]), _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout),
-            x, h, plan.table, plan.ptrs, w_ref, K, x.stride(0), plan.t_hint, seed, *drop,
-            R=plan.R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec, device_index=dev)
+    h = torch.empty(T, R, device=x.device, dtype=torch.float32)
+    key = _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout)
+    chosen = _SHRINK.choice(key, dev)
+    # Autotuning (no config yet) runs every config: room for the most splits any of them uses.
+    splits = (chosen if chosen is not None else max(_SHRINK.kernel.configs, key=lambda c: c.kwargs["SPLIT_K"])
+              ).kwargs["SPLIT_K"]
+    part = torch.empty((splits - 1) * T * R, device=x.device, dtype=torch.float32) if splits > 1 else h
+    _SHRINK(lambda m: (nc, m["SPLIT_K"]), key,
+            x, h, part, _shrink_counters(plan), plan.table, plan.ptrs, w_ref, K, T, x.stride(0), plan.t_hint,
+            seed, *drop, R=R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec,
+            device_index=dev)
     if base_out is None:
-        return h, g
+        return h, None
+    g = torch.empty(T, R, device=x.device, dtype=torch.float32) if with_g else None
     N = base_out.shape[1]
     _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
-            _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,))),
-            h, base_out, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
-            R=plan.R, ALIGN=plan.table_align, DOT_PREC=prec, ACCUMULATE=accumulate, device_index=dev)
+            _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,)), *((True,) if with_g else ())),
+            h, base_out, h if g is None else g, plan.table, plan.ptrs, w_ref, N, base_out.stride(0), plan.t_hint,
+            R=R, ALIGN=plan.table_align, DOT_PREC=prec, ACCUMULATE=accumulate, ZERO_G=with_g, device_index=dev)
     return h, g
 
 
@@ -195,8 +201,7 @@ class _FusedMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, base_out, plan: MultiLoRAPlan, seed: int, drop: tuple, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref,
-                                 with_g=G_IN_FORWARD and any(ctx.needs_input_grad))
+        h, ctx.g = _lora_forward(plan, x, base_out, seed, drop, w_ref, with_g=any(ctx.needs_input_grad))
         ctx.mark_dirty(base_out)
         # the weights too: the pointer table holds their addresses (and autograd checks their versions)
         ctx.save_for_backward(x, h, *(() if plan.grad_sink else weights))

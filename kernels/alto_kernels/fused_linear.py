@@ -24,7 +24,6 @@ import torch
 import triton
 
 from . import _common
-from . import fused as _fused
 from ._common import function_apply
 from .fused import _dot_prec, _lora_backward, _lora_forward, _seed_and_drop, _take_g, _weight_grads, cached_plan
 from .lora_gemm import lora_gemm_kernel
@@ -132,9 +131,9 @@ class _LinearMultiLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan: MultiLoRAPlan, seed: int, drop: tuple, mode: str, *weights):
         x = x if x.stride(1) == 1 else x.contiguous()
         w_ref = plan.weights[0] if plan.grad_sink else weights[0]
-        with_g = _fused.G_IN_FORWARD and any(ctx.needs_input_grad)
-        if mode == LINEAR_GEMM:
-            h, ctx.g = _lora_forward(plan, x, None, seed, drop, w_ref, with_g=with_g)
+        with_g = any(ctx.needs_input_grad)  # the expand zero-fills the backward's G
+        if mode == LINEAR_GEMM:  # no expand kernel: the backward fills its G
+            h, ctx.g = _lora_forward(plan, x, None, seed, drop, w_ref)
             y = lora_gemm(plan, x, weight, h, forward=True, w_ref=w_ref)
         elif mode == LINEAR_EPILOGUE:
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)

@@ -6,6 +6,10 @@ only written): the one-node linear then adds the base GEMM into it with ``addmm_
 compute-bound epilogue reads it nearly for free. Each program owns one chunk of one adapter's tokens and
 one ``BLOCK_N`` slice of the output features; B_iᵀ's tile is loaded once and reused over the
 chunk's row blocks (B_i is read in place, [out, r_i], through its address in the chunk table).
+
+With ``ZERO_G`` the chunk's first column block also zero-fills the chunk's rows of the backward's
+``G [T, R]`` (fp32, which ``lora_bwd_dy`` accumulates into): a few stores here instead of a
+launch of its own in the backward.
 """
 import triton
 import triton.language as tl
@@ -22,9 +26,9 @@ EXPAND_CONFIGS = configs(
 @triton.autotune(configs=EXPAND_CONFIGS, key=["N", "R", "T_HINT"], restore_value=["y_ptr"],
                   do_bench=quick_bench)
 @triton.jit
-def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
+def lora_expand_kernel(h_ptr, y_ptr, g_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_HINT,
                        R: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       ZERO_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
@@ -48,3 +52,7 @@ def lora_expand_kernel(h_ptr, y_ptr, meta_ptr, ptrs_ptr, w_ref, N, stride_ym, T_
         else:
             y = mma(h.to(b.dtype), b, None, DOT_PREC)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
+        if ZERO_G:
+            if pid_n == 0:
+                tl.store(g_ptr + rows64[:, None] * R + rr[None, :], tl.zeros((BLOCK_M, R), dtype=tl.float32),
+                         mask=row_ok[:, None])

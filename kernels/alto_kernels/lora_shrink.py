@@ -9,7 +9,16 @@ launch ``seed`` and the adapter's entry of the stream table, ``pos`` its dropout
 [T, in] mask is ever stored; ``lora_bwd_dx`` and ``dropout_mask`` regenerate the same bits.
 Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and loads of A_i
 (read in place through its address in the chunk table) beyond ``r_i`` are masked to zero, so
-``H_s[:, r_i:]`` stays zero.
+``H_s[:, r_i:]`` is zero.
+
+Every row of ``H_s`` is stored, never accumulated into, so it needs no zero-fill (a launch of its
+own, as many as the LoRA kernels themselves on the host-bound path). With ``SPLIT_K`` > 1 the
+programs of one chunk reduce serially: split 0 stores its partial sums into ``H_s``, split k into
+slice k-1 of ``part`` (``[SPLIT_K-1, T, R]`` fp32, uninitialised), then each takes a ticket from
+the chunk's counter (``sem``, int32 per chunk, zero between launches); the one that draws the last
+ticket adds the other splits' partials into ``H_s`` and sets the counter back to zero. The
+barrier before the ticket makes the program's stores precede it, and the ticket's acquire-release
+atomic orders them before the last program's loads, which bypass L1 (``.cg``).
 """
 import triton
 import triton.language as tl
@@ -25,12 +34,11 @@ SHRINK_CONFIGS = configs(
     interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
-                  do_bench=quick_bench)
+@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed", "width"])
-def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_HINT, seed, streams_ptr, width,
-                       R: tl.constexpr, ALIGN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_ref, K, T, stride_xm, T_HINT, seed,
+                       streams_ptr, width, R: tl.constexpr, ALIGN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
@@ -44,6 +52,11 @@ def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_
     rr = tl.arange(0, R)
     r_ok = rr < rank
     kk = tl.arange(0, BLOCK_K)
+    slice_len = tl.cast(T, tl.int64) * R  # one split's partial sums in ``part``
+    if pid_k == 0:
+        out_ptr = h_ptr
+    else:
+        out_ptr = part_ptr + (pid_k - 1) * slice_len
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
@@ -67,8 +80,18 @@ def lora_shrink_kernel(x_ptr, h_ptr, meta_ptr, ptrs_ptr, w_ref, K, stride_xm, T_
                 x = tl.where(keep, x, 0.0)
             acc = mma(x, a.to(x.dtype), acc, DOT_PREC)
         acc = acc * c
-        h = h_ptr + rows64[:, None] * R + rr[None, :]
-        if SPLIT_K == 1:
-            tl.store(h, acc, mask=row_ok[:, None])
-        else:
-            tl.atomic_add(h, acc, mask=row_ok[:, None], sem="relaxed")
+        tl.store(out_ptr + rows64[:, None] * R + rr[None, :], acc, mask=row_ok[:, None])
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's stores before the ticket (whose release covers them)
+        ticket = tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:  # the chunk's last split: the others' partials are in
+            for m0 in range(lo, hi, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                ok = (rows < hi)[:, None]
+                offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
+                acc = tl.load(h_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                for split in tl.static_range(1, SPLIT_K):
+                    acc += tl.load(part_ptr + (split - 1) * slice_len + offs, mask=ok, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(h_ptr + offs, acc, mask=ok)
+            tl.atomic_xchg(sem_ptr + pid, 0, sem="relaxed")  # ready for the next launch
