@@ -87,17 +87,19 @@ for phase in "$@"; do
       run kconfigs python benchmarks/kernel_configs.py --out $R/kernel_configs_$G.json ;;
     kernels-ab)  # two arms in one call: the kernels in $BEFORE (a copy of kernels/alto_kernels from an earlier
                  # commit, importable as alto_kernels: git archive <commit> kernels/alto_kernels | tar x ...) and
-                 # the working tree's; per-kernel profiles, the 8x512 table and the engine's 8B step, alternating
+                 # the working tree's; correctness first, then per-kernel profiles, the 8x512 table and the
+                 # engine's 8B step, alternating ($AB_ROUNDS rounds of profiles and engine steps, default 2)
       base_pp=$PYTHONPATH
       arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
-      for arm in before after before after; do
+      arms=$(for _ in $(seq ${AB_ROUNDS:-2}); do echo before after; done)
+      run kernel_check python benchmarks/kernel_check.py
+      for arm in $arms; do
         run kprofile-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --profile --profile-only
       done
-      run kernel_check python benchmarks/kernel_check.py
       for arm in before after; do
         run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_${arm}_${TAG:-h100}.json
       done
-      for arm in before after before after; do
+      for arm in $arms; do
         run engine-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 8b --out $R/engine_ab_${arm}_${TAG:-h100}.json --summary /tmp/engine_$arm.sum.json
       done ;;
     host-ab)  # host cost, two arms in one call ($BEFORE as kernels-ab): kernel_host.py (host time per call
