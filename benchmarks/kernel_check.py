@@ -287,6 +287,57 @@ def check_rotary(tol, gen):
     return ok
 
 
+def check_shrink_tickets(K, runs, tol, gen, device="cuda"):
+    """With ``ALTO_SHRINK_TICKETS`` on: the shrink pinned to one config per split count, ``runs``
+    forwards each, all bitwise equal (the last split adds the partials in a fixed order, so a
+    missed ordering shows as a differing run) and within ``tol`` of the fp32 reference."""
+    from alto_kernels import _common, fused
+    from alto_kernels.reference import multi_lora_reference
+    if not getattr(_common, "SHRINK_TICKETS", False):
+        print("skip shrink tickets: ALTO_SHRINK_TICKETS is off")
+        return True
+    launcher = fused._SHRINK
+    configs, best, mode = launcher.kernel.configs, dict(launcher.best), os.environ.get("ALTO_AUTOTUNE")
+    by_split: dict = {}
+    for c in configs:
+        by_split.setdefault(c.kwargs["SPLIT_K"], c)
+    lens, ranks = [512, 300, 700, 512, 129, 1, 512, 400], [8, 16, 32, 64, 8, 16, 32, 64]
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    x = torch.randn(offs[-1], K, device=device, generator=gen).to(torch.bfloat16)
+    base = torch.randn(offs[-1], K, device=device, generator=gen).to(torch.bfloat16)
+    A, B = make_weights(ranks, K, K, torch.bfloat16, device, gen)
+    scales = [2.0] * len(ranks)
+    with torch.no_grad():
+        ref = base.float() + multi_lora_reference(x.float(), [a.float() for a in A], [b.float() for b in B],
+                                                  offs, scales)
+    ok = True
+    os.environ["ALTO_AUTOTUNE"] = "full"  # a new key runs the one config it is given, untimed
+    try:
+        for split, c in sorted(by_split.items()):
+            launcher.kernel.configs = [c]
+            launcher.best.clear()
+            with torch.no_grad():
+                first = fused.fused_multi_lora(x, base.clone(), A, B, offs, scales)
+                differing = sum(not torch.equal(fused.fused_multi_lora(x, base.clone(), A, B, offs, scales), first)
+                                for _ in range(runs - 1))
+            e = rel(first.float() - base.float(), ref - base.float())  # the LoRA delta's error
+            good = differing == 0 and e <= tol
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} shrink tickets {K}->{K} SPLIT_K={split} ({c.kwargs}, {c.num_warps} warps): {runs} forwards, "
+                  f"{differing} differing from the first; y {e:.2e}")
+    finally:
+        launcher.kernel.configs = configs
+        launcher.best.clear()
+        launcher.best.update(best)
+        if mode is None:
+            os.environ.pop("ALTO_AUTOTUNE", None)
+        else:
+            os.environ["ALTO_AUTOTUNE"] = mode
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=2e-2)
@@ -304,6 +355,8 @@ def main():
             ok &= check_shape(ak, K, N, lens, mixed, dropout, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [512] * 8, [16] * 8, True, args.tol, gen)
     ok &= check_shape(ak, 4096, 4096, [40, 33], [1, 128], False, args.tol, gen)
+    for K in (4096, 14336):
+        ok &= check_shrink_tickets(K, 50, args.tol, gen)
     ok &= check_rms_norm(args.tol, gen)
     ok &= check_silu_mul(args.tol, gen)
     ok &= check_rotary(args.tol, gen)

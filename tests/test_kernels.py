@@ -87,6 +87,25 @@ def test_many_chunks_and_rank_128():
     check([70, 1, 33], [128, 4, 16], K=33, N=20, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("tickets", [True, False])
+def test_shrink_reduces_its_splits_by_tickets_or_by_atomic_adds(tickets, monkeypatch):
+    # _common.SHRINK_TICKETS: split-K partials stored and reduced by each chunk's last split (H_s
+    # never zero-filled), or added atomically into a zero-filled H_s; the same numbers either way,
+    # with several chunks per adapter, and the ticket counters left at zero for the next launch
+    from alto_kernels import _common
+
+    monkeypatch.setattr(_common, "SHRINK_TICKETS", tickets)
+    fused._PLANS.clear()
+    check([70, 0, 33, 5], [16, 4, 8, 64], K=96, N=40, dtype=torch.float32)
+    _, x, base, A, B, offs, scales, _ = make([70, 0, 33, 5], [16, 4, 8, 64], K=96, N=40, dtype=torch.float32)
+    with torch.no_grad():  # the same plan twice: its counters must be back at zero after each launch
+        first, second = (fused.fused_multi_lora(x, base.clone(), A, B, offs, scales) for _ in range(2))
+    assert torch.equal(first, second)
+    counters = [p.derived["shrink_sem"] for p in fused._PLANS.values() if "shrink_sem" in p.derived]
+    assert bool(counters) == tickets
+    assert all(int(c.abs().sum()) == 0 for c in counters)
+
+
 def test_feature_splits_span_several_tiles():
     # each split-K (shrink) and split-N (dY pass) program walks several tiles, the last one ragged:
     # A_i's and B_i's tiles are loaded one tile ahead, and the look-ahead past a split's end is masked
@@ -414,11 +433,11 @@ def test_direct_launch_keys_and_argument_order():
     fn = fused.lora_shrink_kernel.fn
     args = tuple(range(14))  # x_ptr .. width, positional
     conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
-    kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", **conf.all_kwargs()}
+    kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": True, **conf.all_kwargs()}
     entry = _direct_entry(fn, Compiled(), args, kw)
-    assert entry.tail == (16, 8, False, "tf32", 16, 32, 2)
-    assert [n for n in fn.arg_names[len(args):]] == ["R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_K",
-                                                     "SPLIT_K"]
+    assert entry.tail == (16, 8, False, "tf32", True, 16, 32, 2)
+    assert [n for n in fn.arg_names[len(args):]] == ["R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M",
+                                                     "BLOCK_K", "SPLIT_K"]
     del kw["DOT_PREC"]
     assert _direct_entry(fn, Compiled(), args, kw) is None   # a missing argument: Triton's path
     assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None

@@ -60,6 +60,14 @@ _SEED_ADD = tl.constexpr(SEED_ADD)
 # better than 128 (BENCHMARKS.md, "Rows per chunk"). Read at each call, so a benchmark may change it.
 CHUNK_ROWS = 32 if INTERPRET else int(os.environ.get("ALTO_LORA_CHUNK", "128"))
 
+# The shrink's split-K partial sums reduced by each chunk's last split on a ticket counter, so
+# H_s is stored and needs no zero-fill launch (``lora_shrink.py``), instead of added atomically
+# into a zero-filled H_s. The interpreter runs programs one after another, so only a GPU run can
+# show the tickets order the partials right: off on a GPU until ``benchmarks/kernel_check.py``
+# has passed with it there (``ALTO_SHRINK_TICKETS=1``), on under the interpreter (the tests).
+SHRINK_TICKETS = os.environ.get("ALTO_SHRINK_TICKETS", "1" if INTERPRET else "0").strip().lower() in (
+    "1", "true", "yes", "on")
+
 
 def configs(full, interp):
     """The autotune list: ``full`` on a GPU, the single ``interp`` config under TRITON_INTERPRET

@@ -85,24 +85,31 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch
     stored there instead, every row being some adapter's); returns ``(H_s, G)``, ``H_s`` for the
     backward. Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand).
     ``with_g`` (with ``base_out``): the expand also zero-fills the backward's ``G [T, R]``, which
-    is returned (None otherwise): the backward then needs no fill of its own. Nothing here is
-    zero-filled by a launch: the shrink stores every row of ``H_s`` (``lora_shrink.py``)."""
+    is returned (None otherwise): the backward then needs no fill of its own. With
+    ``_common.SHRINK_TICKETS`` nothing here is zero-filled by a launch: the shrink stores every
+    row of ``H_s`` (``lora_shrink.py``); without, ``H_s`` is zero-filled for its atomic adds."""
     T, K = x.shape
     R = plan.R
     nc = plan.table.shape[0]
     prec = _dot_prec(x.dtype)
     dev = x.device.index or 0
-    h = torch.empty(T, R, device=x.device, dtype=torch.float32)
-    key = _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout)
-    chosen = _SHRINK.choice(key, dev)
-    # Autotuning (no config yet) runs every config: room for the most splits any of them uses.
-    splits = (chosen if chosen is not None else max(_SHRINK.kernel.configs, key=lambda c: c.kwargs["SPLIT_K"])
-              ).kwargs["SPLIT_K"]
-    part = torch.empty((splits - 1) * T * R, device=x.device, dtype=torch.float32) if splits > 1 else h
+    tickets = _common.SHRINK_TICKETS
+    key = _key(x.dtype, w_ref.dtype, prec, plan, K, plan.has_dropout, *((True,) if tickets else ()))
+    if tickets:
+        h = torch.empty(T, R, device=x.device, dtype=torch.float32)
+        chosen = _SHRINK.choice(key, dev)
+        # Autotuning (no config yet) runs every config: room for the most splits any of them uses.
+        splits = (chosen if chosen is not None else max(_SHRINK.kernel.configs, key=lambda c: c.kwargs["SPLIT_K"])
+                  ).kwargs["SPLIT_K"]
+        part = torch.empty((splits - 1) * T * R, device=x.device, dtype=torch.float32) if splits > 1 else h
+        sem = _shrink_counters(plan)
+    else:
+        h = torch.zeros(T, R, device=x.device, dtype=torch.float32)
+        part = sem = h  # not read without tickets
     _SHRINK(lambda m: (nc, m["SPLIT_K"]), key,
-            x, h, part, _shrink_counters(plan), plan.table, plan.ptrs, w_ref, K, T, x.stride(0), plan.t_hint,
+            x, h, part, sem, plan.table, plan.ptrs, w_ref, K, T, x.stride(0), plan.t_hint,
             seed, *drop, R=R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec,
-            device_index=dev)
+            TICKETS=tickets, device_index=dev)
     if base_out is None:
         return h, None
     g = torch.empty(T, R, device=x.device, dtype=torch.float32) if with_g else None

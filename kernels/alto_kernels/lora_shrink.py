@@ -11,14 +11,16 @@ Ranks differ per adapter: the rank axis is padded to the power of two ``R`` and 
 (read in place through its address in the chunk table) beyond ``r_i`` are masked to zero, so
 ``H_s[:, r_i:]`` is zero.
 
-Every row of ``H_s`` is stored, never accumulated into, so it needs no zero-fill (a launch of its
-own, as many as the LoRA kernels themselves on the host-bound path). With ``SPLIT_K`` > 1 the
-programs of one chunk reduce serially: split 0 stores its partial sums into ``H_s``, split k into
-slice k-1 of ``part`` (``[SPLIT_K-1, T, R]`` fp32, uninitialised), then each takes a ticket from
-the chunk's counter (``sem``, int32 per chunk, zero between launches); the one that draws the last
-ticket adds the other splits' partials into ``H_s`` and sets the counter back to zero. The
-barrier before the ticket makes the program's stores precede it, and the ticket's acquire-release
-atomic orders them before the last program's loads, which bypass L1 (``.cg``).
+With ``TICKETS`` every row of ``H_s`` is stored, never accumulated into, so it needs no
+zero-fill (a launch of its own, as many as the LoRA kernels themselves on the host-bound path).
+With ``SPLIT_K`` > 1 the programs of one chunk then reduce serially: split 0 stores its partial
+sums into ``H_s``, split k into slice k-1 of ``part`` (``[SPLIT_K-1, T, R]`` fp32,
+uninitialised), then each takes a ticket from the chunk's counter (``sem``, int32 per chunk, zero
+between launches); the one that draws the last ticket adds the other splits' partials into
+``H_s`` and sets the counter back to zero. The barrier before the ticket makes the program's
+stores precede it, and the ticket's acquire-release atomic orders them before the last program's
+loads, which bypass L1 (``.cg``). Without ``TICKETS`` the splits add atomically into a
+zero-filled ``H_s`` (``_common.SHRINK_TICKETS`` says which).
 """
 import triton
 import triton.language as tl
@@ -34,11 +36,13 @@ SHRINK_CONFIGS = configs(
     interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], do_bench=quick_bench)
+@triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
+                  do_bench=quick_bench)
 @triton.jit(do_not_specialize=["seed", "width"])
 def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_ref, K, T, stride_xm, T_HINT, seed,
                        streams_ptr, width, R: tl.constexpr, ALIGN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                       DOT_PREC: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
@@ -53,10 +57,10 @@ def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_re
     r_ok = rr < rank
     kk = tl.arange(0, BLOCK_K)
     slice_len = tl.cast(T, tl.int64) * R  # one split's partial sums in ``part``
-    if pid_k == 0:
-        out_ptr = h_ptr
-    else:
+    if TICKETS and pid_k > 0:
         out_ptr = part_ptr + (pid_k - 1) * slice_len
+    else:
+        out_ptr = h_ptr
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
@@ -80,8 +84,11 @@ def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_re
                 x = tl.where(keep, x, 0.0)
             acc = mma(x, a.to(x.dtype), acc, DOT_PREC)
         acc = acc * c
-        tl.store(out_ptr + rows64[:, None] * R + rr[None, :], acc, mask=row_ok[:, None])
-    if SPLIT_K > 1:
+        if TICKETS or SPLIT_K == 1:
+            tl.store(out_ptr + rows64[:, None] * R + rr[None, :], acc, mask=row_ok[:, None])
+        else:
+            tl.atomic_add(out_ptr + rows64[:, None] * R + rr[None, :], acc, mask=row_ok[:, None], sem="relaxed")
+    if TICKETS and SPLIT_K > 1:
         tl.debug_barrier()  # every thread's stores before the ticket (whose release covers them)
         ticket = tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:  # the chunk's last split: the others' partials are in
