@@ -73,10 +73,17 @@ def probe(name: str, fn: Callable[[], None], cycles_per_ms: float, sleep_ms: flo
         torch.cuda.set_sync_debug_mode("default")
     flagged = sorted({f"{os.path.basename(w.filename)}:{w.lineno} {str(w.message).splitlines()[0][:80]}" for w in caught})
     torch.cuda.synchronize()
+    # 4) what one call runs on the GPU: kernels, memsets and copies, in order
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu_ops = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
     print(f"{name}: host {host_ms / calls:.3f} ms/call with the GPU busy ({calls} calls issued in "
           f"{host_ms:.1f} ms of a {sleep_ms:.0f} ms sleep; all done {total_ms:.1f} ms) -> "
           f"{'WAITS FOR THE GPU' if blocked else 'no wait'}; device allocs/call {allocs}; "
-          f"sync-flagged ops in one call ({len(caught)}): {flagged or 'none'}")
+          f"sync-flagged ops in one call ({len(caught)}): {flagged or 'none'}; "
+          f"GPU ops in one call: {len(gpu_ops)}" + (f" {[n[:40] for n in gpu_ops]}" if len(gpu_ops) <= 16 else ""))
     if blocked:  # name the function that waited: it holds the sleep in its own time
         torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
         prof = cProfile.Profile()
