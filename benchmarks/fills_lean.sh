@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/alto_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/kernels:$PWD PYTHONUNBUFFERED=1 ALTO_SHRINK_TICKETS=1
+before=${BEFORE:-ab_before/kernels}
+if [ ! -d "$before/alto_kernels" ]; then  # made before the call, beside the working tree (untracked, so it travels)
+  echo "no $before/alto_kernels: mkdir -p ab_before && git archive 303445d kernels/alto_kernels | tar x -C ab_before" >&2
+  exit 2
+fi
 G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | head -1 | tr A-Z a-z)
 G=${G:-gpu}
 {
@@ -16,7 +21,7 @@ G=${G:-gpu}
   git log --oneline -1 2>/dev/null
   echo "=== kernel_check"; python benchmarks/kernel_check.py; echo "=== kernel_check rc=$?"
   for arm in before after; do
-    pp=$PYTHONPATH; [ "$arm" = before ] && pp=$PWD/${BEFORE:-ab_before/kernels}:$PYTHONPATH
+    pp=$PYTHONPATH; [ "$arm" = before ] && pp=$PWD/$before:$PYTHONPATH
     echo "=== kquick-$arm"
     PYTHONPATH=$pp ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out "$OUT/kernels_quick_fills_${arm}_$G.json"
     echo "=== kquick-$arm rc=$?"
