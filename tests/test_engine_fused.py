@@ -49,8 +49,9 @@ for backend in ("reference", "triton"):
                                                step_fn(run, lr, norm))
     steps = [{k: [v.loss, v.finite] for k, v in t.step().items()}]
     steps.append({k: [v.loss, v.finite] for k, v in t.step().items()})  # the sinks were zeroed in place
-    from alto_kernels import fused_rotary  # the attention's rotary ran through its kernel on the fused path only
+    from alto_kernels import fused_cross_entropy, fused_rotary  # through their kernels on the fused path only
     out[backend] = {"steps": steps, "grads": grads, "rotary_launches": sum(fused_rotary._LAUNCH.launches.values()),
+                    "ce_launches": sum(fused_cross_entropy._FWD.launches.values()),
                     "fused_rotary": t.model.fused_rotary, "linear_calls": linear_calls[0]}
     linear_calls[0] = 0
 # The engine's isolation guarantee rests on the kernel: a NaN/inf adapter must not touch others' rows.
@@ -71,8 +72,10 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("mode", ["subsets", "all"])
 def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path, interpreted_triton_env, mode):
+    # ALTO_FUSED_CE=1: the token loss through alto_kernels.cross_entropy (gradient over the logits)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_model_dir, tiny_dataset_path, mode],
-                          env=interpreted_triton_env, capture_output=True, text=True, timeout=300)
+                          env=dict(interpreted_triton_env, ALTO_FUSED_CE="1"), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["isolated"], "a non-finite adapter leaked into another adapter's rows in the fused kernel"
@@ -88,6 +91,7 @@ def test_fused_backend_matches_reference(tiny_model_dir, tiny_dataset_path, inte
     layers = res["triton"]["fused_rotary"]
     assert layers > 0 and res["reference"]["rotary_launches"] == 0
     assert res["triton"]["rotary_launches"] >= 2 * 2 * 2 * layers  # q and k, forward and backward, 2 steps
+    assert res["reference"]["ce_launches"] == 0 and res["triton"]["ce_launches"] >= 2  # one loss per step
     for name in ("a", "b"):
         assert res["triton"]["grads"][name] == pytest.approx(res["reference"]["grads"][name], rel=1e-3, abs=1e-6)
         assert any(abs(g) > 1e-4 for g in res["triton"]["grads"][name])

@@ -9,7 +9,8 @@ backbone  = n_params · bytes(dtype)
 adapter   = P · (4 + 4 + 8)            fp32 master, fp32 grad, AdamW exp_avg + exp_avg_sq
           + P · 2 · bytes(dtype)       the per-step cast copy and its grad
           + T · L · per_layer          activations saved for backward, T = batch_size · max_seq_len
-          + T · V · (bytes(dtype) + 8) logits, their fp32 upcast and its grad
+          + T · V · (bytes(dtype) + 8) logits, their fp32 upcast and its grad (the fused loss,
+                                       ALTO_FUSED_CE=1, holds only the logits: an upper bound)
           + T · 3 · I · bytes(dtype)   transient backward buffers of the largest MLP
 
 per_layer = bytes(dtype) · (6·h + 4·kv + 4·I)   norms' inputs, q/k after RoPE, attention

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import alto_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,6 +129,10 @@ class GroupedTrainer:
         self._generation = 0  # bumped when adapters join or leave (keys of captured steps)
         self._graphs = _step_graphs(cuda_graphs, self.device, self.model)
         self.pause_gc = pause_gc_default(pause_gc)
+        # ALTO_FUSED_CE=1: the token loss through alto_kernels.cross_entropy where the LoRA
+        # kernels run (GPU). Off by default until benchmarks/ce_lean.sh has checked it on a GPU
+        # (it passes under the interpreter); off, F.cross_entropy over an fp32 copy of the logits.
+        self._fused_loss = os.environ.get("ALTO_FUSED_CE", "0").strip().lower() in ("1", "true", "yes", "on")
         # Called as ``grad_hook(adapter, master.grad)`` once per step after the last backward,
         # before clipping: where a data-parallel user all-reduces an adapter's gradient (on a
         # GPU the kernels write master.grad directly, so autograd's tensor hooks never fire).
@@ -297,7 +302,12 @@ class GroupedTrainer:
                 logits = self.model.backbone(input_ids=batch.input_ids, attention_mask=mask,
                                              use_cache=False).logits
                 logits = logits.reshape(n_rows * width, -1).index_select(0, batch.loss_index)
-        token_loss = F.cross_entropy(logits.float(), batch.loss_targets, reduction="none")
+        if self._fused_loss and self.model.runtime.uses_triton(logits.device):
+            # fp32 inside, the gradient written over the logits: none of the [T, vocab] fp32
+            # upcast, log-softmax and gradient copies (alto_kernels.fused_cross_entropy)
+            token_loss = alto_kernels.cross_entropy(logits, batch.loss_targets)
+        else:
+            token_loss = F.cross_entropy(logits.float(), batch.loss_targets, reduction="none")
         sums = torch.zeros(len(batch.row_layout), device=self.device, dtype=torch.float32)
         return sums.index_add(0, batch.loss_owner, token_loss)
 

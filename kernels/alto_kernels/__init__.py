@@ -8,13 +8,16 @@ the deltas as one node, gradients for every A_i, B_i) and ``apply_linear_multi_l
 with a gradient sink; both ``alto_kernels.fused_linear``) import Triton on first use, as do the fused RMSNorm
 ``rms_norm`` (``alto_kernels.fused_rms_norm``; ``rms_norm_reference`` is its formula in PyTorch) and
 the fused SwiGLU activation ``silu_mul`` (``alto_kernels.fused_silu_mul``; ``silu_mul_reference``), and
-the fused rotary embedding ``rotary`` (``alto_kernels.fused_rotary``; ``rotary_reference``).
+the fused rotary embedding ``rotary`` (``alto_kernels.fused_rotary``; ``rotary_reference``), and the
+token cross-entropy that writes its gradient into the logits ``cross_entropy``
+(``alto_kernels.fused_cross_entropy``; ``cross_entropy_reference``).
 """
 from .dispatch import multi_lora, resolve_backend, triton_available
-from .reference import (check_segments, multi_lora_reference, rms_norm_reference, rotary_reference,
-                        silu_mul_reference)
+from .reference import (check_segments, cross_entropy_reference, multi_lora_reference, rms_norm_reference,
+                        rotary_reference, silu_mul_reference)
 
-__all__ = ["apply_linear_multi_lora", "apply_multi_lora", "check_segments", "dropout_mask", "fused_linear_multi_lora",
+__all__ = ["apply_linear_multi_lora", "apply_multi_lora", "check_segments", "cross_entropy",
+           "cross_entropy_reference", "dropout_mask", "fused_linear_multi_lora",
            "fused_multi_lora", "multi_lora",
            "multi_lora_reference", "prepare_multi_lora", "resolve_backend", "rms_norm", "rms_norm_reference",
            "rotary", "rotary_reference", "silu_mul", "silu_mul_reference", "triton_available"]
@@ -35,6 +38,9 @@ def __getattr__(name):
     if name in ("rotary", "check_rotary"):
         from . import fused_rotary
         return getattr(fused_rotary, name)
+    if name == "cross_entropy":
+        from .fused_cross_entropy import cross_entropy
+        return cross_entropy
     if name == "silu_mul":
         from .fused_silu_mul import silu_mul
         return silu_mul

@@ -129,6 +129,12 @@ def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, as the trainer computed it before ``cross_entropy``
+    (its oracle): ``F.cross_entropy(logits.float(), targets, reduction="none")``."""
+    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=ignore_index)
+
+
 def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      unsqueeze_dim: int = 1):
     """Hugging Face's ``apply_rotary_pos_emb`` in eager PyTorch (the oracle of ``rotary``)."""
