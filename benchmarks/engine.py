@@ -132,9 +132,12 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
                                                    lr_schedule="constant", max_grad_norm=1.0))
     probe = torch.empty(1, 1, device=device, dtype=dtype)
     losses: Dict[str, float] = {}
+    first: Dict[str, float] = {}
 
     def step() -> None:
         losses.update({k: r.loss for k, r in trainer.step().items()})
+        if not first:
+            first.update(losses)
 
     seconds = time_steps(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -148,7 +151,11 @@ def run_engine(shape: str, device: torch.device, dtype: torch.dtype, seq: int, r
            "fused_rotary": trainer.model.fused_rotary, "step_seconds": seconds, "tokens_per_step": tokens,
            "tokens_per_s": tokens / seconds,
            "adapters": adapters, "peak_bytes": peak, "backend": alto_kernels.resolve_backend(probe, "auto"),
-           "all_losses_finite": all(v == v and abs(v) != float("inf") for v in losses.values())}
+           "all_losses_finite": all(v == v and abs(v) != float("inf") for v in losses.values()),
+           # per adapter, to compare arms of one run (same weights, data and seeds): the first
+           # step's loss and the last one's, after warmup + iters optimizer steps
+           "first_losses": {k: round(v, 5) for k, v in first.items()},
+           "last_losses": {k: round(v, 5) for k, v in losses.items()}}
     return out
 
 

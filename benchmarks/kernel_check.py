@@ -198,6 +198,32 @@ def check_silu_mul(tol, gen):
     return ok
 
 
+def check_cross_entropy(tol, gen):
+    """The token cross-entropy at Llama-3's vocabulary, 4096 tokens, bf16 logits made by a head
+    (its gradient written over them), against ``F.cross_entropy`` of their fp32 upcast."""
+    from alto_kernels import cross_entropy, cross_entropy_reference
+    V, H = 128256, 4096
+    hidden = torch.randn(4096, H, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    head = (torch.randn(V, H, device="cuda", generator=gen) * H ** -0.5).to(torch.bfloat16)
+    targets = torch.randint(0, V, (4096,), device="cuda", generator=gen)
+    targets[7] = -100
+    d_loss = torch.rand(4096, device="cuda", generator=gen) / 512
+    h_ref = hidden.detach().clone().requires_grad_()
+    ref = cross_entropy_reference(h_ref @ head.t(), targets)
+    (dh_ref,) = torch.autograd.grad(ref, [h_ref], d_loss)
+    ok = True
+    for call in range(3):  # tuned, compiled, then direct
+        loss = cross_entropy(hidden @ head.t(), targets)
+        (dh,) = torch.autograd.grad(loss, [hidden], d_loss)
+        errs = [rel(loss, ref), rel(dh.float(), dh_ref.float())]
+        good = all(e <= tol for e in errs) and bool(torch.isfinite(dh).all()) and float(loss[7]) == 0.0
+        ok &= good
+        if call == 2 or not good:
+            print(f"{'ok  ' if good else 'FAIL'} cross_entropy 4096x{V} (call {call + 1}): loss {errs[0]:.2e} "
+                  f"dHidden {errs[1]:.2e}")
+    return ok
+
+
 def check_linear(K, N, tol, gen):
     """The engine's one-node path (``apply_linear_multi_lora``: base GEMM + deltas as one node)
     against the two-node path on the same plan, bf16, dropout 0.1: the epilogue variant (the
@@ -360,11 +386,13 @@ def main():
     ok &= check_rms_norm(args.tol, gen)
     ok &= check_silu_mul(args.tol, gen)
     ok &= check_rotary(args.tol, gen)
+    ok &= check_cross_entropy(args.tol, gen)
     for K, N in SHAPES:
         ok &= check_linear(K, N, args.tol, gen)
-    from alto_kernels import _common, fused, fused_rms_norm, fused_rotary, fused_silu_mul
+    from alto_kernels import _common, fused, fused_cross_entropy, fused_rms_norm, fused_rotary, fused_silu_mul
     counts = {lau.name: dict(lau.launches) for lau in (*fused.LAUNCHERS, fused_rms_norm._FWD, fused_rms_norm._BWD,
-                                                       fused_silu_mul._FWD, fused_silu_mul._BWD, fused_rotary._LAUNCH)}
+                                                       fused_silu_mul._FWD, fused_silu_mul._BWD, fused_rotary._LAUNCH,
+                                                       fused_cross_entropy._FWD)}
     print(f"launches (direct launch {'on' if _common.DIRECT_LAUNCH else 'off'}): {counts}")
     if _common.DIRECT_LAUNCH and not all(c["direct"] > 0 for c in counts.values()):
         ok = False
