@@ -3,18 +3,23 @@ fused cross-entropy (``alto_kernels.cross_entropy``, gradient written over the b
 against what the trainer ran before (``F.cross_entropy`` over an fp32 upcast), same process.
 
 Llama-3 8B head (hidden 4096, vocabulary 128256), bf16, random weights. Per token count: the
-median time of ``head -> loss -> backward`` (CUDA events, arms alternating) and the peak memory
+median time of ``head -> loss -> backward`` (wall clock over 10 synchronised calls, arms alternating) and the peak memory
 allocated above the inputs.
 
     python benchmarks/cross_entropy.py --tokens 4096,16384 --out benchmarks/results/cross_entropy_h100.json
+
+``--smoke``: tiny sizes on the CPU, the kernel under Triton's interpreter, wall-clock time (a check
+that the script runs, not a figure).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,7 +39,7 @@ def arm_step(name: str, hidden: torch.Tensor, head: torch.Tensor, targets: torch
     return loss, dh
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--hidden", type=int, default=4096)
@@ -42,14 +47,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("cross_entropy.py times the GPU kernels: it needs a CUDA GPU")
-    dev = torch.device("cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton's interpreter)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.tokens, args.hidden, args.vocab, args.rounds, args.iters = "16", 32, 300, 2, 2
+        dev = torch.device("cpu")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+    else:
+        sys.exit("cross_entropy.py times the GPU kernels: it needs a CUDA GPU (or --smoke)")
+    cuda = dev.type == "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     head = (torch.randn(args.vocab, args.hidden, device=dev, generator=gen) * args.hidden ** -0.5).to(torch.bfloat16)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+              "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
               "hidden": args.hidden, "vocab": args.vocab, "dtype": "bfloat16", "cases": {}}
     for T in (int(t) for t in args.tokens.split(",")):
         hidden = torch.randn(T, args.hidden, device=dev, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -65,17 +77,17 @@ def main() -> None:
         peaks = {}
         for _ in range(args.rounds):
             for a in arms:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                if cuda:
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
                 for _ in range(args.iters):
                     arm_step(a, hidden, head, targets, d_loss)
-                end.record()
-                torch.cuda.synchronize()
-                times[a].append(start.elapsed_time(end) / args.iters)
-                peaks[a] = max(peaks.get(a, 0), torch.cuda.max_memory_allocated() - base)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[a].append((time.perf_counter() - t0) * 1e3 / args.iters)
+                peaks[a] = max(peaks.get(a, 0), torch.cuda.max_memory_allocated() - base) if cuda else 0
         case = {a: {"median_ms": statistics.median(times[a]), "rounds_ms": [round(t, 3) for t in times[a]],
                     "peak_bytes_above_inputs": peaks[a]} for a in arms}
         case["reference_over_fused"] = case["reference"]["median_ms"] / case["fused"]["median_ms"]
@@ -86,10 +98,12 @@ def main() -> None:
               f"(peak +{peaks['fused'] / 2**30:.2f} GiB), reference/fused {case['reference_over_fused']:.3f}; "
               f"fused vs reference: loss {check['loss_rel']:.2e}, dHidden {check['dhidden_rel']:.2e}", flush=True)
         del hidden
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -117,3 +117,20 @@ def test_a_leaf_is_copied_and_empty_input_and_bad_input():
         fused_ce.cross_entropy(torch.randn(3, 20, device=DEVICE), t.float())
     with pytest.raises(ValueError, match="logits must be"):
         fused_ce.cross_entropy(torch.randn(3, 20, device=DEVICE).double(), t)
+
+
+def test_the_benchmark_runs_its_smoke_case(tmp_path):
+    """benchmarks/cross_entropy.py (the GPU A/B) end to end at tiny sizes, so a GPU call does not
+    find a broken script."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ce.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "cross_entropy.py"), "--smoke",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    case = json.loads(out.read_text())["cases"]["16"]
+    assert case["check"]["loss_rel"] < 1e-4 and case["check"]["dhidden_rel"] < 2e-2
+    assert case["fused"]["median_ms"] > 0 and case["reference"]["median_ms"] > 0
