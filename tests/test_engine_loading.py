@@ -60,6 +60,25 @@ def test_memory_estimates_scale_sensibly(tiny_model_dir):
     assert estimate_adapter_bytes(config, AdapterConfig(rank=4, batch_size=4, max_seq_len=64)) > 3 * small
 
 
+def test_memory_estimate_logits_follow_the_loss_path(tiny_model_dir, monkeypatch):
+    """The fused loss (default) holds the logits only; F.cross_entropy two fp32 copies more."""
+    from transformers import AutoConfig
+
+    from alto_ray.engine.memory import estimate_adapter_breakdown
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg = AdapterConfig(rank=4, batch_size=2, max_seq_len=64)
+    tv = 2 * 64 * config.vocab_size
+    fused = estimate_adapter_breakdown(config, cfg, torch.bfloat16, fused_loss=True)
+    plain = estimate_adapter_breakdown(config, cfg, torch.bfloat16, fused_loss=False)
+    assert fused["logits"] == tv * 2 and plain["logits"] == tv * (2 + 8)
+    assert {k: v for k, v in fused.items() if k != "logits"} == {k: v for k, v in plain.items() if k != "logits"}
+    monkeypatch.delenv("ALTO_FUSED_CE", raising=False)
+    assert estimate_adapter_breakdown(config, cfg) == fused
+    monkeypatch.setenv("ALTO_FUSED_CE", "0")
+    assert estimate_adapter_breakdown(config, cfg) == plain
+    assert estimate_adapter_bytes(config, cfg) == sum(plain.values())
+
+
 def test_activation_estimate_is_close_to_what_autograd_saves():
     """Bytes of tensors saved for backward in one grouped forward vs the estimate's terms."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -86,5 +105,5 @@ def test_activation_estimate_is_close_to_what_autograd_saves():
         t._token_loss_sums(batch, training=True)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(v for k, v in saved.items() if k not in weights)
-    est = estimate_adapter_breakdown(mc, cfg, torch.float32)
+    est = estimate_adapter_breakdown(mc, cfg, torch.float32, fused_loss=False)  # CPU: F.cross_entropy
     assert 0.8 < (est["activations"] + est["logits"]) / measured < 2.5

@@ -9,8 +9,9 @@ backbone  = n_params · bytes(dtype)
 adapter   = P · (4 + 4 + 8)            fp32 master, fp32 grad, AdamW exp_avg + exp_avg_sq
           + P · 2 · bytes(dtype)       the per-step cast copy and its grad
           + T · L · per_layer          activations saved for backward, T = batch_size · max_seq_len
-          + T · V · (bytes(dtype) + 8) logits, their fp32 upcast and its grad (the fused loss,
-                                       ALTO_FUSED_CE=1, holds only the logits: an upper bound)
+          + T · V · bytes(dtype)       logits (the fused loss writes its gradient over them;
+                                       ALTO_FUSED_CE=0 or ``fused_loss=False``: + T · V · 8 for
+                                       their fp32 upcast and its gradient)
           + T · 3 · I · bytes(dtype)   transient backward buffers of the largest MLP
 
 per_layer = bytes(dtype) · (6·h + 4·kv + 4·I)   norms' inputs, q/k after RoPE, attention
@@ -24,7 +25,8 @@ size, kv the key/value width, I the MLP width, V the vocabulary and L the number
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Tuple
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,10 +75,17 @@ def lora_param_count(model_config: Any, cfg: AdapterConfig) -> Tuple[int, int]:
     return sum(cfg.rank * (i + o) for i, o in hits), len(hits)
 
 
-def estimate_adapter_breakdown(model_config: Any, cfg: AdapterConfig,
-                               dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:
+def fused_loss_enabled() -> bool:
+    """Whether a GPU group computes its token loss with ``alto_kernels.cross_entropy``
+    (``ALTO_FUSED_CE``, default on)."""
+    return os.environ.get("ALTO_FUSED_CE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def estimate_adapter_breakdown(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16,
+                               fused_loss: Optional[bool] = None) -> Dict[str, int]:
     """The terms of ``estimate_adapter_bytes`` (see the module doc): state, activations,
-    logits, transient."""
+    logits, transient. ``fused_loss``: whether the group's loss is the fused kernel (a GPU
+    group; default ``fused_loss_enabled()``); without it the loss holds two fp32 copies more."""
     b = _dtype_bytes(dtype)
     p, modules = lora_param_count(model_config, cfg)
     h = int(model_config.hidden_size)
@@ -87,17 +96,19 @@ def estimate_adapter_breakdown(model_config: Any, cfg: AdapterConfig,
     inter = int(getattr(model_config, "intermediate_size", None) or 4 * h)
     vocab = int(model_config.vocab_size)
     tokens = cfg.batch_size * cfg.max_seq_len
+    fused = fused_loss_enabled() if fused_loss is None else bool(fused_loss)
     per_layer = b * (6 * h + 4 * kv + 4 * inter) + 8 * max(16, cfg.rank) * modules / max(1, layers)
     return {"state": int(p * (4 + 4 + 8) + p * 2 * b),
             "activations": int(tokens * layers * per_layer),
-            "logits": int(tokens * vocab * (b + 8)),
+            "logits": int(tokens * vocab * (b + (0 if fused else 8))),
             "transient": int(tokens * 3 * inter * b)}
 
 
-def estimate_adapter_bytes(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+def estimate_adapter_bytes(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16,
+                           fused_loss: Optional[bool] = None) -> int:
     """Bytes one adapter adds to a group: its training state plus the activations of its
     ``batch_size × max_seq_len`` tokens through the frozen backbone (formula in the module doc)."""
-    return sum(estimate_adapter_breakdown(model_config, cfg, dtype).values())
+    return sum(estimate_adapter_breakdown(model_config, cfg, dtype, fused_loss).values())
 
 
 def estimate_summary(model_config: Any, cfg: AdapterConfig, dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:

@@ -27,6 +27,7 @@ from .data import (AdapterStream, DatasetSpec, Example, PackedBatch, TaskData, l
                    to_device)
 from .gc_pause import gc_paused, pause_gc_default
 from .graphs import StepGraphs
+from .memory import fused_loss_enabled
 from .model import AdapterWeights, MultiLoRAModel, check_model_source, freeze, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,11 @@ class GroupedTrainer:
         self._generation = 0  # bumped when adapters join or leave (keys of captured steps)
         self._graphs = _step_graphs(cuda_graphs, self.device, self.model)
         self.pause_gc = pause_gc_default(pause_gc)
-        # ALTO_FUSED_CE=1: the token loss through alto_kernels.cross_entropy where the LoRA
-        # kernels run (GPU). Off by default until benchmarks/ce_lean.sh has checked it on a GPU
-        # (it passes under the interpreter); off, F.cross_entropy over an fp32 copy of the logits.
-        self._fused_loss = os.environ.get("ALTO_FUSED_CE", "0").strip().lower() in ("1", "true", "yes", "on")
+        # The token loss through alto_kernels.cross_entropy where the LoRA kernels run (GPU): no
+        # fp32 copy of the [tokens, vocab] logits, nor its log-softmax and gradient (4.2 GB less
+        # peak and 1.3x faster head+loss at 8B, 4096 tokens; BENCHMARKS.md). ALTO_FUSED_CE=0:
+        # F.cross_entropy over an fp32 copy, as on the reference backend.
+        self._fused_loss = fused_loss_enabled()
         # Called as ``grad_hook(adapter, master.grad)`` once per step after the last backward,
         # before clipping: where a data-parallel user all-reduces an adapter's gradient (on a
         # GPU the kernels write master.grad directly, so autograd's tensor hooks never fire).
