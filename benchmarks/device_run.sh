@@ -55,6 +55,23 @@ for phase in "$@"; do
       run kernel_check python benchmarks/kernel_check.py
       run kernels-quick env ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_h100_epilogue_quick.json
       run engine-epilogue python benchmarks/engine.py --shapes 1b,8b --off ALTO_LINEAR_EPILOGUE --out $R/engine_h100_epilogue.json --summary /tmp/epilogue_summary.json ;;
+    ncu)  # hardware counters of the four LoRA kernels at the headline case (Nsight Compute, lora_ncu.py);
+          # the report goes to $OUT beside the log
+      command -v ncu >/dev/null || run ncu-missing python benchmarks/lora_ncu.py --plain
+      run ncu bash -c "command -v ncu && ncu --clock-control none --profile-from-start off -k regex:lora_ --set full \
+        --page details python benchmarks/lora_ncu.py > $OUT/ncu_lora_$G.txt 2>&1; rc=\$?; grep -c . $OUT/ncu_lora_$G.txt; \
+        tail -5 $OUT/ncu_lora_$G.txt; exit \$rc" ;;
+    shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
+      run shrink-rows python benchmarks/shrink_rows.py ;;
+    rows-ab)  # the shrink's ROW_SPLIT configs: correctness with every case autotuned (they are in the list),
+              # then the 8x512 table with the kernels of $BEFORE (a copy without them, as kernels-ab) and
+              # the working tree's, alternating
+      base_pp=$PYTHONPATH
+      arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
+      run kernel_check env ALTO_AUTOTUNE=full python benchmarks/kernel_check.py
+      for arm in ${ROWS_ARMS:-before after}; do
+        run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_rows_${arm}_$G.json
+      done ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;
     kernels)  # every case autotuned for itself (ALTO_AUTOTUNE=full): the kernels at their best

@@ -42,6 +42,22 @@ def make_weights(ranks, K, N, dtype, device, gen):
     return A, B
 
 
+def linear_case(adapters: int, tokens: int, rank: int, K: int, N: int, dtype=torch.bfloat16, device="cuda"):
+    """The (b) op's inputs at one shape (seeded) and its fwd+bwd: ``(x, W, A, B, dy, op)``."""
+    from alto_kernels.fused_linear import fused_linear_multi_lora
+
+    offs, scales = [i * tokens for i in range(adapters + 1)], [2.0] * adapters
+    gen = torch.Generator(device=device).manual_seed(0)
+    A, B = make_weights([rank] * adapters, K, N, dtype, device, gen)
+    W = (torch.randn(N, K, device=device, generator=gen) * K ** -0.5).to(dtype)
+    x = torch.randn(adapters * tokens, K, device=device, dtype=dtype, generator=gen).requires_grad_()
+    dy = torch.randn(adapters * tokens, N, device=device, dtype=dtype, generator=gen)
+
+    def op():
+        torch.autograd.grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy)
+    return x, W, A, B, dy, op
+
+
 def hot_case_calls(adapters: int, tokens: int, dim: int, dtype, device) -> dict:
     """The host-cost benchmarks' hot case (``adapters`` r16 adapters x ``tokens`` rows, dim->dim):
     each entry point as a zero-argument fwd+bwd, by name. ``alto_kernels`` is whichever is

@@ -25,13 +25,13 @@ import triton.testing
 
 os.environ.setdefault("ALTO_AUTOTUNE", "full")  # every key tunes for itself
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_check import SHAPES, import_alto_kernels, make_weights  # noqa: E402
+from kernel_check import SHAPES, import_alto_kernels, linear_case  # noqa: E402
 
 
 def grids():
     """Name -> (kernel module attribute, the wide grid) per swept kernel."""
     from alto_kernels._common import cfg
-    shrink = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+    shrink = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, ROW_SPLIT=False, num_warps=w, num_stages=s)
               for bm, bk, sk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8, 16), (4, 8), (3, 4))
               if not (bm == 128 and bk == 256) and not (bm == 32 and w == 8)]
     bwd_dy = [cfg(BLOCK_N=bn, SPLIT_N=sn, num_warps=w, num_stages=s)
@@ -66,7 +66,6 @@ def main() -> None:
     args = ap.parse_args()
     import_alto_kernels()
     from alto_kernels import fused
-    from alto_kernels.fused_linear import fused_linear_multi_lora
     launchers = {l.name: l for l in fused.LAUNCHERS}
     wide = grids()
     committed = {name: list(launchers[name].kernel.configs) for name in wide}
@@ -75,19 +74,11 @@ def main() -> None:
         launchers[name].kernel.configs = grid
     n, tok, r, dt = args.adapters, args.tokens, args.rank, torch.bfloat16
     T = n * tok
-    offs, scales = [i * tok for i in range(n + 1)], [2.0] * n
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "case": f"{n}x{tok} r{r} bf16", "command": "python " + " ".join(sys.argv), "grid_sizes":
            {k: len(v) for k, v in wide.items()}, "shapes": {}}
     for K, N in SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        A, B = make_weights([r] * n, K, N, dt, "cuda", gen)
-        W = (torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).to(dt)
-        x = torch.randn(T, K, device="cuda", dtype=dt, generator=gen).requires_grad_()
-        dy = torch.randn(T, N, device="cuda", dtype=dt, generator=gen)
-
-        def op():
-            torch.autograd.grad(fused_linear_multi_lora(x, W, A, B, offs, scales), [x, *A, *B], dy)
+        x, W, A, B, dy, op = linear_case(n, tok, r, K, N, dt)
 
         def base():
             torch.autograd.grad(F.linear(x, W), [x], dy)

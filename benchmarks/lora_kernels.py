@@ -321,6 +321,11 @@ def main():
     for k, v in (*headline.items(), *inplace.items(), *device_time.items()):
         print(f"kernel.{k} = {v['value']}  {v['per_shape']}")
     print(f"engine path (gradient sink): {extra}")
+    from alto_kernels.fused import LAUNCHERS
+    for launcher in LAUNCHERS:  # what each key ran with (autotuned here, from the table, or borrowed)
+        for key, config in sorted(launcher.best.items(), key=lambda kc: (kc[0].dim, kc[0].R, kc[0].t_hint)):
+            print(f"config {launcher.name} dim={key.dim} R={key.R} t={key.t_hint} flags={key.flags}: "
+                  f"{dict(config.kwargs)} w{config.num_warps} s{config.num_stages}")
 
 
 def result_variants() -> dict:
