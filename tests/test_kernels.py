@@ -106,6 +106,24 @@ def test_shrink_reduces_its_splits_by_tickets_or_by_atomic_adds(tickets, monkeyp
     assert all(int(c.abs().sum()) == 0 for c in counters)
 
 
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_shrink_split_over_rows_matches_reference(block_m, monkeypatch):
+    # ROW_SPLIT configs: each program owns block_m rows of a chunk and all of K (no split-K
+    # partials, no ticket); chunks shorter than the row blocks leave programs with no rows; the
+    # dropout masks are the ones the dX pass regenerates
+    from alto_kernels._common import cfg as make_cfg
+
+    row_cfg = make_cfg(BLOCK_M=block_m, BLOCK_K=32, SPLIT_K=1, ROW_SPLIT=True, num_warps=4, num_stages=1)
+    monkeypatch.setattr(fused._SHRINK.kernel, "configs", [row_cfg])
+    monkeypatch.setattr(fused._SHRINK, "best", {})
+    monkeypatch.setattr(fused._SHRINK, "tuned", set())
+    monkeypatch.setattr(fused._SHRINK.kernel, "cache", {})
+    fused._PLANS.clear()
+    check([70, 0, 33, 5], [16, 4, 8, 64], K=97, N=40, dtype=torch.float32)
+    check([45, 20], [8, 16], K=40, N=24, dtype=torch.bfloat16, dropout_p=[0.2, 0.1], training=True)
+    assert all(c.kwargs["ROW_SPLIT"] for c in fused._SHRINK.best.values())
+
+
 def test_feature_splits_span_several_tiles():
     # each split-K (shrink) and split-N (dY pass) program walks several tiles, the last one ragged:
     # A_i's and B_i's tiles are loaded one tile ahead, and the look-ahead past a split's end is masked
@@ -432,12 +450,12 @@ def test_direct_launch_keys_and_argument_order():
 
     fn = fused.lora_shrink_kernel.fn
     args = tuple(range(14))  # x_ptr .. width, positional
-    conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2)
+    conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, ROW_SPLIT=False)
     kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": True, **conf.all_kwargs()}
     entry = _direct_entry(fn, Compiled(), args, kw)
-    assert entry.tail == (16, 8, False, "tf32", True, 16, 32, 2)
+    assert entry.tail == (16, 8, False, "tf32", True, 16, 32, 2, False)
     assert [n for n in fn.arg_names[len(args):]] == ["R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M",
-                                                     "BLOCK_K", "SPLIT_K"]
+                                                     "BLOCK_K", "SPLIT_K", "ROW_SPLIT"]
     del kw["DOT_PREC"]
     assert _direct_entry(fn, Compiled(), args, kw) is None   # a missing argument: Triton's path
     assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None

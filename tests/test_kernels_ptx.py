@@ -31,22 +31,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton
 from alto_kernels.lora_shrink import lora_shrink_kernel
-sig = {n: "constexpr" for n in ("R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M", "BLOCK_K", "SPLIT_K")}
+sig = {n: "constexpr" for n in ("R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M", "BLOCK_K", "SPLIT_K",
+                                "ROW_SPLIT")}
 sig.update({"x_ptr": "*bf16", "h_ptr": "*fp32", "part_ptr": "*fp32", "sem_ptr": "*i32", "meta_ptr": "*i64",
             "ptrs_ptr": "*i64", "w_ref": "*bf16", "K": "i32", "T": "i32", "stride_xm": "i32", "T_HINT": "i32",
             "seed": "i32", "streams_ptr": "*i64", "width": "i32"})
-consts = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": sys.argv[1] == "1",
-          "BLOCK_M": 32, "BLOCK_K": 128, "SPLIT_K": 4}
+rows = sys.argv[1] == "rows"  # split over rows: one split, nothing to meet on a ticket
+consts = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": sys.argv[1] != "0",
+          "BLOCK_M": 16 if rows else 32, "BLOCK_K": 128, "SPLIT_K": 1 if rows else 4, "ROW_SPLIT": rows}
 k = triton.compile(ASTSource(lora_shrink_kernel.fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
 sys.stdout.write(k.asm["ptx"])
 """
 
 
-def _ptx(tickets: bool) -> str:
+def _ptx(tickets) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "kernels"), env.get("PYTHONPATH", "")])
-    got = subprocess.run([sys.executable, "-c", _COMPILE, "1" if tickets else "0"], env=env, capture_output=True,
+    mode = tickets if isinstance(tickets, str) else "1" if tickets else "0"
+    got = subprocess.run([sys.executable, "-c", _COMPILE, mode], env=env, capture_output=True,
                          text=True, timeout=600)
     if got.returncode != 0:
         if "ptxas" in got.stderr or "No such file" in got.stderr or "backend" in got.stderr.lower():
@@ -87,3 +90,9 @@ def test_without_tickets_the_splits_add_atomically_and_take_no_ticket():
     lines = _instructions(_ptx(tickets=False))
     assert not any(".acq_rel" in ln and "atom" in ln for ln in lines)
     assert any(re.search(r"\b(red|atom)\.global\.[\w.]*add\.(v\d\.)?f32\b", ln) for ln in lines)
+
+
+def test_split_over_rows_stores_its_rows_and_takes_no_ticket_nor_atomic():
+    lines = _instructions(_ptx("rows"))
+    assert not any(re.search(r"\b(atom|red)\.global", ln) for ln in lines)
+    assert any("st.global" in ln for ln in lines)

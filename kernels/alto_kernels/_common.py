@@ -243,6 +243,10 @@ def config_from_json(d: Dict[str, Any]) -> "triton.Config":
     return triton.Config(dict(d["kwargs"]), num_warps=int(d["num_warps"]), num_stages=int(d["num_stages"]))
 
 
+# Per kernel, the values of config switches that a config without them means (a table's rows
+# made before the switch existed); the kernel's module fills them in.
+CONFIG_DEFAULTS: Dict[str, Dict[str, Any]] = {}
+
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 _TABLES: Dict[str, Dict[str, List[Tuple[LaunchKey, Any]]]] = {}
 
@@ -263,6 +267,9 @@ def tuned_table(device_index: int) -> Dict[str, List[Tuple[LaunchKey, Any]]]:
             with open(path) as f:
                 for kernel, rows in json.load(f).get("kernels", {}).items():
                     table[kernel] = [(LaunchKey.from_json(r["key"]), config_from_json(r["config"])) for r in rows]
+                    for _, c in table[kernel]:
+                        for switch, value in CONFIG_DEFAULTS.get(kernel, {}).items():
+                            c.kwargs.setdefault(switch, value)
         _TABLES[name] = table
     return _TABLES[name]
 

@@ -106,7 +106,8 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch
     else:
         h = torch.zeros(T, R, device=x.device, dtype=torch.float32)
         part = sem = h  # not read without tickets
-    _SHRINK(lambda m: (nc, m["SPLIT_K"]), key,
+    chunk = plan.chunk
+    _SHRINK(lambda m: (nc, triton.cdiv(chunk, m["BLOCK_M"]) if m["ROW_SPLIT"] else m["SPLIT_K"]), key,
             x, h, part, sem, plan.table, plan.ptrs, w_ref, K, T, x.stride(0), plan.t_hint,
             seed, *drop, R=R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout, DOT_PREC=prec,
             TICKETS=tickets, device_index=dev)

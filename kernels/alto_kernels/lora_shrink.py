@@ -21,19 +21,31 @@ between launches); the one that draws the last ticket adds the other splits' par
 stores precede it, and the ticket's acquire-release atomic orders them before the last program's
 loads, which bypass L1 (``.cg``). Without ``TICKETS`` the splits add atomically into a
 zero-filled ``H_s`` (``_common.SHRINK_TICKETS`` says which).
+
+With ``ROW_SPLIT`` (configs with ``SPLIT_K`` = 1 only) a chunk is split over rows instead: each
+program owns ``BLOCK_M`` of its rows and all of K (the launch grid's second axis counts row
+blocks), so there are no partial sums to meet and no ticket tail; every program then reads all of
+``A_i``, from L2.
 """
 import triton
 import triton.language as tl
 
-from ._common import cfg, chunk_meta, configs, dropout_key, dropout_pos, mma, quick_bench, seq_stride, weight_ptrs
+from ._common import CONFIG_DEFAULTS, cfg, chunk_meta, configs, dropout_key, dropout_pos, mma, quick_bench, seq_stride, weight_ptrs
 
 SHRINK_CONFIGS = configs(
     full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
           for (bm, bk, sk, w, s) in [(16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (32, 256, 4, 4, 3),
                                      (32, 128, 8, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 8, 3),
                                      (64, 64, 8, 4, 4), (32, 256, 1, 8, 3), (64, 256, 2, 8, 3),
-                                     (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]],
+                                     (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]]
+    + [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=1, ROW_SPLIT=True, num_warps=w, num_stages=s)
+       for (bm, bk, w, s) in [(16, 256, 4, 3), (16, 256, 4, 4), (16, 128, 4, 4), (32, 256, 4, 4),
+                              (32, 128, 4, 5), (32, 256, 8, 3), (64, 128, 4, 4)]],
     interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
+# Configs that do not say (the interpreter's, a table tuned before ``ROW_SPLIT`` existed) split over K.
+CONFIG_DEFAULTS["lora_shrink"] = {"ROW_SPLIT": False}
+for _c in SHRINK_CONFIGS:
+    _c.kwargs.setdefault("ROW_SPLIT", False)
 
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
@@ -42,9 +54,10 @@ SHRINK_CONFIGS = configs(
 def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_ref, K, T, stride_xm, T_HINT, seed,
                        streams_ptr, width, R: tl.constexpr, ALIGN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        DOT_PREC: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, ROW_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # With ROW_SPLIT axis 1 counts BLOCK_M-row blocks of the chunk (SPLIT_K is 1), else K slices.
+    pid_k = 0 if ROW_SPLIT else tl.program_id(1)
     lo, hi, rank, roff, seg0, adapter, p, c = chunk_meta(meta_ptr, pid, ALIGN)
     a_ptr, b_ptr = weight_ptrs(ptrs_ptr, adapter, w_ref, ALIGN)
     key = dropout_key(seed, streams_ptr, ptrs_ptr, adapter)
@@ -61,7 +74,13 @@ def lora_shrink_kernel(x_ptr, h_ptr, part_ptr, sem_ptr, meta_ptr, ptrs_ptr, w_re
         out_ptr = part_ptr + (pid_k - 1) * slice_len
     else:
         out_ptr = h_ptr
-    for m0 in range(lo, hi, BLOCK_M):
+    if ROW_SPLIT:
+        m_lo = lo + tl.program_id(1) * BLOCK_M
+        m_hi = tl.minimum(hi, m_lo + BLOCK_M)
+    else:
+        m_lo = lo
+        m_hi = hi
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
         rows64 = rows.to(tl.int64)
