@@ -68,7 +68,7 @@ for phase in "$@"; do
               # the working tree's, alternating
       base_pp=$PYTHONPATH
       arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
-      run kernel_check env ALTO_AUTOTUNE=full python benchmarks/kernel_check.py
+      [ "${ROWS_CHECK:-1}" = 1 ] && run kernel_check env ALTO_AUTOTUNE=full python benchmarks/kernel_check.py
       for arm in ${ROWS_ARMS:-before after}; do
         run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_rows_${arm}_$G.json
       done ;;

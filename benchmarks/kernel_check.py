@@ -410,9 +410,14 @@ def main():
                                                        fused_silu_mul._FWD, fused_silu_mul._BWD, fused_rotary._LAUNCH,
                                                        fused_cross_entropy._FWD)}
     print(f"launches (direct launch {'on' if _common.DIRECT_LAUNCH else 'off'}): {counts}")
+    # With ALTO_AUTOTUNE=full a check's first call autotunes and its second is the variant's first
+    # (Triton) launch, so a kernel checked twice is never launched directly: only "auto" requires it.
     if _common.DIRECT_LAUNCH and not all(c["direct"] > 0 for c in counts.values()):
-        ok = False
-        print("FAIL: a kernel was never launched directly, so the direct path went unchecked")
+        if _common.autotune_mode() == "auto":
+            ok = False
+            print("FAIL: a kernel was never launched directly, so the direct path went unchecked")
+        else:
+            print("note: ALTO_AUTOTUNE=full: some kernels were not launched directly (direct path unchecked here)")
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)
 

@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
-    from alto_kernels.fused import _lora_forward, _seed_and_drop, cached_plan
+    from alto_kernels import _common
+    from alto_kernels.fused import _SHRINK, _dot_prec, _key, _lora_forward, _seed_and_drop, cached_plan
 
     n, tok, r, dt = args.adapters, args.tokens, args.rank, torch.bfloat16
     T = n * tok
@@ -121,6 +122,28 @@ def main() -> None:
                       f"rel err {err:.1e}", flush=True)
             except Exception as e:  # noqa: BLE001 - a config that does not compile: say so, go on
                 print(f"[{K}->{N}] rows {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        # The production kernel pinned to each of its ROW_SPLIT configs, against its table config
+        # (the H above); then with dropout 0.1, against the table config's H for the same seed.
+        row_cfgs = [c for c in _SHRINK.kernel.configs if c.kwargs.get("ROW_SPLIT")]
+        for p in (None, [0.1] * n):
+            dplan = plan if p is None else cached_plan(xs[0], None, A, B, offs, scales, p, True)
+            dseed, ddrop = _seed_and_drop(dplan, xs[0], 7, None, None)
+            key = _key(dt, A[0].dtype, _dot_prec(dt), dplan, K, dplan.has_dropout,
+                       *((True,) if _common.SHRINK_TICKETS else ()))
+            ref_h, _ = _lora_forward(dplan, xs[0], None, dseed, ddrop, A[0])  # the table's config
+            table_cfg = _SHRINK.best.get(key)
+            for cfg in row_cfgs:
+                _SHRINK.best[key] = cfg
+                got, _ = _lora_forward(dplan, xs[0], None, dseed, ddrop, A[0])
+                torch.cuda.synchronize()
+                err = (got - ref_h).abs().max().item() / max(ref_h.abs().max().item(), 1e-6)
+                t = triton.testing.do_bench_cudagraph(
+                    lambda: [_lora_forward(dplan, x, None, dseed, ddrop, A[0]) for x in xs], rep=100) / copies * 1e3
+                print(f"[{K}->{N}] production {'dropout 0.1' if p else 'no dropout'} {dict(cfg.kwargs)} "
+                      f"w{cfg.num_warps} s{cfg.num_stages}: {t:.1f} us ({gb / t * 1e3:.2f} TB/s), rel diff from "
+                      f"the table config {dict(table_cfg.kwargs) if table_cfg else None} {err:.1e}", flush=True)
+            if table_cfg is not None:
+                _SHRINK.best[key] = table_cfg
 
 
 if __name__ == "__main__":

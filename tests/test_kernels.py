@@ -113,7 +113,8 @@ def test_shrink_split_over_rows_matches_reference(block_m, monkeypatch):
     # dropout masks are the ones the dX pass regenerates
     from alto_kernels._common import cfg as make_cfg
 
-    row_cfg = make_cfg(BLOCK_M=block_m, BLOCK_K=32, SPLIT_K=1, ROW_SPLIT=True, num_warps=4, num_stages=1)
+    row_cfg = make_cfg(BLOCK_M=block_m, BLOCK_K=32, SPLIT_K=1, ROW_SPLIT=True, PREFETCH_A=block_m == 32,
+                       num_warps=4, num_stages=1)
     monkeypatch.setattr(fused._SHRINK.kernel, "configs", [row_cfg])
     monkeypatch.setattr(fused._SHRINK, "best", {})
     monkeypatch.setattr(fused._SHRINK, "tuned", set())
@@ -450,12 +451,12 @@ def test_direct_launch_keys_and_argument_order():
 
     fn = fused.lora_shrink_kernel.fn
     args = tuple(range(14))  # x_ptr .. width, positional
-    conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, ROW_SPLIT=False)
+    conf = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, ROW_SPLIT=False, PREFETCH_A=True)
     kw = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": True, **conf.all_kwargs()}
     entry = _direct_entry(fn, Compiled(), args, kw)
-    assert entry.tail == (16, 8, False, "tf32", True, 16, 32, 2, False)
+    assert entry.tail == (16, 8, False, "tf32", True, 16, 32, 2, False, True)
     assert [n for n in fn.arg_names[len(args):]] == ["R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M",
-                                                     "BLOCK_K", "SPLIT_K", "ROW_SPLIT"]
+                                                     "BLOCK_K", "SPLIT_K", "ROW_SPLIT", "PREFETCH_A"]
     del kw["DOT_PREC"]
     assert _direct_entry(fn, Compiled(), args, kw) is None   # a missing argument: Triton's path
     assert _direct_entry(fn, None, args, {**kw, "DOT_PREC": "tf32"}) is None

@@ -32,13 +32,14 @@ from triton.compiler import ASTSource
 import triton
 from alto_kernels.lora_shrink import lora_shrink_kernel
 sig = {n: "constexpr" for n in ("R", "ALIGN", "HAS_DROPOUT", "DOT_PREC", "TICKETS", "BLOCK_M", "BLOCK_K", "SPLIT_K",
-                                "ROW_SPLIT")}
+                                "ROW_SPLIT", "PREFETCH_A")}
 sig.update({"x_ptr": "*bf16", "h_ptr": "*fp32", "part_ptr": "*fp32", "sem_ptr": "*i32", "meta_ptr": "*i64",
             "ptrs_ptr": "*i64", "w_ref": "*bf16", "K": "i32", "T": "i32", "stride_xm": "i32", "T_HINT": "i32",
             "seed": "i32", "streams_ptr": "*i64", "width": "i32"})
 rows = sys.argv[1] == "rows"  # split over rows: one split, nothing to meet on a ticket
 consts = {"R": 16, "ALIGN": 8, "HAS_DROPOUT": False, "DOT_PREC": "tf32", "TICKETS": sys.argv[1] != "0",
-          "BLOCK_M": 16 if rows else 32, "BLOCK_K": 128, "SPLIT_K": 1 if rows else 4, "ROW_SPLIT": rows}
+          "BLOCK_M": 16 if rows else 32, "BLOCK_K": 128, "SPLIT_K": 1 if rows else 4, "ROW_SPLIT": rows,
+          "PREFETCH_A": not rows}
 k = triton.compile(ASTSource(lora_shrink_kernel.fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
 sys.stdout.write(k.asm["ptx"])
