@@ -61,16 +61,20 @@ for phase in "$@"; do
       run ncu bash -c "command -v ncu && ncu --clock-control none --profile-from-start off -k regex:lora_ --set full \
         --page details python benchmarks/lora_ncu.py > $OUT/ncu_lora_$G.txt 2>&1; rc=\$?; grep -c . $OUT/ncu_lora_$G.txt; \
         tail -5 $OUT/ncu_lora_$G.txt; exit \$rc" ;;
+    candidates)  # the candidate configs (_common.CANDIDATE_CONFIGS): each pinned in (b), outputs and gradients
+                 # against the table config's, (b)/(a) in device time; then correctness with them in the lists
+      run candidates python benchmarks/candidates.py --out $R/candidates_$G.json
+      run kernel_check env ALTO_AUTOTUNE=full ALTO_CANDIDATE_CONFIGS=1 python benchmarks/kernel_check.py ;;
     shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
       run shrink-rows python benchmarks/shrink_rows.py ;;
-    rows-ab)  # the shrink's ROW_SPLIT configs: correctness with every case autotuned (they are in the list),
+    rows-ab)  # the candidate configs (ALTO_CANDIDATE_CONFIGS=1: the shrink's row split, the dY pass without B's look-ahead): correctness with every case autotuned,
               # then the 8x512 table with the kernels of $BEFORE (a copy without them, as kernels-ab) and
               # the working tree's, alternating
       base_pp=$PYTHONPATH
       arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
-      [ "${ROWS_CHECK:-1}" = 1 ] && run kernel_check env ALTO_AUTOTUNE=full python benchmarks/kernel_check.py
+      [ "${ROWS_CHECK:-1}" = 1 ] && run kernel_check env ALTO_AUTOTUNE=full ALTO_CANDIDATE_CONFIGS=1 python benchmarks/kernel_check.py
       for arm in ${ROWS_ARMS:-before after}; do
-        run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_rows_${arm}_$G.json
+        run kquick-$arm env PYTHONPATH="$(arm_pp $arm)" ALTO_AUTOTUNE=full ALTO_CANDIDATE_CONFIGS=1 python benchmarks/lora_kernels.py --quick --out $R/kernels_quick_rows_${arm}_$G.json
       done ;;
     kcheck)  # correctness only, at the 8B shapes
       run kernel_check python benchmarks/kernel_check.py ;;

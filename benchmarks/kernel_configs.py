@@ -31,10 +31,10 @@ from kernel_check import SHAPES, import_alto_kernels, linear_case  # noqa: E402
 def grids():
     """Name -> (kernel module attribute, the wide grid) per swept kernel."""
     from alto_kernels._common import cfg
-    shrink = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, ROW_SPLIT=False, num_warps=w, num_stages=s)
+    shrink = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, ROW_SPLIT=False, PREFETCH_A=True, num_warps=w, num_stages=s)
               for bm, bk, sk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8, 16), (4, 8), (3, 4))
               if not (bm == 128 and bk == 256) and not (bm == 32 and w == 8)]
-    bwd_dy = [cfg(BLOCK_N=bn, SPLIT_N=sn, num_warps=w, num_stages=s)
+    bwd_dy = [cfg(BLOCK_N=bn, SPLIT_N=sn, PREFETCH_B=True, num_warps=w, num_stages=s)
               for bn, sn, w, s in itertools.product((32, 64, 128, 256), (2, 4, 8, 16), (4, 8), (3, 4, 5))
               if not (bn == 256 and s > 3) and not (bn == 32 and w == 8)]
     bwd_dx = [cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)

@@ -80,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     from alto_kernels import _common
     from alto_kernels.fused import _SHRINK, _dot_prec, _key, _lora_forward, _seed_and_drop, cached_plan
+    from alto_kernels.lora_shrink import ROW_SPLIT_CONFIGS
 
     n, tok, r, dt = args.adapters, args.tokens, args.rank, torch.bfloat16
     T = n * tok
@@ -124,7 +125,7 @@ def main() -> None:
                 print(f"[{K}->{N}] rows {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
         # The production kernel pinned to each of its ROW_SPLIT configs, against its table config
         # (the H above); then with dropout 0.1, against the table config's H for the same seed.
-        row_cfgs = [c for c in _SHRINK.kernel.configs if c.kwargs.get("ROW_SPLIT")]
+        row_cfgs = ROW_SPLIT_CONFIGS  # candidates: in the autotune list only with ALTO_CANDIDATE_CONFIGS=1
         for p in (None, [0.1] * n):
             dplan = plan if p is None else cached_plan(xs[0], None, A, B, offs, scales, p, True)
             dseed, ddrop = _seed_and_drop(dplan, xs[0], 7, None, None)

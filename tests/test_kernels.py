@@ -123,12 +123,34 @@ def test_shrink_split_over_rows_matches_reference(block_m, monkeypatch):
     check([70, 0, 33, 5], [16, 4, 8, 64], K=97, N=40, dtype=torch.float32)
     check([45, 20], [8, 16], K=40, N=24, dtype=torch.bfloat16, dropout_p=[0.2, 0.1], training=True)
     assert all(c.kwargs["ROW_SPLIT"] for c in fused._SHRINK.best.values())
+    # what ALTO_CANDIDATE_CONFIGS=1 adds to the GPU list: one split each, A_i left to the pipeliner
+    from alto_kernels.lora_shrink import ROW_SPLIT_CONFIGS
+    assert ROW_SPLIT_CONFIGS and all(c.kwargs["SPLIT_K"] == 1 and c.kwargs["ROW_SPLIT"]
+                                     and not c.kwargs["PREFETCH_A"] for c in ROW_SPLIT_CONFIGS)
 
 
 def test_feature_splits_span_several_tiles():
     # each split-K (shrink) and split-N (dY pass) program walks several tiles, the last one ragged:
     # A_i's and B_i's tiles are loaded one tile ahead, and the look-ahead past a split's end is masked
     check([37, 0, 45], [1, 16, 64], K=197, N=101, dtype=torch.float32)
+
+
+def test_dy_pass_without_the_b_look_ahead_matches_reference(monkeypatch):
+    # PREFETCH_B off (the candidate configs): B_i's tiles loaded where they are used, over several
+    # ragged split-N tiles, with and without dropout
+    from alto_kernels._common import cfg as make_cfg
+    from alto_kernels.lora_bwd_dy import PIPELINED_B_CONFIGS
+
+    no_ahead = make_cfg(BLOCK_N=16, SPLIT_N=2, PREFETCH_B=False, num_warps=4, num_stages=1)
+    monkeypatch.setattr(fused._BWD_DY.kernel, "configs", [no_ahead])
+    monkeypatch.setattr(fused._BWD_DY, "best", {})
+    monkeypatch.setattr(fused._BWD_DY, "tuned", set())
+    monkeypatch.setattr(fused._BWD_DY.kernel, "cache", {})
+    fused._PLANS.clear()
+    check([37, 0, 45], [1, 16, 64], K=40, N=101, dtype=torch.float32)
+    check([30, 21], [8, 16], K=24, N=37, dtype=torch.bfloat16, dropout_p=[0.1, 0.2], training=True)
+    assert fused._BWD_DY.best and not any(c.kwargs["PREFETCH_B"] for c in fused._BWD_DY.best.values())
+    assert PIPELINED_B_CONFIGS and not any(c.kwargs["PREFETCH_B"] for c in PIPELINED_B_CONFIGS)
 
 
 @pytest.mark.parametrize("ranks,align", [([8, 16, 64], 8), ([4, 12, 8], 4), ([8, 2, 16], 1)])
@@ -523,3 +545,21 @@ def test_dropout_masks_follow_the_adapters_stream_not_its_neighbours():
     leaves = [x, *A, *B]
     errs = [rel(a, b) for a, b in zip([y, *grads(y, leaves, dy)], [ref, *grads(ref, leaves, dy)])]
     assert max(errs) < 1e-5, errs
+
+
+def test_the_candidates_benchmark_runs_its_smoke_case(tmp_path):
+    # benchmarks/candidates.py (the GPU call that decides the candidate configs) end to end at tiny
+    # sizes: every candidate pinned in turn gives (b)'s outputs and gradients of the table's config
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "candidates.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "candidates.py"), "--smoke",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape = json.loads(out.read_text())["shapes"]["40->24"]
+    rows = shape["lora_shrink"] + shape["lora_bwd_dy"]
+    assert len(rows) >= 2 and all(d < 1e-5 for row in rows for d in row["max_rel_diff"].values())

@@ -26,30 +26,30 @@ With ``ROW_SPLIT`` (configs with ``SPLIT_K`` = 1 only) a chunk is split over row
 program owns ``BLOCK_M`` of its rows and all of K (the launch grid's second axis counts row
 blocks), so there are no partial sums to meet and no ticket tail; every program then reads all of
 ``A_i``, from L2. Those configs leave A_i's loads to the compiler's pipeline (``PREFETCH_A`` off):
-on an H100 at 8 x 512 tokens, rank 16, that was 1.13-1.22x faster than the split-K shrink, while
-with the hand look-ahead it was not (``benchmarks/shrink_rows.py``).
+on an H100 at 8 x 512 tokens, rank 16, a probe of this scheme was 1.13-1.22x faster than the
+split-K shrink, while with the hand look-ahead it was not (``benchmarks/shrink_rows.py``). They
+are candidates (``_common.CANDIDATE_CONFIGS``) until this kernel has run them on a GPU.
 """
 import triton
 import triton.language as tl
 
-from ._common import CONFIG_DEFAULTS, cfg, chunk_meta, configs, dropout_key, dropout_pos, mma, quick_bench, seq_stride, weight_ptrs
+from ._common import (CANDIDATE_CONFIGS, CONFIG_DEFAULTS, cfg, chunk_meta, configs, dropout_key, dropout_pos, mma, quick_bench,
+                      seq_stride, weight_ptrs)
 
+# Configs that do not say (the interpreter's, a table tuned before these switches existed) split
+# over K and load A_i's tiles one iteration ahead by hand.
+CONFIG_DEFAULTS["lora_shrink"] = {"ROW_SPLIT": False, "PREFETCH_A": True}
+ROW_SPLIT_CONFIGS = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=1, ROW_SPLIT=True, PREFETCH_A=False, num_warps=w, num_stages=s)
+                     for (bm, bk, w, s) in [(32, 256, 4, 4), (16, 256, 2, 4), (16, 512, 4, 3), (16, 256, 4, 4),
+                                            (32, 128, 4, 5)]]
 SHRINK_CONFIGS = configs(
-    full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+    full=[cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, ROW_SPLIT=False, PREFETCH_A=True, num_warps=w, num_stages=s)
           for (bm, bk, sk, w, s) in [(16, 256, 4, 4, 3), (32, 128, 4, 4, 3), (32, 256, 4, 4, 3),
                                      (32, 128, 8, 4, 4), (64, 128, 4, 4, 3), (64, 128, 8, 8, 3),
                                      (64, 64, 8, 4, 4), (32, 256, 1, 8, 3), (64, 256, 2, 8, 3),
                                      (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]]
-    + [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=1, ROW_SPLIT=True, PREFETCH_A=False, num_warps=w, num_stages=s)
-       for (bm, bk, w, s) in [(32, 256, 4, 4), (16, 256, 2, 4), (16, 512, 4, 3), (16, 256, 4, 4),
-                              (32, 128, 4, 5)]],
-    interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))
-# Configs that do not say (the interpreter's, a table tuned before these switches existed) split
-# over K and load A_i's tiles one iteration ahead by hand.
-CONFIG_DEFAULTS["lora_shrink"] = {"ROW_SPLIT": False, "PREFETCH_A": True}
-for _c in SHRINK_CONFIGS:
-    for _k, _v in CONFIG_DEFAULTS["lora_shrink"].items():
-        _c.kwargs.setdefault(_k, _v)
+    + (ROW_SPLIT_CONFIGS if CANDIDATE_CONFIGS else []),
+    interp=cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2, ROW_SPLIT=False, PREFETCH_A=True, num_warps=4, num_stages=1))
 
 
 @triton.autotune(configs=SHRINK_CONFIGS, key=["K", "R", "T_HINT"], reset_to_zero=["h_ptr"],
