@@ -65,6 +65,33 @@ for phase in "$@"; do
                  # against the table config's, (b)/(a) in device time; then correctness with them in the lists
       run candidates python benchmarks/candidates.py --out $R/candidates_$G.json
       run kernel_check env ALTO_AUTOTUNE=full ALTO_CANDIDATE_CONFIGS=1 python benchmarks/kernel_check.py ;;
+    candidates-ab)  # one call that decides the candidates: candidates.py; if every output and gradient held,
+                    # the table tuned again with them in the lists (written to the working tree's tuned/ and
+                    # $OUT at once), the engine's 8B step with the kernels and table of $BEFORE against the
+                    # working tree's, correctness with the new table, then, while the call has time, a second
+                    # engine round and the dX pass's registers per config
+      base_pp=$PYTHONPATH
+      arm_pp() { if [ "$1" = before ]; then echo "$PWD/${BEFORE:?set BEFORE}:$base_pp"; else echo "$base_pp"; fi; }
+      run candidates python benchmarks/candidates.py --out $R/candidates_$G.json
+      cp $R/candidates_$G.json "$OUT"/ 2>/dev/null
+      if python -c "import json,sys; d=json.load(open('$R/candidates_$G.json')); \
+          m=max(v for s in d['shapes'].values() for k,rows in s.items() if isinstance(rows,list) for r in rows for v in r['max_rel_diff'].values()); \
+          print('largest relative difference of any candidate:', m); sys.exit(0 if m < 3e-2 else 1)"; then
+        slug=$(python -c "import re,torch;print(re.sub(r'[^A-Za-z0-9]+','_',torch.cuda.get_device_name(0)).strip('_'))")
+        run tune-candidates env ALTO_CANDIDATE_CONFIGS=1 python benchmarks/tune_kernels.py --out $R/tuned_candidates_$slug.json
+        cp $R/tuned_candidates_$slug.json kernels/alto_kernels/tuned/$slug.json
+        cp $R/tuned_candidates_$slug.json "$OUT"/
+        for arm in before after; do
+          run engine-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 8b --out $R/engine_cand_${arm}_$G.json --summary /tmp/engine_$arm.sum.json
+        done
+        run kernel_check env ALTO_CANDIDATE_CONFIGS=1 python benchmarks/kernel_check.py
+        for arm in before after; do
+          [ $SECONDS -lt 500 ] && run engine2-$arm env PYTHONPATH="$(arm_pp $arm)" python benchmarks/engine.py --shapes 8b --out $R/engine_cand2_${arm}_$G.json --summary /tmp/engine_$arm.sum.json
+        done
+        [ $SECONDS -lt 540 ] && run kernel-regs python benchmarks/kernel_regs.py --out $R/kernel_regs_$G.json
+      else
+        echo "a candidate changed an output: no re-tune" | tee -a "$LOG"; status=1
+      fi ;;
     shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
       run shrink-rows python benchmarks/shrink_rows.py ;;
     rows-ab)  # the candidate configs (ALTO_CANDIDATE_CONFIGS=1: the shrink's row split, the dY pass without B's look-ahead): correctness with every case autotuned,

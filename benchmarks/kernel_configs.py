@@ -37,8 +37,8 @@ def grids():
     bwd_dy = [cfg(BLOCK_N=bn, SPLIT_N=sn, PREFETCH_B=True, num_warps=w, num_stages=s)
               for bn, sn, w, s in itertools.product((32, 64, 128, 256), (2, 4, 8, 16), (4, 8), (3, 4, 5))
               if not (bn == 256 and s > 3) and not (bn == 32 and w == 8)]
-    bwd_dx = [cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
-              for bm, bk, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4))
+    bwd_dx = [cfg(BLOCK_M=bm, BLOCK_K=bk, SPLIT_ROLES=sr, num_warps=w, num_stages=s)
+              for bm, bk, sr, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (False, True), (4, 8), (3, 4))
               if not (bm == 128 and bk == 256)]
     return {"lora_shrink": shrink, "lora_bwd_dy": bwd_dy, "lora_bwd_dx": bwd_dx}
 

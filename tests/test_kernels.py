@@ -76,6 +76,15 @@ def check(lens, ranks, K, N, dtype, dropout_p=None, training=False, w_dtype=None
     return masks
 
 
+def pin_config(monkeypatch, launcher, config) -> None:
+    """Make ``config`` the launcher's only one for this test (no choice remembered, no plan cached)."""
+    monkeypatch.setattr(launcher.kernel, "configs", [config])
+    monkeypatch.setattr(launcher, "best", {})
+    monkeypatch.setattr(launcher, "tuned", set())
+    monkeypatch.setattr(launcher.kernel, "cache", {})
+    fused._PLANS.clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mixed_ranks_match_reference(dtype):
     # ranks {1, 8, 16, 64} in one launch; an empty segment; lengths that are no multiple of a block
@@ -115,11 +124,7 @@ def test_shrink_split_over_rows_matches_reference(block_m, monkeypatch):
 
     row_cfg = make_cfg(BLOCK_M=block_m, BLOCK_K=32, SPLIT_K=1, ROW_SPLIT=True, PREFETCH_A=block_m == 32,
                        num_warps=4, num_stages=1)
-    monkeypatch.setattr(fused._SHRINK.kernel, "configs", [row_cfg])
-    monkeypatch.setattr(fused._SHRINK, "best", {})
-    monkeypatch.setattr(fused._SHRINK, "tuned", set())
-    monkeypatch.setattr(fused._SHRINK.kernel, "cache", {})
-    fused._PLANS.clear()
+    pin_config(monkeypatch, fused._SHRINK, row_cfg)
     check([70, 0, 33, 5], [16, 4, 8, 64], K=97, N=40, dtype=torch.float32)
     check([45, 20], [8, 16], K=40, N=24, dtype=torch.bfloat16, dropout_p=[0.2, 0.1], training=True)
     assert all(c.kwargs["ROW_SPLIT"] for c in fused._SHRINK.best.values())
@@ -142,15 +147,39 @@ def test_dy_pass_without_the_b_look_ahead_matches_reference(monkeypatch):
     from alto_kernels.lora_bwd_dy import PIPELINED_B_CONFIGS
 
     no_ahead = make_cfg(BLOCK_N=16, SPLIT_N=2, PREFETCH_B=False, num_warps=4, num_stages=1)
-    monkeypatch.setattr(fused._BWD_DY.kernel, "configs", [no_ahead])
-    monkeypatch.setattr(fused._BWD_DY, "best", {})
-    monkeypatch.setattr(fused._BWD_DY, "tuned", set())
-    monkeypatch.setattr(fused._BWD_DY.kernel, "cache", {})
-    fused._PLANS.clear()
+    pin_config(monkeypatch, fused._BWD_DY, no_ahead)
     check([37, 0, 45], [1, 16, 64], K=40, N=101, dtype=torch.float32)
     check([30, 21], [8, 16], K=24, N=37, dtype=torch.bfloat16, dropout_p=[0.1, 0.2], training=True)
     assert fused._BWD_DY.best and not any(c.kwargs["PREFETCH_B"] for c in fused._BWD_DY.best.values())
     assert PIPELINED_B_CONFIGS and not any(c.kwargs["PREFETCH_B"] for c in PIPELINED_B_CONFIGS)
+
+
+@pytest.mark.parametrize("need", ["both", "dx only", "da only"])
+def test_dx_pass_with_its_products_on_separate_programs_matches_reference(need, monkeypatch):
+    # SPLIT_ROLES (the candidate configs): grid axis 2 gives dX and dA programs of their own when
+    # both are wanted; one product alone runs on axis 2 of size 1. Several chunks per adapter,
+    # ragged K tiles, dropout regenerated in both kinds of program
+    from alto_kernels._common import cfg as make_cfg
+    from alto_kernels.lora_bwd_dx import SPLIT_ROLES_CONFIGS
+
+    split = make_cfg(BLOCK_M=16, BLOCK_K=32, SPLIT_ROLES=True, num_warps=4, num_stages=1)
+    pin_config(monkeypatch, fused._BWD_DX, split)
+    if need == "both":
+        check([70, 0, 33, 5], [16, 4, 8, 64], K=97, N=40, dtype=torch.float32)
+        check([45, 20], [8, 16], K=40, N=24, dtype=torch.bfloat16, dropout_p=[0.2, 0.1], training=True)
+    else:  # a frozen input (no dX) or frozen A's (no dA): the kernel's other product alone
+        _, x, base, A, B, offs, scales, dy = make([45, 0, 20], [8, 4, 16], K=72, N=24, dtype=torch.float32)
+        want_leaves = [x] if need == "dx only" else list(A)
+        for t in ([*A, *B] if need == "dx only" else [x, *B]):
+            t.requires_grad_(False)
+        y = fused.fused_multi_lora(x, base.clone(), A, B, offs, scales, dropout_p=[0.1, 0.0, 0.3], training=True,
+                                   seed=3)
+        masks = fused.dropout_mask(3, offs, [0.1, 0.0, 0.3], 72, device=DEVICE)
+        ref = base + multi_lora_reference(x, A, B, offs, scales, dropout_masks=masks, dropout_p=[0.1, 0.0, 0.3])
+        for got, want in zip(grads(y, want_leaves, dy), grads(ref, want_leaves, dy)):
+            assert rel(got, want) <= TOL[torch.float32]
+    assert fused._BWD_DX.best and all(c.kwargs["SPLIT_ROLES"] for c in fused._BWD_DX.best.values())
+    assert SPLIT_ROLES_CONFIGS and all(c.kwargs["SPLIT_ROLES"] for c in SPLIT_ROLES_CONFIGS)
 
 
 @pytest.mark.parametrize("ranks,align", [([8, 16, 64], 8), ([4, 12, 8], 4), ([8, 2, 16], 1)])

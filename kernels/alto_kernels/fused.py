@@ -177,7 +177,8 @@ def _lora_backward(plan: MultiLoRAPlan, x: torch.Tensor, h: torch.Tensor, dy: to
     def bwd_dx(g, dx, da, grad_sink):
         dx_arg = dx if need_x else x        # never written when COMPUTE_DX is off
         da_arg = da if (need_a and da.numel()) else g  # never written when COMPUTE_DA is off or sinking
-        _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"])), dx_key(grad_sink),
+        roles = 2 if need_x and need_a else 1  # SPLIT_ROLES: each product on programs of its own
+        _BWD_DX(lambda m: (nc, triton.cdiv(K, m["BLOCK_K"]), roles if m["SPLIT_ROLES"] else 1), dx_key(grad_sink),
                 x, g, dx_arg, da_arg, plan.table, plan.ptrs, w_ref, K, x.stride(0), dx_arg.stride(0),
                 plan.t_hint, seed, *drop, R=plan.R, ALIGN=plan.table_align, HAS_DROPOUT=plan.has_dropout,
                 COMPUTE_DX=need_x, COMPUTE_DA=need_a, DOT_PREC=prec, GRAD_SINK=grad_sink,
