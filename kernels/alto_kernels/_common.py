@@ -243,10 +243,11 @@ def config_from_json(d: Dict[str, Any]) -> "triton.Config":
     return triton.Config(dict(d["kwargs"]), num_warps=int(d["num_warps"]), num_stages=int(d["num_stages"]))
 
 
-# Candidate configs: ones a probe found faster but that the kernels themselves have not yet run on
-# a GPU (``lora_shrink.ROW_SPLIT_CONFIGS``, ``lora_bwd_dy.PIPELINED_B_CONFIGS``). They join the
-# autotune lists only with ``ALTO_CANDIDATE_CONFIGS=1`` (read at import), until a device call has
-# checked and timed them (``benchmarks/candidates.py``) and the tables are tuned again.
+# Candidate configs (``lora_shrink.ROW_SPLIT_CONFIGS``, ``lora_bwd_dy.PIPELINED_B_CONFIGS``,
+# ``lora_bwd_dx.SPLIT_ROLES_CONFIGS``) join the autotune lists only with ``ALTO_CANDIDATE_CONFIGS=1``
+# (read at import). On an H100 they were correct, the first two 4-6% faster in their own kernel at
+# one shape, and none moved a layer's fwd+bwd beyond its noise (``benchmarks/candidates.py``,
+# BENCHMARKS.md): not worth more autotuning time or new tables by default.
 CANDIDATE_CONFIGS = os.environ.get("ALTO_CANDIDATE_CONFIGS", "0").strip().lower() in ("1", "true", "yes", "on")
 
 # Per kernel, the values of config switches that a config without them means (a table's rows

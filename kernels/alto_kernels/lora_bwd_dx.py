@@ -12,8 +12,11 @@ the dX programs read G and A_i and write dX, the dA programs read G and X. The b
 same, but each program holds one product's registers instead of both: the fused loop is limited
 to a quarter of the warps an SM can hold by its registers (116 a thread at 8 x 512, rank 16 on
 the H100: Nsight Compute, BENCHMARKS.md), and the kernel waits on global loads for about half of
-its cycles, so more warps in flight may hide more of that. These configs are candidates
-(``_common.CANDIDATE_CONFIGS``) until a GPU has timed them.
+its cycles, so more warps in flight might hide more of that. On an H100 they did not: split, the
+configs need 95-200 registers against 164-255 (Triton 3.6, ``benchmarks/kernel_regs.py``), yet
+autotuning chose none, and a layer's fwd+bwd was no faster with them. At K = 14336 the fused pass
+already moves X and dX at 2.56 TB/s, so it is bound by bandwidth more than by latency. They stay
+candidates (``_common.CANDIDATE_CONFIGS``).
 """
 import triton
 import triton.language as tl
