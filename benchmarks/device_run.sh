@@ -92,6 +92,17 @@ for phase in "$@"; do
       else
         echo "a candidate changed an output: no re-tune" | tee -a "$LOG"; status=1
       fi ;;
+    siblings-ab)  # sibling linears (q/k/v, gate/up) as one node (ALTO_SIBLING_LINEARS=1) or one node each:
+                  # correctness (kernel_check's sibling checks), the engine's steps alternating (1B+8B, then
+                  # 8B again), then where the 8B step's time goes with the grouping on
+      run kernel_check python benchmarks/kernel_check.py
+      for round in 1 2; do
+        shapes=$([ $round = 1 ] && echo 1b,8b || echo 8b)
+        for arm in 0 1; do
+          run engine-siblings$arm-$round env ALTO_SIBLING_LINEARS=$arm python benchmarks/engine.py --shapes $shapes --out $R/engine_siblings${arm}_${round}_$G.json --summary /tmp/engine_siblings.sum.json
+        done
+      done
+      run eprofile-siblings env ALTO_SIBLING_LINEARS=1 python benchmarks/engine_profile.py --shape 8b ;;
     shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
       run shrink-rows python benchmarks/shrink_rows.py ;;
     rows-ab)  # the candidate configs (ALTO_CANDIDATE_CONFIGS=1: the shrink's row split, the dY pass without B's look-ahead): correctness with every case autotuned,

@@ -240,6 +240,16 @@ def check_cross_entropy(tol, gen):
     return ok
 
 
+def linear_rows():
+    """Ranks and segment offsets of the one-node checks: 8 adapters, mixed ranks, an empty
+    segment and lengths off any block size; returns ``(ranks, offsets, tokens)``."""
+    ranks, lens = [16, 8, 32, 64, 16, 8, 32, 64], [512, 300, 0, 700, 512, 129, 1, 512]
+    offs = [0]
+    for n in lens:
+        offs.append(offs[-1] + n)
+    return ranks, offs, offs[-1]
+
+
 def check_linear(K, N, tol, gen):
     """The engine's one-node path (``apply_linear_multi_lora``: base GEMM + deltas as one node)
     against the two-node path on the same plan, bf16, dropout 0.1: the epilogue variant (the
@@ -248,11 +258,7 @@ def check_linear(K, N, tol, gen):
     from alto_kernels.fused import apply_multi_lora, prepare_multi_lora
     from alto_kernels.fused_linear import apply_linear_multi_lora
     dev, dt = "cuda", torch.bfloat16
-    ranks, lens = [16, 8, 32, 64, 16, 8, 32, 64], [512, 300, 0, 700, 512, 129, 1, 512]
-    offs = [0]
-    for n in lens:
-        offs.append(offs[-1] + n)
-    T = offs[-1]
+    ranks, offs, T = linear_rows()
     A, B = make_weights(ranks, K, N, dt, dev, gen)
     A, B = [a.detach() for a in A], [b.detach() for b in B]
     weight = (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt)
@@ -292,6 +298,51 @@ def check_linear(K, N, tol, gen):
         if path != "one" or not good:
             print(f"{'ok  ' if good else 'FAIL'} linear+LoRA one node {K}->{N} T={T} ({path}) vs two nodes: "
                   f"y {e_y:.2e} (equal: {same_y}), dX {e_dx:.2e}, sinks {e_s:.2e}")
+    return ok
+
+
+def check_siblings(K, outs, tol, gen):
+    """Sibling linears of one input (q/k/v: outputs ``outs``) as one node
+    (``apply_sibling_linears_multi_lora``: dX summed in its backward) against one one-node linear
+    each (autograd sums their dX), bf16, dropout 0.1, each sibling with its own seed."""
+    from alto_kernels.fused import prepare_multi_lora
+    from alto_kernels.fused_linear import apply_linear_multi_lora
+    from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
+    dev, dt = "cuda", torch.bfloat16
+    ranks, offs, T = linear_rows()
+    sib = []
+    for N in outs:
+        A, B = make_weights(ranks, K, N, dt, dev, gen)
+        sib.append(([a.detach() for a in A], [b.detach() for b in B],
+                    (torch.randn(N, K, device=dev, generator=gen) * K ** -0.5).to(dt),
+                    torch.randn(T, N, device=dev, generator=gen).to(dt)))
+    x0 = torch.randn(T, K, device=dev, generator=gen).to(dt)
+    out = {}
+    for path in ("own nodes", "sibling node", "sibling node again"):
+        x = x0.clone().requires_grad_()
+        plans, sinks = [], []
+        for A, B, w, _ in sib:
+            ga = [torch.zeros(a.shape, device=dev) for a in A]
+            gb = [torch.zeros(b.shape, device=dev) for b in B]
+            plans.append(prepare_multi_lora(x, torch.empty(T, w.shape[0], device=dev, dtype=dt), A, B, offs, [2.0] * 8,
+                                            [0.1] * 8, training=True, grad_a=ga, grad_b=gb))
+            sinks += ga + gb
+        seeds = [3 + j for j in range(len(sib))]
+        if path == "own nodes":
+            ys = [apply_linear_multi_lora(p, x, w, None, seed=s) for p, (_, _, w, _), s in zip(plans, sib, seeds)]
+        else:
+            ys = apply_sibling_linears_multi_lora(plans, x, [w for _, _, w, _ in sib], seeds)
+        (dx,) = torch.autograd.grad(ys, [x], [dy for *_, dy in sib])
+        out[path] = (torch.cat([y.detach().flatten() for y in ys]), dx, torch.cat([g.flatten() for g in sinks]))
+    ok = True
+    for path in ("sibling node", "sibling node again"):
+        e_y = rel(out[path][0].float(), out["own nodes"][0].float())
+        e_dx, e_s = rel(out[path][1].float(), out["own nodes"][1].float()), rel(out[path][2], out["own nodes"][2])
+        # dX: the LoRA parts summed in fp32 and rounded once, not each rounded and added in bf16
+        good = e_y <= tol / 4 and e_dx <= tol / 4 and e_s <= 1e-4
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} sibling linears {K}->{outs} T={T} ({path}) vs a node each: "
+              f"y {e_y:.2e}, dX {e_dx:.2e}, sinks {e_s:.2e}")
     return ok
 
 
@@ -405,6 +456,8 @@ def main():
     ok &= check_cross_entropy(args.tol, gen)
     for K, N in SHAPES:
         ok &= check_linear(K, N, args.tol, gen)
+    ok &= check_siblings(4096, (4096, 1024, 1024), args.tol, gen)  # Llama-8B q/k/v
+    ok &= check_siblings(4096, (14336, 14336), args.tol, gen)      # gate/up
     from alto_kernels import _common, fused, fused_cross_entropy, fused_rms_norm, fused_rotary, fused_silu_mul
     counts = {lau.name: dict(lau.launches) for lau in (*fused.LAUNCHERS, fused_rms_norm._FWD, fused_rms_norm._BWD,
                                                        fused_silu_mul._FWD, fused_silu_mul._BWD, fused_rotary._LAUNCH,

@@ -226,3 +226,83 @@ def test_kernels_benchmark_times_every_variant_of_a_case():
     assert case["fused_over_base"] == approx(ms["fused_linear_op"] / ms["base"])
     assert case["fused_inplace_over_base"] == approx(ms["fused"] / ms["base"])
     assert case["sequential_over_fused"] == approx(ms["sequential"] / ms["fused_linear_op"])
+
+
+def _sibling_case(dtype, p, used, need_x=True):
+    """Three siblings (outputs 24, 8, 16) of one x: each sibling's own node, summed by autograd,
+    and the sibling node; returns each way's outputs, dX and sinks."""
+    from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=DEVICE, dtype=dtype)
+
+    offs, ranks, outs = [0, 26, 26, 65], [16, 1, 8], [24, 8, 16]
+    x0 = rnd(65, K)
+    sib = [(rnd(n, K, s=K ** -0.5), [rnd(r, K, s=K ** -0.5) for r in ranks], [rnd(n, r, s=r ** -0.5) for r in ranks],
+            rnd(65, n)) for n in outs]
+    scales = [1.5, 0.5, 2.0]
+    got = {}
+    for way in ("own nodes", "sibling node"):
+        x = x0.clone().requires_grad_(need_x)
+        plans, sinks = [], []
+        for w, A, B, _ in sib:
+            ga = [torch.zeros(a.shape, device=DEVICE) for a in A]
+            gb = [torch.zeros(b.shape, device=DEVICE) for b in B]
+            plans.append(fused.prepare_multi_lora(x, torch.empty(65, w.shape[0], device=DEVICE, dtype=dtype), A, B,
+                                                  offs, scales, p, training=True, grad_a=ga, grad_b=gb))
+            sinks += ga + gb
+        seeds = [11, 12, 13]
+        if way == "own nodes":
+            ys = [fused_linear.apply_linear_multi_lora(pl, x, w, None, seed=s) for pl, (w, *_), s in zip(plans, sib, seeds)]
+        else:
+            ys = apply_sibling_linears_multi_lora(plans, x, [w for w, *_ in sib], seeds)
+        loss = sum((y.float() * dy.float()).sum() for j, (y, (*_, dy)) in enumerate(zip(ys, sib)) if j in used)
+        loss.backward()
+        got[way] = ([y.detach() for y in ys], x.grad, sinks)
+    return seed, got
+
+
+@pytest.mark.parametrize("dtype,p,used", [(torch.float32, None, (0, 1, 2)), (torch.bfloat16, None, (0, 1, 2)),
+                                          (torch.float32, [0.2, 0.0, 0.3], (0, 1, 2)),
+                                          (torch.float32, None, (1,)), (torch.float32, None, (0, 2))])
+def test_sibling_linears_as_one_node_match_a_node_each(dtype, p, used):
+    # q/k/v-like siblings of one input: the same outputs, dX and dA/dB sinks as one one-node linear
+    # per sibling (whose dX autograd sums); dropout drawn with each sibling's own seed; outputs
+    # that never reach the loss get no gradient
+    seed, got = _sibling_case(dtype, p, used)
+    (y0, dx0, s0), (y1, dx1, s1) = got["own nodes"], got["sibling node"]
+    for a, b in zip(y1, y0):
+        assert rel(a, b) <= TOL[dtype] / 10, f"seed={seed}"
+    assert rel(dx1, dx0) <= TOL[dtype], f"seed={seed}"
+    unused = {j for j in range(3) if j not in used}
+    for i, (a, b) in enumerate(zip(s1, s0)):
+        sibling = i // 6  # 3 dA then 3 dB sinks per sibling
+        assert rel(a, b) <= TOL[dtype], f"seed={seed} sink {i}"
+        assert (a.abs().max().item() == 0) == (sibling in unused or b.abs().max().item() == 0)
+
+
+def test_sibling_linears_without_an_input_gradient_fill_only_the_sinks():
+    seed, got = _sibling_case(torch.float32, None, (0, 1, 2), need_x=False)
+    (_, dx0, s0), (_, dx1, s1) = got["own nodes"], got["sibling node"]
+    assert dx0 is None and dx1 is None
+    assert all(rel(a, b) <= 1e-5 for a, b in zip(s1, s0)), f"seed={seed}"
+
+
+def test_sibling_linears_bad_inputs_name_the_field():
+    from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
+
+    x = torch.randn(10, K, device=DEVICE)
+    A, B = [torch.randn(4, K, device=DEVICE)], [torch.randn(N, 4, device=DEVICE)]
+    sink = fused.prepare_multi_lora(x, torch.empty(10, N, device=DEVICE), A, B, [0, 10], [1.0],
+                                    grad_a=[torch.zeros(4, K, device=DEVICE)], grad_b=[torch.zeros(N, 4, device=DEVICE)])
+    plain = fused.prepare_multi_lora(x, torch.empty(10, N, device=DEVICE), A, B, [0, 10], [1.0])
+    w = torch.randn(N, K, device=DEVICE)
+    with pytest.raises(ValueError, match="one length"):
+        apply_sibling_linears_multi_lora([sink], x, [w, w], [0])
+    with pytest.raises(ValueError, match=r"plans\[1\] has no gradient sink"):
+        apply_sibling_linears_multi_lora([sink, plain], x, [w, w], [0, 0])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be"):
+        apply_sibling_linears_multi_lora([sink], x, [w.t().contiguous()], [0])

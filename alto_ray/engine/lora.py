@@ -156,6 +156,8 @@ class MultiLoRALinear(nn.Module):
         # Hopper, no bias): ALTO_LINEAR_GEMM=1
         self._linear_gemm = os.environ.get("ALTO_LINEAR_GEMM", "0").strip().lower() in ("1", "true", "yes")
         self.slots: Dict[int, LoRASlot] = {}
+        # Set by ``siblings.group_sibling_linears``: the q/k/v or gate/up group this layer is in.
+        object.__setattr__(self, "sibling_group", None)
         self._slots_changed()
 
     @property
@@ -206,24 +208,18 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] != layout.total_rows:
             raise RuntimeError(f"batch layout covers {layout.total_rows} rows but the layer got {x2.shape[0]}")
-        # Per-layer seeds only when a mask is drawn: a constant seed lets the kernel reuse its
-        # cached segment table across layers and steps.
-        use_dropout = rt.training and self._any_dropout
-        if rt.stream_values is not None:  # per-adapter streams carry the step: the seed names the layer
-            seed = (self.layer_index * 1009 + 1) if use_dropout else 0
-        else:
-            seed = (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
-        weight = self.base.weight
-        if (rt.grads and self._fused_linear and len(runs) == 1 and runs[0].lo == 0
-                and runs[0].hi == x2.shape[0] and not weight.requires_grad and type(weight.data) is torch.Tensor):
+        use_dropout, seed = self._dropout_seed()
+        node = self._one_node(x2, runs, use_dropout, seed)
+        if node is not None:
             # Every row is some adapter's: the base GEMM and the deltas as one autograd node
-            # whose backward adds the LoRA dX into the base's (no separate add).
-            run = runs[0]
-            where, scales, drops = self._run_static(run.slots)
-            plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
-            streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
-            y = alto_kernels.apply_linear_multi_lora(plan, x2, weight, self.base.bias, seed, **streams,
-                                                     epilogue=self._linear_epilogue, gemm=self._linear_gemm)
+            # whose backward adds the LoRA dX into the base's (no separate add); with siblings
+            # (q/k/v, gate/up of one input: ``siblings.SiblingGroup``) one node for all of them.
+            group = self.sibling_group
+            y = group.output(self, x, x2) if group is not None else None
+            if y is None:
+                plan, seed, streams = node
+                y = alto_kernels.apply_linear_multi_lora(plan, x2, self.base.weight, self.base.bias, seed, **streams,
+                                                         epilogue=self._linear_epilogue, gemm=self._linear_gemm)
             return y.view(*x.shape[:-1], self.out_features)
         # The base GEMM on 2-D rows gives a fresh tensor, not a view: the fused kernel adds the
         # delta into ``base_out`` in place, and an in-place op on a view of another op's output
@@ -257,6 +253,43 @@ class MultiLoRALinear(nn.Module):
             pieces.append(o2[cursor:])
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _dropout_seed(self) -> Tuple[bool, int]:
+        """Whether this call draws dropout masks, and the layer's seed for them. Per-layer seeds
+        only when a mask is drawn: a constant seed lets the kernel reuse its cached segment table
+        across layers and steps."""
+        rt = self.runtime
+        use_dropout = rt.training and self._any_dropout
+        if rt.stream_values is not None:  # per-adapter streams carry the step: the seed names the layer
+            return use_dropout, (self.layer_index * 1009 + 1) if use_dropout else 0
+        return use_dropout, (rt.seed * 1009 + self.layer_index) % (2 ** 31) if use_dropout else 0
+
+    def _one_node(self, x2: torch.Tensor, runs: Tuple[SegmentRun, ...], use_dropout: bool,
+                  seed: int) -> Optional[tuple]:
+        """``(plan, seed, streams)`` for the one-node linear (gradient sinks on, one run covering
+        every row, a frozen plain weight), else None."""
+        rt = self.runtime
+        weight = self.base.weight
+        if not (rt.grads and self._fused_linear and len(runs) == 1 and runs[0].lo == 0
+                and runs[0].hi == x2.shape[0] and not weight.requires_grad and type(weight.data) is torch.Tensor):
+            return None
+        run = runs[0]
+        where, scales, drops = self._run_static(run.slots)
+        plan = self._sink_plan(run, where, scales, drops, use_dropout, x2)
+        streams = (dict(streams=rt.streams, width=rt.width) if use_dropout and rt.streams is not None else {})
+        return plan, seed, streams
+
+    def one_node_call(self, x2: torch.Tensor) -> Optional[tuple]:
+        """The one-node arguments of a call on ``x2`` now (``_one_node``), for a sibling group;
+        None where this layer would take another path."""
+        layout = self.runtime.layout
+        if layout is None or not self._present:
+            return None
+        runs = layout.runs_for(self._present)
+        if not runs:
+            return None
+        use_dropout, seed = self._dropout_seed()
+        return self._one_node(x2, runs, use_dropout, seed)
 
     def _sink_plan(self, run: SegmentRun, where, scales, drops, use_dropout: bool, xs: torch.Tensor):
         """This layer's cached plan for ``run`` with the adapters' gradient sinks (validation and

@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .lora import BatchLayout, LoRARuntime, LoRASlot, MultiLoRALinear
 from .fused_modules import fuse_gated_mlps, fuse_rms_norms, fuse_rotary, rotary_scope
+from .siblings import group_sibling_linears
 
 
 def looks_like_local_path(model: str) -> bool:
@@ -224,6 +225,7 @@ class MultiLoRAModel(nn.Module):
         if missing:
             raise ValueError(f"target_modules: no nn.Linear in {type(self.backbone).__name__} matches "
                              f"{missing}")
+        self.sibling_groups = group_sibling_linears(self.backbone)
 
     def _replace(self, name: str, new: MultiLoRALinear) -> None:
         parent_name, _, child = name.rpartition(".")
