@@ -103,6 +103,18 @@ for phase in "$@"; do
         done
       done
       run eprofile-siblings env ALTO_SIBLING_LINEARS=1 python benchmarks/engine_profile.py --shape 8b ;;
+    siblings-pass-ab)  # the siblings' dX in one lora_bwd_dx_siblings pass (default) against a node each
+                       # (ALTO_SIBLING_LINEARS=0) and against a lora_bwd_dx each (ALTO_SIBLING_DX_PASS=0):
+                       # correctness, where the 8B step's time goes (alternating), the engine's 8B step
+      run kernel_check python benchmarks/kernel_check.py
+      for arm in off pass chained off pass chained; do
+        case $arm in off) env="ALTO_SIBLING_LINEARS=0";; pass) env="ALTO_SIBLING_LINEARS=1";;
+                     chained) env="ALTO_SIBLING_DX_PASS=0";; esac
+        run eprofile-siblings-$arm env $env python benchmarks/engine_profile.py --shape 8b --steps 5
+      done
+      for arm in 0 1; do
+        run engine-siblings$arm env ALTO_SIBLING_LINEARS=$arm python benchmarks/engine.py --shapes 8b --out $R/engine_siblings_pass${arm}_$G.json --summary /tmp/engine_siblings.sum.json
+      done ;;
     shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
       run shrink-rows python benchmarks/shrink_rows.py ;;
     rows-ab)  # the candidate configs (ALTO_CANDIDATE_CONFIGS=1: the shrink's row split, the dY pass without B's look-ahead): correctness with every case autotuned,

@@ -303,8 +303,11 @@ def check_linear(K, N, tol, gen):
 
 def check_siblings(K, outs, tol, gen):
     """Sibling linears of one input (q/k/v: outputs ``outs``) as one node
-    (``apply_sibling_linears_multi_lora``: dX summed in its backward) against one one-node linear
-    each (autograd sums their dX), bf16, dropout 0.1, each sibling with its own seed."""
+    (``apply_sibling_linears_multi_lora``: dX summed in its backward, by one
+    ``lora_bwd_dx_siblings`` pass or by one ``lora_bwd_dx`` each adding into the first's) against
+    one one-node linear each (autograd sums their dX), bf16, dropout 0.1, each sibling with its
+    own seed."""
+    from alto_kernels import sibling_linear
     from alto_kernels.fused import prepare_multi_lora
     from alto_kernels.fused_linear import apply_linear_multi_lora
     from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
@@ -318,7 +321,12 @@ def check_siblings(K, outs, tol, gen):
                     torch.randn(T, N, device=dev, generator=gen).to(dt)))
     x0 = torch.randn(T, K, device=dev, generator=gen).to(dt)
     out = {}
-    for path in ("own nodes", "sibling node", "sibling node again"):
+    one_pass = sibling_linear.ONE_PASS
+    paths = ("own nodes", "sibling node", "sibling node again", "sibling node, a dX pass each")
+    launches = {}
+    for path in paths:
+        sibling_linear.ONE_PASS = one_pass and path != "sibling node, a dX pass each"
+        before = sum(sibling_linear._BWD_DX_SIB.launches.values())
         x = x0.clone().requires_grad_()
         plans, sinks = [], []
         for A, B, w, _ in sib:
@@ -334,15 +342,17 @@ def check_siblings(K, outs, tol, gen):
             ys = apply_sibling_linears_multi_lora(plans, x, [w for _, _, w, _ in sib], seeds)
         (dx,) = torch.autograd.grad(ys, [x], [dy for *_, dy in sib])
         out[path] = (torch.cat([y.detach().flatten() for y in ys]), dx, torch.cat([g.flatten() for g in sinks]))
+        launches[path] = sum(sibling_linear._BWD_DX_SIB.launches.values()) - before
+    sibling_linear.ONE_PASS = one_pass
     ok = True
-    for path in ("sibling node", "sibling node again"):
+    for path in paths[1:]:
         e_y = rel(out[path][0].float(), out["own nodes"][0].float())
         e_dx, e_s = rel(out[path][1].float(), out["own nodes"][1].float()), rel(out[path][2], out["own nodes"][2])
         # dX: the LoRA parts summed in fp32 and rounded once, not each rounded and added in bf16
         good = e_y <= tol / 4 and e_dx <= tol / 4 and e_s <= 1e-4
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} sibling linears {K}->{outs} T={T} ({path}) vs a node each: "
-              f"y {e_y:.2e}, dX {e_dx:.2e}, sinks {e_s:.2e}")
+        print(f"{'ok  ' if good else 'FAIL'} sibling linears {K}->{outs} T={T} ({path}; one-pass dX launches: "
+              f"{launches[path]}) vs a node each: y {e_y:.2e}, dX {e_dx:.2e}, sinks {e_s:.2e}")
     return ok
 
 

@@ -37,7 +37,9 @@ for arm in ("0", "1"):
                                                step_fn(run, lr, norm))
     steps = [{k: v.loss for k, v in t.step().items()} for _ in range(2)]
     groups = {id(m.sibling_group): m.sibling_group for m in t.model.lora_layers.values() if m.sibling_group}
+    from alto_kernels import sibling_linear
     out[arm] = {"steps": steps, "grads": grads, "groups": t.model.sibling_groups,
+                "one_pass": sum(sibling_linear._BWD_DX_SIB.launches.values()),
                 "group_calls": sum(g.calls for g in groups.values()),
                 "pending": sum(len(g._pending) for g in groups.values())}
 print(json.dumps(out))
@@ -61,6 +63,8 @@ def test_sibling_linears_train_like_one_node_each(tiny_model_dir, tiny_dataset_p
     # per step and layer: the attention's group (only with "all") and the MLP's; 2 steps
     assert on["group_calls"] == 2 * layers * (2 if mode == "all" else 1)
     assert on["pending"] == 0  # every kept output was taken by its sibling
+    # each group call's dX in one lora_bwd_dx_siblings launch (counted over the process)
+    assert off["one_pass"] == 0 and on["one_pass"] == on["group_calls"]
     for s_off, s_on in zip(off["steps"], on["steps"]):
         for name in ("a", "b", "c"):
             assert s_on[name] == pytest.approx(s_off[name], rel=1e-5, abs=1e-6)

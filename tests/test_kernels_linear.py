@@ -228,10 +228,16 @@ def test_kernels_benchmark_times_every_variant_of_a_case():
     assert case["sequential_over_fused"] == approx(ms["sequential"] / ms["fused_linear_op"])
 
 
-def _sibling_case(dtype, p, used, need_x=True):
+def _sibling_case(dtype, p, used, need_x=True, one_pass=True, monkeypatch=None):
     """Three siblings (outputs 24, 8, 16) of one x: each sibling's own node, summed by autograd,
-    and the sibling node; returns each way's outputs, dX and sinks."""
+    and the sibling node (its dX in one ``lora_bwd_dx_siblings`` pass, or one ``lora_bwd_dx``
+    each); returns each way's outputs, dX and sinks, and the one-pass launches."""
+    from alto_kernels import sibling_linear
     from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(sibling_linear, "ONE_PASS", one_pass)
+    launches = sum(sibling_linear._BWD_DX_SIB.launches.values())
 
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
@@ -262,17 +268,20 @@ def _sibling_case(dtype, p, used, need_x=True):
         loss = sum((y.float() * dy.float()).sum() for j, (y, (*_, dy)) in enumerate(zip(ys, sib)) if j in used)
         loss.backward()
         got[way] = ([y.detach() for y in ys], x.grad, sinks)
-    return seed, got
+    return seed, got, sum(sibling_linear._BWD_DX_SIB.launches.values()) - launches
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("dtype,p,used", [(torch.float32, None, (0, 1, 2)), (torch.bfloat16, None, (0, 1, 2)),
                                           (torch.float32, [0.2, 0.0, 0.3], (0, 1, 2)),
                                           (torch.float32, None, (1,)), (torch.float32, None, (0, 2))])
-def test_sibling_linears_as_one_node_match_a_node_each(dtype, p, used):
+def test_sibling_linears_as_one_node_match_a_node_each(dtype, p, used, one_pass, monkeypatch):
     # q/k/v-like siblings of one input: the same outputs, dX and dA/dB sinks as one one-node linear
     # per sibling (whose dX autograd sums); dropout drawn with each sibling's own seed; outputs
-    # that never reach the loss get no gradient
-    seed, got = _sibling_case(dtype, p, used)
+    # that never reach the loss get no gradient. The dX pass: one launch for all siblings, or
+    # one each adding into the first's
+    seed, got, launches = _sibling_case(dtype, p, used, one_pass=one_pass, monkeypatch=monkeypatch)
+    assert launches == (1 if one_pass else 0)
     (y0, dx0, s0), (y1, dx1, s1) = got["own nodes"], got["sibling node"]
     for a, b in zip(y1, y0):
         assert rel(a, b) <= TOL[dtype] / 10, f"seed={seed}"
@@ -285,7 +294,8 @@ def test_sibling_linears_as_one_node_match_a_node_each(dtype, p, used):
 
 
 def test_sibling_linears_without_an_input_gradient_fill_only_the_sinks():
-    seed, got = _sibling_case(torch.float32, None, (0, 1, 2), need_x=False)
+    seed, got, launches = _sibling_case(torch.float32, None, (0, 1, 2), need_x=False)
+    assert launches == 1
     (_, dx0, s0), (_, dx1, s1) = got["own nodes"], got["sibling node"]
     assert dx0 is None and dx1 is None
     assert all(rel(a, b) <= 1e-5 for a, b in zip(s1, s0)), f"seed={seed}"

@@ -127,6 +127,12 @@ def counted(*a, **k):
     calls[0] += 1
     return _apply_linear(*a, **k)
 fused_linear.apply_linear_multi_lora = counted
+import alto_kernels.sibling_linear as sibling_linear
+_apply_siblings = sibling_linear.apply_sibling_linears_multi_lora
+def counted_siblings(plans, *a, **k):  # q/k/v and gate/up: one node for the linears of a group
+    calls[0] += len(plans)
+    return _apply_siblings(plans, *a, **k)
+sibling_linear.apply_sibling_linears_multi_lora = counted_siblings
 CFGS = {"a": AdapterConfig(rank=4, alpha=8, lr=1e-2, batch_size=2, max_seq_len=12, seed=1, lr_schedule="constant"),
         "b": AdapterConfig(rank=8, alpha=8, lr=1e-2, batch_size=1, max_seq_len=12, seed=2, lr_schedule="constant")}
 def train(t):
@@ -174,7 +180,8 @@ def test_sharded_backbone_keeps_the_fused_modules_and_one_node_linears(tiny_mode
     layers = res["layers"]
     assert res["sharded_weight"] == "DTensor"
     assert res["norms"] == res["norm_sources"] == 2 * layers + 1 and res["mlps"] == res["mlp_modules"] == layers
-    # Every linear of every step's forward in one node, sharded or not (7 per layer, 3 steps).
+    # Every linear of every step's forward in a one-node path, sharded or not (7 per layer, 3 steps;
+    # q/k/v and gate/up in their sibling nodes).
     assert res["sharded_linear_calls"] == res["plain_linear_calls"] >= 3 * 7 * layers
     for name in ("a", "b"):
         assert res["sharded"][name] == pytest.approx(res["plain"][name], rel=1e-5, abs=1e-6)

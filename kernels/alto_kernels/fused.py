@@ -80,12 +80,14 @@ def _shrink_counters(plan: MultiLoRAPlan) -> torch.Tensor:
 
 
 def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch.Tensor], seed: int, drop: tuple,
-                  w_ref: torch.Tensor, accumulate: bool = True, with_g: bool = False) -> tuple:
+                  w_ref: torch.Tensor, accumulate: bool = True, with_g: bool = False,
+                  g_out: Optional[torch.Tensor] = None) -> tuple:
     """Shrink then expand into ``base_out`` (in place; with ``accumulate`` off the delta is
     stored there instead, every row being some adapter's); returns ``(H_s, G)``, ``H_s`` for the
     backward. Without ``base_out`` only the shrink runs (``lora_gemm`` does the expand).
     ``with_g`` (with ``base_out``): the expand also zero-fills the backward's ``G [T, R]``, which
-    is returned (None otherwise): the backward then needs no fill of its own. With
+    is returned (None otherwise; ``g_out``, a ``[T, R]`` fp32 view, to fill that one): the backward
+    then needs no fill of its own. With
     ``_common.SHRINK_TICKETS`` nothing here is zero-filled by a launch: the shrink stores every
     row of ``H_s`` (``lora_shrink.py``); without, ``H_s`` is zero-filled for its atomic adds."""
     T, K = x.shape
@@ -113,7 +115,7 @@ def _lora_forward(plan: MultiLoRAPlan, x: torch.Tensor, base_out: Optional[torch
             TICKETS=tickets, device_index=dev)
     if base_out is None:
         return h, None
-    g = torch.empty(T, R, device=x.device, dtype=torch.float32) if with_g else None
+    g = (g_out if g_out is not None else torch.empty(T, R, device=x.device, dtype=torch.float32)) if with_g else None
     N = base_out.shape[1]
     _EXPAND(lambda m: (nc, triton.cdiv(N, m["BLOCK_N"])),
             _key(x.dtype, w_ref.dtype, prec, plan, N, *(() if accumulate else (False,)), *((True,) if with_g else ())),
