@@ -107,7 +107,7 @@ for phase in "$@"; do
                        # (ALTO_SIBLING_LINEARS=0) and against a lora_bwd_dx each (ALTO_SIBLING_DX_PASS=0):
                        # correctness, where the 8B step's time goes (alternating), the engine's 8B step
       run kernel_check python benchmarks/kernel_check.py
-      for arm in off pass chained off pass chained; do
+      for arm in off pass off pass chained; do
         case $arm in off) env="ALTO_SIBLING_LINEARS=0";; pass) env="ALTO_SIBLING_LINEARS=1";;
                      chained) env="ALTO_SIBLING_DX_PASS=0";; esac
         run eprofile-siblings-$arm env $env python benchmarks/engine_profile.py --shape 8b --steps 5
