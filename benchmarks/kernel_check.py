@@ -313,6 +313,7 @@ def check_siblings(K, outs, tol, gen):
     from alto_kernels.sibling_linear import apply_sibling_linears_multi_lora
     dev, dt = "cuda", torch.bfloat16
     ranks, offs, T = linear_rows()
+    one_pass = sibling_linear.ONE_PASS
     sib = []
     for N in outs:
         A, B = make_weights(ranks, K, N, dt, dev, gen)
@@ -321,11 +322,10 @@ def check_siblings(K, outs, tol, gen):
                     torch.randn(T, N, device=dev, generator=gen).to(dt)))
     x0 = torch.randn(T, K, device=dev, generator=gen).to(dt)
     out = {}
-    one_pass = sibling_linear.ONE_PASS
-    paths = ("own nodes", "sibling node", "sibling node again", "sibling node, a dX pass each")
+    paths = ("own nodes", "sibling node, one dX pass", "sibling node, one dX pass again", "sibling node, a dX pass each")
     launches = {}
     for path in paths:
-        sibling_linear.ONE_PASS = one_pass and path != "sibling node, a dX pass each"
+        sibling_linear.ONE_PASS = "one dX pass" in path
         before = sum(sibling_linear._BWD_DX_SIB.launches.values())
         x = x0.clone().requires_grad_()
         plans, sinks = [], []
@@ -345,6 +345,9 @@ def check_siblings(K, outs, tol, gen):
         launches[path] = sum(sibling_linear._BWD_DX_SIB.launches.values()) - before
     sibling_linear.ONE_PASS = one_pass
     ok = True
+    if launches["sibling node, one dX pass"] != 1:
+        ok = False
+        print("FAIL: the siblings' one-pass dX did not run")
     for path in paths[1:]:
         e_y = rel(out[path][0].float(), out["own nodes"][0].float())
         e_dx, e_s = rel(out[path][1].float(), out["own nodes"][1].float()), rel(out[path][2], out["own nodes"][2])
@@ -444,6 +447,7 @@ def check_shrink_tickets(K, runs, tol, gen, device="cuda"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=2e-2)
+    ap.add_argument("--siblings-only", action="store_true", help="only the sibling-linear checks")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_check needs a CUDA GPU")
@@ -451,6 +455,10 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     print(f"device {torch.cuda.get_device_name()}, seed {gen.initial_seed()}")
     ok = True
+    if args.siblings_only:
+        ok = check_siblings(4096, (4096, 1024, 1024), args.tol, gen) & check_siblings(4096, (14336, 14336), args.tol, gen)
+        print("ALL OK" if ok else "FAILURES")
+        sys.exit(0 if ok else 1)
     mixed = [8, 16, 32, 64, 8, 16, 32, 64]
     lens = [512, 300, 0, 700, 512, 129, 1, 512]   # an empty segment, lengths off any block size
     for K, N in SHAPES:
