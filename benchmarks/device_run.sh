@@ -104,17 +104,18 @@ for phase in "$@"; do
       done
       run eprofile-siblings env ALTO_SIBLING_LINEARS=1 python benchmarks/engine_profile.py --shape 8b ;;
     siblings-pass-ab)  # the siblings' dX in one lora_bwd_dx_siblings pass (ALTO_SIBLING_DX_PASS=1) against a
-                       # node each (ALTO_SIBLING_LINEARS=0) and against a lora_bwd_dx each (the default):
-                       # correctness, where the 8B step's time goes (alternating), the engine's 8B step
+                       # lora_bwd_dx each (the default, "chained"), alternating, then a node each
+                       # (ALTO_SIBLING_LINEARS=0): correctness, where the 8B step's time goes, the engine's 8B step
       run kernel_check python benchmarks/kernel_check.py ${KCHECK_ARGS:-}
-      for arm in off pass off pass chained; do
-        case $arm in off) env="ALTO_SIBLING_LINEARS=0";; pass) env="ALTO_SIBLING_DX_PASS=1";;
-                     chained) env="ALTO_SIBLING_DX_PASS=0";; esac
-        run eprofile-siblings-$arm env $env python benchmarks/engine_profile.py --shape 8b --steps 5
+      sib_env() { case $1 in off) echo ALTO_SIBLING_LINEARS=0;; pass) echo ALTO_SIBLING_DX_PASS=1;;
+                              chained) echo ALTO_SIBLING_DX_PASS=0;; esac; }
+      for arm in chained pass chained pass off; do
+        run eprofile-siblings-$arm env $(sib_env $arm) python benchmarks/engine_profile.py --shape 8b --steps 5
       done
-      for arm in off pass; do
-        case $arm in off) env="ALTO_SIBLING_LINEARS=0";; pass) env="ALTO_SIBLING_DX_PASS=1";; esac
-        run engine-siblings-$arm env $env python benchmarks/engine.py --shapes 8b --out $R/engine_siblings_${arm}_$G.json --summary /tmp/engine_siblings.sum.json
+      i=0
+      for arm in chained pass chained pass; do
+        i=$((i + 1))
+        run engine-siblings-$arm-$i env $(sib_env $arm) python benchmarks/engine.py --shapes 8b --out $R/engine_siblings_${arm}_${i}_$G.json --summary /tmp/engine_siblings.sum.json
       done ;;
     shrink-rows)  # the forward shrink split over rows (no split-K tickets) against the production one
       run shrink-rows python benchmarks/shrink_rows.py ;;
