@@ -104,7 +104,7 @@ for phase in "$@"; do
       done
       run eprofile-siblings env ALTO_SIBLING_LINEARS=1 python benchmarks/engine_profile.py --shape 8b ;;
     siblings-pass-ab)  # the siblings' dX in one lora_bwd_dx_siblings pass (ALTO_SIBLING_DX_PASS=1) against a
-                       # lora_bwd_dx each (the default, "chained"), alternating, then a node each
+                       # lora_bwd_dx each ("chained", ALTO_SIBLING_DX_PASS=0), alternating, then a node each
                        # (ALTO_SIBLING_LINEARS=0): correctness, where the 8B step's time goes, the engine's 8B step
       run kernel_check python benchmarks/kernel_check.py ${KCHECK_ARGS:-}
       sib_env() { case $1 in off) echo ALTO_SIBLING_LINEARS=0;; pass) echo ALTO_SIBLING_DX_PASS=1;;

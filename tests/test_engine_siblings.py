@@ -67,7 +67,7 @@ def test_sibling_linears_train_like_one_node_each(tiny_model_dir, tiny_dataset_p
     assert on["group_calls"] == 2 * layers * (2 if mode == "all" else 1)
     assert on["pending"] == 0  # every kept output was taken by its sibling
     # "all": each group call's dX in one lora_bwd_dx_siblings launch (counted over the process);
-    # "partial": a lora_bwd_dx each (ALTO_SIBLING_DX_PASS off, the default)
+    # "partial": a lora_bwd_dx each (as with ALTO_SIBLING_DX_PASS=0)
     assert off["one_pass"] == 0 and on["one_pass"] == (on["group_calls"] if mode == "all" else 0)
     for s_off, s_on in zip(off["steps"], on["steps"]):
         for name in ("a", "b", "c"):

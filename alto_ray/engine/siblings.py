@@ -10,9 +10,10 @@ the same ``x`` (the same tensor object, in the same batch); a call with any othe
 sibling that would take another path (adapters in some rows only, a bias, ``ALTO_LINEAR_GEMM``),
 runs as before. ``ALTO_SIBLING_LINEARS=0`` turns the grouping off.
 
-With ``ALTO_SIBLING_DX_PASS=1`` (not yet run on a GPU, so off by default) the node's backward reads
-X once and writes the siblings' summed LoRA dX once (``lora_bwd_dx_siblings``), instead of one
-``lora_bwd_dx`` each adding into the first's. On an H100 (Llama-8B shapes, 8 x 512 tokens) the grouping with a pass each had 94 fewer
+The node's backward reads X once and writes the siblings' summed LoRA dX once
+(``lora_bwd_dx_siblings``; ``ALTO_SIBLING_DX_PASS=0``: one ``lora_bwd_dx`` each, adding into the
+first's): on an H200 0.9-1.3 ms less dX time per 8B step and +0.2% / +2.5% tokens/s in two
+alternating pairs. On an H100 (Llama-8B shapes, 8 x 512 tokens) the grouping with a pass each had 94 fewer
 add kernels and 1.2 ms less device time (of ~250 ms) in each of two alternating pairs; tokens/s
 moved by less than its run-to-run noise (BENCHMARKS.md, Engine).
 """

@@ -5,10 +5,10 @@ siblings' with an add kernel each (over [tokens, in] in bf16: on the Llama-8B st
 add kernels, ~3 ms). Here the siblings share one backward: after each sibling's dY pass, ONE
 ``lora_bwd_dx_siblings`` launch reads X once, stores the sum of the siblings' LoRA dX and adds
 every sibling's dA into its sink; the base GEMMs then add ``dY_j W_j`` into that dX in their
-epilogue (``addmm_``, beta 1). That pass runs only with ``ALTO_SIBLING_DX_PASS=1`` until a GPU has
-run it (interpreter-tested). Otherwise, and where it cannot run (siblings whose chunk tables or
-padded ranks differ, more than three, a kernel config only autotuning could give), the first
-sibling's ``lora_bwd_dx`` stores its LoRA dX and the next ones add theirs into it (``ADD_DX``). The forward
+epilogue (``addmm_``, beta 1). With ``ALTO_SIBLING_DX_PASS=0``, and where that pass cannot run
+(siblings whose chunk tables or padded ranks differ, more than three, a kernel config only
+autotuning could give), the first sibling's ``lora_bwd_dx`` stores its LoRA dX and the next ones add
+theirs into it (``ADD_DX``). The forward
 is each sibling's as in ``apply_linear_multi_lora`` (``LINEAR_EPILOGUE``: no bias).
 
     >>> q, k, v = apply_sibling_linears_multi_lora([plan_q, plan_k, plan_v], x, [Wq, Wk, Wv], [s_q, s_k, s_v])
@@ -163,9 +163,10 @@ class _SiblingLinearsMultiLoRA(torch.autograd.Function):
 
 _siblings_apply = function_apply(_SiblingLinearsMultiLoRA)
 
-# The one-pass dX of the siblings (``lora_bwd_dx_siblings``) only with ALTO_SIBLING_DX_PASS=1 until
-# a GPU has run it: by default a ``lora_bwd_dx`` each, adding into the first's dX.
-ONE_PASS = os.environ.get("ALTO_SIBLING_DX_PASS", "0").strip().lower() in ("1", "true", "yes", "on")
+# The one-pass dX of the siblings (``lora_bwd_dx_siblings``) by default: on an H200 it matched a
+# ``lora_bwd_dx`` each and took 0.9-1.3 ms less dX time per Llama-8B step (BENCHMARKS.md, Engine).
+# ALTO_SIBLING_DX_PASS=0 gives a ``lora_bwd_dx`` each, adding into the first's dX.
+ONE_PASS = os.environ.get("ALTO_SIBLING_DX_PASS", "1").strip().lower() in ("1", "true", "yes", "on")
 
 
 def apply_sibling_linears_multi_lora(plans: Sequence[MultiLoRAPlan], x: torch.Tensor, weights: Sequence[torch.Tensor],
